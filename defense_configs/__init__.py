@@ -1,0 +1,1 @@
+"""Default defense yamls shipped with backdoorbench-fst (package data)."""

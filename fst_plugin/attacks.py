@@ -1,0 +1,181 @@
+"""Making backdoored models (for the demo, the tests and the benchmarks): triggers and a fast trainer.
+
+Triggers act on uint8 images (N, H, W, C) and follow BackdoorBench's attacks (all-to-one, target 0 by
+default). Training keeps the whole dataset as one uint8 tensor and augments on batches (random crop with
+4-pixel padding, horizontal flip), which is several times faster on the CPU than per-image PIL transforms.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from fst_plugin.data.transforms import dataset_info
+
+log = logging.getLogger(__name__)
+
+Trigger = Callable[[np.ndarray], np.ndarray]
+
+
+def badnets_trigger(patch_size: int = 3, value: int = 255) -> Trigger:
+    """BadNets: a white ``patch_size``² square in the bottom-right corner."""
+    def apply(images: np.ndarray) -> np.ndarray:
+        out = images.copy()
+        out[:, -patch_size:, -patch_size:, :] = value
+        return out
+    return apply
+
+
+def poison_indices(labels: np.ndarray, rate: float, target: int, rng: np.random.Generator,
+                   clean_label: bool = False) -> np.ndarray:
+    """Indices to poison: ``rate`` of the split, drawn from non-target images (target-class only if clean-label)."""
+    pool = np.flatnonzero(labels == target) if clean_label else np.flatnonzero(labels != target)
+    count = min(len(pool), int(round(rate * len(labels))))
+    return np.sort(rng.choice(pool, size=count, replace=False))
+
+
+@dataclass
+class PoisonedData:
+    images: np.ndarray          # uint8 (N, H, W, C), poisoned where ``poisoned`` says
+    labels: np.ndarray          # training labels (target label at poisoned indices unless clean-label)
+    original_labels: np.ndarray
+    poisoned: np.ndarray        # indices of poisoned images
+
+
+def poison_split(images: np.ndarray, labels: np.ndarray, trigger: Trigger, indices: np.ndarray,
+                 target: int, relabel: bool = True) -> PoisonedData:
+    out, new_labels = images.copy(), labels.copy()
+    if len(indices):
+        out[indices] = trigger(images[indices])
+        if relabel:
+            new_labels[indices] = target
+    return PoisonedData(out, new_labels, labels.copy(), indices)
+
+
+def to_tensor_batch(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, C) → uint8 tensor (N, C, H, W)."""
+    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+
+
+def normalise(batch: torch.Tensor, dataset: str) -> torch.Tensor:
+    info = dataset_info(dataset)
+    mean = torch.tensor(info.mean, device=batch.device).view(1, -1, 1, 1)
+    std = torch.tensor(info.std, device=batch.device).view(1, -1, 1, 1)
+    return (batch.float() / 255.0 - mean) / std
+
+
+def augment(batch: torch.Tensor, flip: bool, padding: int = 4) -> torch.Tensor:
+    """Random crop with zero padding and (optionally) horizontal flip, per image, on a uint8 batch."""
+    n, _, h, w = batch.shape
+    padded = F.pad(batch, (padding,) * 4)
+    dx = torch.randint(0, 2 * padding + 1, (n,))
+    dy = torch.randint(0, 2 * padding + 1, (n,))
+    rows = (dy.view(n, 1) + torch.arange(h).view(1, h))
+    cols = (dx.view(n, 1) + torch.arange(w).view(1, w))
+    idx_n = torch.arange(n).view(n, 1, 1)
+    out = padded.permute(0, 2, 3, 1)[idx_n, rows.view(n, h, 1), cols.view(n, 1, w)].permute(0, 3, 1, 2)
+    if flip:
+        mask = torch.rand(n) < 0.5
+        out[mask] = out[mask].flip(3)
+    return out.contiguous()
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    device: str = "cpu"
+    amp: bool = False
+    seed: int = 0
+    show_progress: bool = True
+
+
+def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, dataset: str,
+                     config: TrainConfig, on_epoch_end: Optional[Callable[[int, float], None]] = None) -> nn.Module:
+    """Train ``model`` on uint8 images with SGD + one-cycle cosine learning rate and batch augmentation."""
+    torch.manual_seed(config.seed)
+    device = torch.device(config.device)
+    model.to(device)
+    data = to_tensor_batch(images)
+    targets = torch.from_numpy(labels.astype(np.int64))
+    steps_per_epoch = math.ceil(len(data) / config.batch_size)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay, nesterov=True)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, pct_start=0.25,
+                                                    total_steps=config.epochs * steps_per_epoch)
+    use_amp = config.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    flip = dataset == "cifar10"
+    for epoch in range(config.epochs):
+        model.train()
+        order = torch.randperm(len(data))
+        total = 0.0
+        for start in tqdm(range(0, len(data), config.batch_size), desc=f"train epoch {epoch + 1}/{config.epochs}",
+                          leave=False, disable=not config.show_progress):
+            idx = order[start:start + config.batch_size]
+            x = normalise(augment(data[idx], flip).to(device, non_blocking=True), dataset)
+            y = targets[idx].to(device, non_blocking=True)
+            with torch.autocast(device.type, enabled=use_amp):
+                loss = F.cross_entropy(model(x), y, label_smoothing=config.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            total += loss.item()
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, total / steps_per_epoch)
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: np.ndarray, dataset: str, device: str = "cpu",
+            batch_size: int = 512) -> np.ndarray:
+    model.eval().to(device)
+    data = to_tensor_batch(images)
+    preds = [model(normalise(data[i:i + batch_size].to(device), dataset)).argmax(1).cpu()
+             for i in range(0, len(data), batch_size)]
+    return torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
+
+
+def accuracy_and_asr(model: nn.Module, test_images: np.ndarray, test_labels: np.ndarray, trigger: Trigger,
+                     target: int, dataset: str, device: str = "cpu") -> tuple[float, float]:
+    """C-Acc on clean test images and ASR on triggered non-target test images (fractions)."""
+    acc = float((predict(model, test_images, dataset, device) == test_labels).mean())
+    keep = test_labels != target
+    asr = float((predict(model, trigger(test_images[keep]), dataset, device) == target).mean())
+    return acc, asr
+
+
+def poisoned_test_items(images: np.ndarray, labels: np.ndarray, trigger: Trigger,
+                        target: int) -> list[tuple[int, "object", int, int]]:
+    """BackdoorBench's bd_test: every non-target test image with the trigger, as record-writer items."""
+    from PIL import Image
+
+    keep = np.flatnonzero(labels != target)
+    triggered = trigger(images[keep])
+    mode = "L" if images.shape[-1] == 1 else "RGB"
+    return [(int(i), Image.fromarray(img.squeeze(-1) if mode == "L" else img, mode), int(target), int(labels[i]))
+            for i, img in zip(keep, triggered)]
+
+
+def class_balanced_subset(labels: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted indices of ``per_class`` images of each class."""
+    chosen: list[np.ndarray] = []
+    for c in np.unique(labels):
+        pool = np.flatnonzero(labels == c)
+        chosen.append(rng.choice(pool, size=min(per_class, len(pool)), replace=False))
+    return np.sort(np.concatenate(chosen))
+

@@ -1,0 +1,1 @@
+"""Thin adapters to BackdoorBench: its defense base class, loaders, transforms and model factory."""

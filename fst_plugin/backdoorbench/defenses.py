@@ -1,0 +1,386 @@
+"""FST, FE-tuning, FT-init, LP and vanilla FT as BackdoorBench defenses.
+
+Each class follows BackdoorBench's defense life cycle — ``add_arguments(parser)``, ``__init__(args)``
+(yaml merged with the command line, command line wins), ``set_result(result_file)``, ``set_logger()``,
+``mitigation()``, ``defense(result_file)`` — and subclasses BackdoorBench's ``defense.base.defense`` when
+imported inside a checkout (a stand-in with the same method names otherwise). All five share one
+implementation, :class:`TuningDefense`; a subclass only names its tuning mode.
+
+Nothing is written before the record, config, data, model and head have all been validated, so bad input
+leaves no half-written result behind.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import logging.handlers
+import random
+import sys
+import time
+from pathlib import Path
+from pprint import pformat
+from typing import Any, ClassVar, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from fst_plugin.backdoorbench.toolkit import backdoorbench_root, make_toolkit
+from fst_plugin.config import DefenseConfig, build_config, merge, read_yaml
+from fst_plugin.core import TuningConfig, TuningState, evaluate_backdoor, find_head, get_mode, tune
+from fst_plugin.core.tuning import seed_everything
+from fst_plugin.data import PoisonedTestSet, TransformedDataset, dataset_info
+from fst_plugin.errors import ConfigError, DataError, RecordError
+from fst_plugin.io_utils import atomic_torch_save, atomic_write_text
+from fst_plugin.models.registry import load_weights
+from fst_plugin.record import AttackRecord, load_attack_record, load_untrusted
+from fst_plugin.record.defense_output import write_defense_outputs
+
+log = logging.getLogger(__name__)
+LOG_FORMAT = "%(asctime)s [%(levelname)-8s] [%(filename)s:%(lineno)d] %(message)s"
+LOG_DATEFMT = "%Y-%m-%d:%H:%M:%S"
+CHECKPOINT_NAME = "last.pt"
+
+
+class DefenseBase:
+    """Stand-in for BackdoorBench's ``defense.base.defense`` (same method names) outside a checkout."""
+
+    def set_result(self, result_file: str) -> None: ...
+    def set_trainer(self, *args: Any) -> None: ...
+    def set_logger(self) -> None: ...
+    def denoising(self) -> None: ...
+    def mitigation(self) -> Any: ...
+    def inhibition(self) -> None: ...
+    def defense(self, result_file: str) -> Any: ...
+    def detect(self) -> None: ...
+
+
+def _defense_base() -> type:
+    """BackdoorBench's base class when running inside a checkout, else the stand-in."""
+    root = backdoorbench_root()
+    if root is not None:
+        if str(root) not in sys.path:
+            sys.path.append(str(root))
+        try:
+            from defense.base import defense as backdoorbench_defense  # type: ignore
+            return backdoorbench_defense
+        except ImportError:
+            pass
+    return DefenseBase
+
+
+def _bool_arg(text: str) -> bool:
+    return str(text) in ("True", "true", "1")
+
+
+def resolve_device(requested: str) -> str:
+    """``auto`` → cuda when present, else cpu; an explicit cuda without CUDA is an error."""
+    if requested == "auto":
+        chosen = "cuda" if torch.cuda.is_available() else "cpu"
+        log.info("device: auto -> %s (%s)", chosen, "CUDA available" if chosen == "cuda" else "no CUDA found")
+        return chosen
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ConfigError(f"device {requested!r} is not a torch device", "use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {requested!r} requested but CUDA is not available here",
+                          "pass --device cpu (or auto)")
+    return requested
+
+
+def choose_clean_indices(n: int, ratio: float, index_file: Optional[str]) -> np.ndarray:
+    """BackdoorBench's ``choose_index``: an index file, else ``random.sample(range(n), int(n * ratio))``."""
+    if index_file:
+        path = Path(index_file)
+        if not path.is_file():
+            raise ConfigError(f"index file {path} does not exist", "pass --index with an existing file, or omit it to use --ratio")
+        try:
+            indices = np.atleast_1d(np.loadtxt(path, dtype=np.int64))
+        except ValueError as exc:
+            raise ConfigError(f"index file {path} is not a list of integers ({exc})", "write one integer index per line") from None
+        if indices.ndim != 1 or indices.size == 0:
+            raise ConfigError(f"index file {path} holds no indices", "write one integer index per line")
+        bad = indices[(indices < 0) | (indices >= n)]
+        if bad.size:
+            raise ConfigError(f"index file {path} holds index {int(bad[0])}, outside 0..{n - 1} of the clean training set",
+                              "use indices of the clean training set")
+        values, counts = np.unique(indices, return_counts=True)
+        if (counts > 1).any():
+            dup = int(values[counts > 1][0])
+            raise ConfigError(f"index file {path} lists index {dup} more than once", "remove the duplicate indices")
+        return indices
+    count = int(n * ratio)
+    if count < 1:
+        raise ConfigError(f"ratio {ratio} of {n} training images selects no image", "raise --ratio")
+    return np.asarray(random.sample(range(n), count), dtype=np.int64)
+
+
+class TuningDefense(_defense_base()):  # type: ignore[misc]
+    """One BackdoorBench defense per tuning mode; subclasses set ``method``."""
+
+    method: ClassVar[str] = "fst"
+
+    # ----- BackdoorBench life cycle -----------------------------------------------------------------
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        """BackdoorBench ft's arguments (same names) plus FST's; every default is None so the yaml rules."""
+        parser.add_argument("--device", type=str, help="auto (cuda when present, else cpu), cpu, cuda, cuda:N")
+        parser.add_argument("-pm", "--pin_memory", type=_bool_arg, help="dataloader pin_memory")
+        parser.add_argument("-nb", "--non_blocking", type=_bool_arg, help=".to(), non_blocking")
+        parser.add_argument("-pf", "--prefetch", type=_bool_arg, help="accepted for BackdoorBench compatibility")
+        parser.add_argument("--amp", type=_bool_arg, help="mixed precision (CUDA only)")
+        parser.add_argument("--checkpoint_load", type=str, help="accepted for BackdoorBench compatibility")
+        parser.add_argument("--checkpoint_save", type=str, help="folder of the per-epoch resume checkpoint")
+        parser.add_argument("--log", type=str, help="folder of the log and index.txt")
+        parser.add_argument("--dataset_path", type=str, help="folder holding <dataset>/ (default ./data)")
+        parser.add_argument("--dataset", type=str, help="mnist, cifar10, cifar100, gtsrb, tiny")
+        parser.add_argument("--result_file", type=str, help="attack record name: record/<result_file>")
+        parser.add_argument("--epochs", type=int)
+        parser.add_argument("--batch_size", type=int)
+        parser.add_argument("--num_workers", type=int)
+        parser.add_argument("--lr", type=float)
+        parser.add_argument("--lr_scheduler", type=str, help="CosineAnnealingLR")
+        parser.add_argument("--model", type=str, help="informational; the record's model_name is used")
+        parser.add_argument("--client_optimizer", type=str, help="sgd")
+        parser.add_argument("--sgd_momentum", type=float)
+        parser.add_argument("--wd", type=float, help="weight decay of sgd")
+        parser.add_argument("--frequency_save", type=int, help="accepted for BackdoorBench compatibility")
+        parser.add_argument("--random_seed", type=int, help="random seed")
+        parser.add_argument("--yaml_path", type=str, help="the defense yaml")
+        parser.add_argument("--ratio", type=float, help="fraction of the clean training set used for tuning")
+        parser.add_argument("--index", type=str, help="file of clean training indices (overrides --ratio)")
+        parser.add_argument("--alpha", type=float, help="weight of the feature-shift penalty alpha*<W, W0>")
+        parser.add_argument("--head", type=str, help="dotted name of the classifier layer (default: found)")
+        parser.add_argument("--projection", type=str, choices=["auto", "on", "off"],
+                            help="rescale the head to ||W0|| after every step (auto: the mode's default, on)")
+        parser.add_argument("--whole_classifier", type=_bool_arg, help="treat every Linear of the head's block as head")
+        parser.add_argument("--trust-record", "--trust_record", dest="trust_record", action="store_const", const=True,
+                            help="UNSAFE: fully unpickle records/checkpoints from a source you trust")
+        parser.add_argument("--resume", action="store_const", const=True,
+                            help="continue from the last complete epoch checkpoint")
+        parser.add_argument("--record", type=str, help="attack record folder (standalone alternative to --result_file)")
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        yaml_values = read_yaml(args.yaml_path) if getattr(args, "yaml_path", None) else {}
+        cli_values = {k: v for k, v in vars(args).items() if k in DefenseConfig.__dataclass_fields__}
+        self.config: DefenseConfig = build_config(merge(yaml_values, cli_values))
+        self.config.terminal_info = list(sys.argv)
+        info = dataset_info(self.config.dataset)
+        args.__dict__ = {**self.config.to_dict(), "num_classes": info.num_classes,
+                         "input_height": info.height, "input_width": info.width, "input_channel": info.channels,
+                         "img_size": info.img_size, "dataset_path": f"{self.config.dataset_path}/{self.config.dataset}"}
+        self.args = args
+        self.result: Optional[AttackRecord] = None
+        self._memory_log: Optional[logging.handlers.MemoryHandler] = None
+        if self.config.result_file or self.config.record:
+            self.set_result(self.config.result_file)
+
+    def record_dir(self, result_file: Optional[str]) -> Path:
+        if self.config.record:
+            return Path(self.config.record)
+        if not result_file:
+            raise ConfigError("no attack record given", "pass --result_file NAME (record/NAME) or --record DIR")
+        candidate = Path(result_file)
+        if (candidate / "attack_result.pt").is_file():
+            return candidate
+        return Path("record") / result_file
+
+    def set_result(self, result_file: Optional[str]) -> None:
+        """Load and validate the attack record (writes nothing)."""
+        record_dir = self.record_dir(result_file).resolve()
+        if self.result is not None and self.result.record_dir == record_dir:
+            return
+        self.result = load_attack_record(record_dir, trust=self.config.trust_record)
+        save_path = record_dir / "defense" / self.method
+        self.args.save_path = str(save_path)
+        self.args.checkpoint_save = self.config.checkpoint_save or str(save_path / "checkpoint")
+        self.args.log = self.config.log or str(save_path / "log")
+
+    def set_logger(self) -> None:
+        """BackdoorBench's log format on the console; the log file opens once outputs may be written."""
+        root = logging.getLogger()
+        root.setLevel(logging.INFO)
+        formatter = logging.Formatter(fmt=LOG_FORMAT, datefmt=LOG_DATEFMT)
+        if not any(type(h) is logging.StreamHandler for h in root.handlers):
+            console = logging.StreamHandler()
+            console.setFormatter(formatter)
+            root.addHandler(console)
+        if self._memory_log is None:
+            self._memory_log = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)
+            self._memory_log.setFormatter(formatter)
+            root.addHandler(self._memory_log)
+        log.info(pformat(self.args.__dict__))
+        if self.config.trust_record:
+            log.warning("--trust-record is ON: records and checkpoints are fully unpickled and can run code")
+
+    def _open_log_file(self, log_dir: Path) -> None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_dir / (time.strftime("%Y_%m_%d_%H_%M_%S", time.localtime()) + ".log"))
+        handler.setFormatter(logging.Formatter(fmt=LOG_FORMAT, datefmt=LOG_DATEFMT))
+        if self._memory_log is not None:
+            self._memory_log.setTarget(handler)
+            self._memory_log.flush()
+            logging.getLogger().removeHandler(self._memory_log)
+            self._memory_log = None
+        logging.getLogger().addHandler(handler)
+        self._log_file = handler
+
+    def defense(self, result_file: Optional[str] = None) -> dict[str, Any]:
+        self.set_result(result_file)
+        self.set_logger()
+        return self.mitigation()
+
+    def mitigation(self) -> dict[str, Any]:
+        plan = self.prepare()
+        try:
+            return self.run(plan)
+        finally:
+            handler = getattr(self, "_log_file", None)
+            if handler is not None:
+                logging.getLogger().removeHandler(handler)
+                handler.close()
+
+    # ----- the work ---------------------------------------------------------------------------------
+    def _data_root(self, record: AttackRecord) -> Path:
+        cfg = self.config
+        candidates = [Path(cfg.dataset_path) / cfg.dataset]
+        bb_root = record.record_dir.parent.parent
+        from_record = (bb_root / record.data_path).resolve()
+        if from_record.is_relative_to(bb_root.resolve()):
+            candidates.append(from_record)
+        for candidate in candidates:
+            if candidate.is_dir():
+                return candidate
+        raise DataError(f"dataset folder not found (looked in {', '.join(str(c) for c in candidates)})",
+                        f"pass --dataset_path pointing at the folder that holds {cfg.dataset}/"
+                        + (" (create it with make_cifar10.py DEST --batches-py)" if cfg.dataset == "cifar10" else ""))
+
+    def prepare(self) -> dict[str, Any]:
+        """Validate everything and build model, head and data; writes nothing."""
+        cfg, record = self.config, self.result
+        if record is None:
+            raise ConfigError("no attack record loaded", "pass --result_file NAME or --record DIR")
+        if record.clean_data != cfg.dataset:
+            raise ConfigError(f"the record was made on {record.clean_data!r} but --dataset is {cfg.dataset!r}",
+                              f"pass --dataset {record.clean_data} (and its yaml)")
+        info = dataset_info(cfg.dataset)
+        if record.num_classes != info.num_classes:
+            raise RecordError(f"the record says num_classes={record.num_classes} but {cfg.dataset} has {info.num_classes}",
+                              "check the record's dataset, or re-run the attack")
+        device = resolve_device(cfg.device)
+        seed_everything(cfg.random_seed)
+        toolkit = make_toolkit()
+        log.info("models, transforms and data from: %s", toolkit.name)
+        if cfg.model and cfg.model != record.model_name:
+            log.warning("yaml/CLI model %r differs from the record's %r; using the record's", cfg.model, record.model_name)
+        model = toolkit.build_model(record.model_name, record.num_classes)
+        load_weights(model, record.state_dict, record.model_name)
+        head = find_head(model, record.num_classes, cfg.head, cfg.whole_classifier)
+        log.info("classifier head: %s", ", ".join(head.names))
+        data_root = self._data_root(record)
+        train_raw = toolkit.clean_split(cfg.dataset, data_root, train=True)
+        test_raw = toolkit.clean_split(cfg.dataset, data_root, train=False)
+        indices = choose_clean_indices(len(train_raw), cfg.ratio, cfg.index)
+        log.info("clean tuning set: %d of %d training images", len(indices), len(train_raw))
+        test_transform = toolkit.transform(cfg.dataset, train=False)
+        pin = cfg.pin_memory and device.startswith("cuda")
+        loader_args = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, pin_memory=pin)
+        return {
+            "device": device,
+            "model": model,
+            "head": head,
+            "indices": indices,
+            "train_loader": DataLoader(TransformedDataset(train_raw, toolkit.transform(cfg.dataset, train=True), indices),
+                                       shuffle=True, **loader_args),
+            "clean_loader": DataLoader(TransformedDataset(test_raw, test_transform), shuffle=False, **loader_args),
+            "bd_loader": DataLoader(PoisonedTestSet(record.bd_test.images, info.channels, test_transform),
+                                    shuffle=False, **loader_args),
+        }
+
+    def tuning_config(self, device: str) -> TuningConfig:
+        cfg = self.config
+        return TuningConfig(epochs=cfg.epochs, lr=cfg.lr, momentum=cfg.sgd_momentum, weight_decay=cfg.wd,
+                            alpha=cfg.alpha, projection=cfg.projection, device=device, amp=cfg.amp,
+                            seed=cfg.random_seed, show_progress=sys.stderr.isatty())
+
+    def _resume_key(self, indices: np.ndarray) -> str:
+        relevant = {k: v for k, v in self.config.to_dict().items()
+                    if k not in ("resume", "terminal_info", "trust_record", "device", "num_workers", "log",
+                                 "checkpoint_save", "yaml_path", "result_file", "record", "pin_memory")}
+        relevant["method"] = self.method
+        relevant["indices"] = hashlib.sha256(np.ascontiguousarray(indices).tobytes()).hexdigest()
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()
+
+    def _load_checkpoint(self, path: Path, key: str) -> Optional[TuningState]:
+        if not path.is_file():
+            log.info("--resume: no checkpoint at %s, starting from epoch 0", path)
+            return None
+        data = load_untrusted(path, "checkpoint", trust=self.config.trust_record)
+        if not isinstance(data, dict) or data.get("resume_key") != key or "state" not in data:
+            raise RecordError(f"checkpoint {path} was written by a run with other settings",
+                              "resume with the same yaml and arguments, or delete the checkpoint to start afresh")
+        return TuningState.from_dict(data["state"])
+
+    def run(self, plan: dict[str, Any]) -> dict[str, Any]:
+        cfg, record = self.config, self.result
+        assert record is not None
+        mode = get_mode(self.method)
+        save_dir, log_dir = Path(self.args.save_path), Path(self.args.log)
+        checkpoint = Path(self.args.checkpoint_save) / CHECKPOINT_NAME
+        self._open_log_file(log_dir)
+        atomic_write_text(log_dir / "index.txt", "".join(f"{i}\n" for i in plan["indices"].tolist()))
+        device, model = plan["device"], plan["model"]
+        model.to(device)
+
+        def evaluate(m: torch.nn.Module) -> dict[str, float]:
+            return evaluate_backdoor(m, plan["clean_loader"], plan["bd_loader"], device).as_dict()
+
+        started = time.time()
+        before = evaluate(model)
+        log.info("before %s: %s", self.method, before)
+        key = self._resume_key(plan["indices"])
+        resume = self._load_checkpoint(checkpoint, key) if cfg.resume else None
+
+        def save_checkpoint(state: TuningState) -> None:
+            atomic_torch_save({"resume_key": key, "state": state.to_dict()}, checkpoint)
+
+        history = tune(model, plan["head"], mode, plan["train_loader"], self.tuning_config(device),
+                       evaluate=evaluate, on_epoch_end=save_checkpoint, resume=resume)
+        wall = time.time() - started
+        after = {k: history[-1][k] for k in ("test_acc", "test_asr", "test_ra")}
+        write_defense_outputs(save_dir, self.method, record.model_name, record.num_classes, model.state_dict(),
+                              history, {"method": self.method, "mode": mode.__dict__, "record": str(record.record_dir),
+                                        "seed": cfg.random_seed, "device": device, "wall_time_s": wall,
+                                        "before": before, "after": after, "config": cfg.to_dict()})
+        log.info("%s done in %.1f s: C-Acc %.4f ASR %.4f RA %.4f -> %s", self.method, wall,
+                 after["test_acc"], after["test_asr"], after["test_ra"], save_dir)
+        return {"model": model, "history": history, "before": before, "after": after, "save_path": str(save_dir),
+                "wall_time_s": wall}
+
+
+class FST(TuningDefense):
+    """Feature Shift Tuning: re-init head, α·⟨W, W₀⟩ penalty, head-norm projection."""
+    method = "fst"
+
+
+class FETuning(TuningDefense):
+    """FE-tuning: re-initialised, frozen head; tune the feature extractor."""
+    method = "fe-tuning"
+
+
+class FTInit(TuningDefense):
+    """FT-init: re-initialise the head, then fine-tune everything."""
+    method = "ft-init"
+
+
+class LP(TuningDefense):
+    """Linear probing: tune the head only."""
+    method = "lp"
+
+
+class VanillaFT(TuningDefense):
+    """Vanilla fine-tuning of all parameters."""
+    method = "vanilla-ft"

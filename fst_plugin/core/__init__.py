@@ -1,0 +1,32 @@
+"""Pure-PyTorch core of feature shift tuning: modes, head discovery, the tuning loop and the metrics.
+
+Nothing in this sub-package knows about BackdoorBench, records or files.
+"""
+from fst_plugin.core.head import ClassifierHead, find_head
+from fst_plugin.core.metrics import BackdoorMetrics, defense_effectiveness_rating, evaluate_backdoor
+from fst_plugin.core.modes import MODES, TuningMode, get_mode
+from fst_plugin.core.tuning import (
+    TuningConfig,
+    TuningState,
+    feature_shift_penalty,
+    project_head_norm,
+    reinit_head,
+    tune,
+)
+
+__all__ = [
+    "BackdoorMetrics",
+    "ClassifierHead",
+    "MODES",
+    "TuningConfig",
+    "TuningMode",
+    "TuningState",
+    "defense_effectiveness_rating",
+    "evaluate_backdoor",
+    "feature_shift_penalty",
+    "find_head",
+    "get_mode",
+    "project_head_norm",
+    "reinit_head",
+    "tune",
+]

@@ -1,0 +1,88 @@
+"""Finding the classifier head of an arbitrary image classifier.
+
+The head is the last ``nn.Linear`` whose ``out_features`` equals the class count (``linear`` in
+BackdoorBench's PreActResNet18, ``fc`` in torchvision ResNets, ``classifier.6`` in VGG, ``heads.head`` in
+ViT). ``head_name`` overrides the search with a dotted module name. ``whole_classifier`` widens the head to
+every ``nn.Linear`` inside the head's parent block (the paper's choice for VGG19-BN's three-layer
+classifier): all of them are re-initialised, penalised and projected.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from fst_plugin.errors import ModelError
+
+
+@dataclass(frozen=True)
+class ClassifierHead:
+    """The head's linear layers (qualified name, module), the last one producing the logits."""
+
+    layers: tuple[tuple[str, nn.Linear], ...]
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.layers]
+
+    @property
+    def modules(self) -> list[nn.Linear]:
+        return [module for _, module in self.layers]
+
+    def parameter_names(self) -> set[str]:
+        """Qualified names of every parameter (weights and biases) that belongs to the head."""
+        return {f"{name}.{p}" for name, module in self.layers for p, _ in module.named_parameters()}
+
+
+def _resolve(model: nn.Module, dotted: str) -> nn.Module:
+    try:
+        return model.get_submodule(dotted)
+    except AttributeError:
+        names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        raise ModelError(
+            f"--head {dotted!r} names no module of {type(model).__name__}",
+            f"pass the dotted name of its classifier layer; its Linear layers are {names or 'none'}",
+        ) from None
+
+
+def find_head(
+    model: nn.Module,
+    num_classes: int,
+    head_name: str | None = None,
+    whole_classifier: bool = False,
+) -> ClassifierHead:
+    """Locate the classifier head of ``model`` (see the module docstring for the rules)."""
+    if head_name:
+        last_name, last = head_name, _resolve(model, head_name)
+        if isinstance(last, nn.Sequential) and not isinstance(last, nn.Linear):
+            linears = [(f"{head_name}.{n}", m) for n, m in last.named_modules() if isinstance(m, nn.Linear)]
+            if not linears:
+                raise ModelError(f"--head {head_name!r} contains no nn.Linear layer",
+                                 "name the Linear layer (or the block holding it) that produces the logits")
+            last_name, last = linears[-1]
+        if not isinstance(last, nn.Linear):
+            raise ModelError(
+                f"--head {head_name!r} is a {type(last).__name__}, not an nn.Linear",
+                "name the nn.Linear layer that produces the logits",
+            )
+        if last.out_features != num_classes:
+            raise ModelError(
+                f"head {last_name!r} has {last.out_features} outputs but the record has {num_classes} classes",
+                "check --head and the record's num_classes",
+            )
+    else:
+        candidates = [(n, m) for n, m in model.named_modules()
+                      if isinstance(m, nn.Linear) and m.out_features == num_classes]
+        if not candidates:
+            raise ModelError(
+                f"no nn.Linear layer with {num_classes} outputs found in {type(model).__name__}",
+                "pass --head with the dotted name of the classifier layer, or check num_classes",
+            )
+        last_name, last = candidates[-1]
+    if not whole_classifier or "." not in last_name:
+        return ClassifierHead(((last_name, last),))
+    parent_name = last_name.rsplit(".", 1)[0]
+    parent = model.get_submodule(parent_name)
+    layers = tuple((f"{parent_name}.{n}", m) for n, m in parent.named_modules()
+                   if isinstance(m, nn.Linear))
+    return ClassifierHead(layers)

@@ -1,0 +1,63 @@
+"""C-Acc, ASR and RA as BackdoorBench defines them, and the defense effectiveness rating (DER)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class BackdoorMetrics:
+    """Fractions in [0, 1], as in BackdoorBench's CSVs; losses are mean cross-entropy per batch."""
+
+    test_acc: float
+    test_asr: float
+    test_ra: float
+    clean_test_loss_avg_over_batch: float
+    bd_test_loss_avg_over_batch: float
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, loader: Iterable, device: torch.device) -> tuple[float, float, float]:
+    """Return (mean batch loss, accuracy w.r.t. item[1], accuracy w.r.t. item[4] if present)."""
+    criterion = nn.CrossEntropyLoss()
+    loss_sum, hits, hits_original, seen, batches = 0.0, 0, 0, 0, 0
+    for batch in loader:
+        inputs, labels = batch[0].to(device), batch[1].to(device)
+        logits = model(inputs)
+        preds = logits.argmax(1)
+        loss_sum += criterion(logits, labels).item()
+        hits += (preds == labels).sum().item()
+        if len(batch) >= 5:
+            hits_original += (preds == batch[4].to(device)).sum().item()
+        seen += labels.numel()
+        batches += 1
+    if seen == 0:
+        return float("nan"), float("nan"), float("nan")
+    return loss_sum / batches, hits / seen, hits_original / seen
+
+
+def evaluate_backdoor(model: nn.Module, clean_loader: Iterable, bd_loader: Iterable,
+                      device: str | torch.device = "cpu") -> BackdoorMetrics:
+    """C-Acc on the clean test set; ASR and RA on the poisoned test set.
+
+    ``bd_loader`` yields BackdoorBench's items (img, backdoor label, original index, poison flag,
+    original label): ASR counts predictions equal to the backdoor label, RA those equal to the true label.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    clean_loss, acc, _ = _accuracy(model, clean_loader, device)
+    bd_loss, asr, ra = _accuracy(model, bd_loader, device)
+    model.train(was_training)
+    return BackdoorMetrics(acc, asr, ra, clean_loss, bd_loss)
+
+
+def defense_effectiveness_rating(acc_before: float, asr_before: float, acc_after: float, asr_after: float) -> float:
+    """DER = [max(0, ΔASR) − max(0, ΔACC) + 1] / 2 ∈ [0, 1] (FT-SAM paper)."""
+    return (max(0.0, asr_before - asr_after) - max(0.0, acc_before - acc_after) + 1.0) / 2.0

@@ -1,0 +1,236 @@
+"""The one tuning loop behind all five modes.
+
+``tune`` re-initialises the head (if the mode says so), freezes what the mode does not train, and runs SGD
+(momentum 0.9) with cosine annealing over the epochs, adding the feature-shift penalty α·⟨W, W₀⟩ and
+rescaling the head to ‖W₀‖ after every step as the mode and config say. Frozen modules stay in eval mode,
+so a linear probe does not move BatchNorm statistics either.
+
+Resuming is exact on the CPU: the state saved after each epoch (``TuningState``) holds the model, the
+optimiser, the scheduler, W₀, the history and every random generator, so a run resumed from epoch k ends
+with the same weights as one that never stopped.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from fst_plugin.core.head import ClassifierHead
+from fst_plugin.core.modes import TuningMode
+from fst_plugin.errors import TrainingDiverged
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TuningConfig:
+    """Optimisation settings (defaults: the paper's CIFAR-10 values)."""
+
+    epochs: int = 10
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    alpha: float = 0.2
+    projection: Optional[bool] = None  # None: the mode's default
+    device: str = "cpu"
+    amp: bool = False
+    seed: int = 0
+    show_progress: bool = True
+
+    def projection_for(self, mode: TuningMode) -> bool:
+        return mode.project_head_norm if self.projection is None else self.projection
+
+
+@dataclass
+class TuningState:
+    """Everything needed to continue a run after ``epochs_done`` complete epochs."""
+
+    epochs_done: int
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    initial_head_weights: list[torch.Tensor]
+    history: list[dict[str, Any]]
+    rng: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TuningState":
+        return cls(**data)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def capture_rng() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@torch.no_grad()
+def reinit_head(head: ClassifierHead) -> None:
+    """Draw every head weight and bias from U(−1/√d, 1/√d), d = in_features (the paper's re-init)."""
+    for layer in head.modules:
+        bound = 1.0 / math.sqrt(layer.in_features)
+        nn.init.uniform_(layer.weight, -bound, bound)
+        if layer.bias is not None:
+            nn.init.uniform_(layer.bias, -bound, bound)
+
+
+def feature_shift_penalty(head: ClassifierHead, initial_weights: list[torch.Tensor]) -> torch.Tensor:
+    """Σ_l ⟨W_l, W₀_l⟩ (Frobenius): minimising it pushes the head away from the backdoored one."""
+    return sum((layer.weight * w0).sum() for layer, w0 in zip(head.modules, initial_weights))
+
+
+@torch.no_grad()
+def project_head_norm(head: ClassifierHead, target_norms: list[torch.Tensor]) -> None:
+    """Rescale each head weight to the Frobenius norm of the backdoored head (W ← W·‖W₀‖/‖W‖)."""
+    for layer, norm in zip(head.modules, target_norms):
+        current = layer.weight.norm()
+        if current > 0:
+            layer.weight.mul_(norm / current)
+
+
+def _set_trainable(model: nn.Module, head: ClassifierHead, mode: TuningMode) -> list[nn.Parameter]:
+    head_params = head.parameter_names()
+    trainable = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(mode.train_head if name in head_params else mode.train_backbone)
+        if param.requires_grad:
+            trainable.append(param)
+    return trainable
+
+
+def _train_mode(model: nn.Module, head: ClassifierHead, mode: TuningMode) -> None:
+    """Train mode for what trains; eval mode (fixed BatchNorm statistics) for what is frozen."""
+    model.train(mode.train_backbone)
+    for layer in head.modules:
+        layer.train(mode.train_head)
+
+
+def _batches(loader: Iterable, show: bool, desc: str) -> Iterable:
+    return tqdm(loader, desc=desc, leave=False, disable=not show, dynamic_ncols=True)
+
+
+def tune(
+    model: nn.Module,
+    head: ClassifierHead,
+    mode: TuningMode,
+    train_loader: Iterable,
+    config: TuningConfig,
+    evaluate: Optional[Callable[[nn.Module], dict[str, float]]] = None,
+    on_epoch_end: Optional[Callable[[TuningState], None]] = None,
+    resume: Optional[TuningState] = None,
+) -> list[dict[str, Any]]:
+    """Tune ``model`` in place with ``mode``; return one history row per epoch.
+
+    ``evaluate(model)`` is called after every epoch and its metrics join that epoch's row.
+    ``on_epoch_end(state)`` receives the resumable state after each complete epoch.
+    """
+    device = torch.device(config.device)
+    seed_everything(config.seed)
+    model.to(device)
+    initial_weights = [layer.weight.detach().clone() for layer in head.modules]
+    if mode.reinit_head:
+        reinit_head(head)
+    projection = config.projection_for(mode)
+    trainable = _set_trainable(model, head, mode)
+    if not trainable:
+        raise ValueError(f"mode {mode.name} leaves no parameter to train")
+    optimizer = torch.optim.SGD(trainable, lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    if resume is not None:
+        model.load_state_dict(resume.model)
+        optimizer.load_state_dict(resume.optimizer)
+        scheduler.load_state_dict(resume.scheduler)
+        initial_weights = [w.to(device) for w in resume.initial_head_weights]
+        history = list(resume.history)
+        start_epoch = resume.epochs_done
+        restore_rng(resume.rng)
+        log.info("resuming %s from epoch %d of %d", mode.name, start_epoch, config.epochs)
+    initial_weights = [w.to(device) for w in initial_weights]
+    target_norms = [w.norm() for w in initial_weights]
+    if projection and start_epoch == 0:
+        project_head_norm(head, target_norms)
+    use_amp = config.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    criterion = nn.CrossEntropyLoss()
+
+    for epoch in range(start_epoch, config.epochs):
+        _train_mode(model, head, mode)
+        loss_sum, correct, seen, n_batches = 0.0, 0, 0, 0
+        for batch in _batches(train_loader, config.show_progress, f"{mode.name} epoch {epoch + 1}/{config.epochs}"):
+            inputs, targets = batch[0].to(device), batch[1].to(device)
+            with torch.autocast(device.type, enabled=use_amp):
+                logits = model(inputs)
+                loss = criterion(logits, targets)
+                if mode.feature_shift_penalty and config.alpha:
+                    loss = loss + config.alpha * feature_shift_penalty(head, initial_weights)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"the loss became {loss.item()} in epoch {epoch + 1} (batch {n_batches + 1}) of {mode.name}",
+                    f"lower the learning rate (lr={config.lr}) or alpha (alpha={config.alpha}); "
+                    "no model was kept",
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            if projection:
+                project_head_norm(head, target_norms)
+            loss_sum += loss.item()
+            correct += (logits.argmax(1) == targets).sum().item()
+            seen += targets.numel()
+            n_batches += 1
+        scheduler.step()
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            "batch": n_batches,
+            "train_epoch_loss_avg_over_batch": loss_sum / max(n_batches, 1),
+            "train_acc": correct / max(seen, 1),
+        }
+        if evaluate is not None:
+            row.update(evaluate(model))
+        history.append(row)
+        log.info("%s epoch %d/%d: %s", mode.name, epoch + 1, config.epochs,
+                 ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        if on_epoch_end is not None:
+            on_epoch_end(TuningState(
+                epochs_done=epoch + 1,
+                model={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(),
+                initial_head_weights=[w.detach().cpu() for w in initial_weights],
+                history=list(history),
+                rng=capture_rng(),
+            ))
+    for param in model.parameters():
+        param.requires_grad_(True)
+    model.eval()
+    return history

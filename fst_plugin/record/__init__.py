@@ -1,0 +1,13 @@
+"""BackdoorBench's on-disk formats: attack records in, defense results out."""
+from fst_plugin.record.attack_record import (
+    AttackRecord,
+    PoisonedImage,
+    PoisonedSplit,
+    load_attack_record,
+    parse_attack_result,
+    write_attack_record,
+)
+from fst_plugin.record.safe_load import load_untrusted
+
+__all__ = ["AttackRecord", "PoisonedImage", "PoisonedSplit", "load_attack_record", "load_untrusted",
+           "parse_attack_result", "write_attack_record"]
