@@ -105,10 +105,21 @@ def write_image_folders(root: Path, split: str, images: np.ndarray, labels: np.n
     return images, labels
 
 
-def run_demo(config: DemoConfig) -> pd.DataFrame:
+@dataclass
+class Workspace:
+    """A BackdoorBench-shaped folder: ``data/cifar10/{train,test}`` and ``record/<name>/``."""
+
+    root: Path
+    record_dir: Path
+    source: str
+    n_train: int
+    n_test: int
+    before: tuple[float, float]  # (C-Acc, ASR) of the backdoored model on the test split
+
+
+def prepare_workspace(config: DemoConfig, record_name: str = "demo_badnet") -> Workspace:
+    """Write the data folders, train a BadNets-backdoored model and write its record under ``config.out``."""
     from fst_plugin.backdoorbench.defenses import resolve_device
-    from fst_plugin.installer import shipped_config
-    from fst_plugin.registry import load_defense
 
     rng = np.random.default_rng(config.seed)
     device = resolve_device(config.device)
@@ -123,25 +134,35 @@ def run_demo(config: DemoConfig) -> pd.DataFrame:
              len(poisoned.poisoned))
     model = build_model(config.model, 10)
     started = time.time()
-    train_classifier(model, poisoned.images, poisoned.labels, "cifar10",
-                     TrainConfig(epochs=config.attack_epochs, device=device, seed=config.seed))
+    if config.attack_epochs > 0:
+        train_classifier(model, poisoned.images, poisoned.labels, "cifar10",
+                         TrainConfig(epochs=config.attack_epochs, device=device, seed=config.seed))
     acc, asr = accuracy_and_asr(model, x_test, y_test, trigger, config.target, "cifar10", device)
     log.info("backdoored model: C-Acc %.2f%%, ASR %.2f%% (%.0f s)", 100 * acc, 100 * asr, time.time() - started)
-    record_dir = config.out / "record" / "demo_badnet"
+    record_dir = config.out / "record" / record_name
     write_attack_record(record_dir, model_name=config.model, num_classes=10, state_dict=model.state_dict(),
                         clean_data="cifar10", img_size=(32, 32, 3), test_size=len(y_test),
                         bd_test=poisoned_test_items(x_test, y_test, trigger, config.target))
+    return Workspace(config.out, record_dir, source, len(y_train), len(y_test), (acc, asr))
+
+
+def run_demo(config: DemoConfig) -> pd.DataFrame:
+    from fst_plugin.backdoorbench.defenses import resolve_device
+    from fst_plugin.installer import shipped_config
+    from fst_plugin.registry import load_defense
+
+    workspace = prepare_workspace(config)
+    device = resolve_device(config.device)
     rows = []
     for method in MODES:
         defense_cls = load_defense(method)
         parser = argparse.ArgumentParser()
         defense_cls.add_arguments(parser)
-        args = parser.parse_args(["--record", str(record_dir), "--dataset_path", str(config.out / "data"),
+        args = parser.parse_args(["--record", str(workspace.record_dir), "--dataset_path", str(config.out / "data"),
                                   "--yaml_path", str(shipped_config(method, "cifar10")),
                                   "--device", device, "--num_workers", "0", "--epochs", str(config.defense_epochs),
                                   "--ratio", str(config.ratio), "--random_seed", str(config.seed)])
-        defense = defense_cls(args)
-        result = defense.defense(None)
+        result = defense_cls(args).defense(None)
         rows.append({"defense": method, "C-Acc": 100 * result["after"]["test_acc"],
                      "ASR": 100 * result["after"]["test_asr"], "RA": 100 * result["after"]["test_ra"],
                      "time_s": result["wall_time_s"]})
@@ -149,6 +170,7 @@ def run_demo(config: DemoConfig) -> pd.DataFrame:
     rows.insert(0, {"defense": "no defense", "C-Acc": 100 * before["test_acc"], "ASR": 100 * before["test_asr"],
                     "RA": 100 * before["test_ra"], "time_s": 0.0})
     table = pd.DataFrame(rows).set_index("defense")
-    table.attrs["title"] = (f"BadNets {config.poison_rate:.0%} on {source}: {len(y_train)} train / {len(y_test)} test "
-                            f"images, {config.model}, {config.defense_epochs} tuning epochs on {config.ratio:.0%} clean data")
+    table.attrs["title"] = (f"BadNets {config.poison_rate:.0%} on {workspace.source}: {workspace.n_train} train / "
+                            f"{workspace.n_test} test images, {config.model}, {config.defense_epochs} tuning epochs "
+                            f"on {config.ratio:.0%} clean data")
     return table

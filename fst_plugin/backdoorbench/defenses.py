@@ -355,6 +355,7 @@ class TuningDefense(_defense_base()):  # type: ignore[misc]
                               history, {"method": self.method, "mode": mode.__dict__, "record": str(record.record_dir),
                                         "seed": cfg.random_seed, "device": device, "wall_time_s": wall,
                                         "before": before, "after": after, "config": cfg.to_dict()})
+        checkpoint.unlink(missing_ok=True)  # only an unfinished run needs it (--resume)
         log.info("%s done in %.1f s: C-Acc %.4f ASR %.4f RA %.4f -> %s", self.method, wall,
                  after["test_acc"], after["test_asr"], after["test_ra"], save_dir)
         return {"model": model, "history": history, "before": before, "after": after, "save_path": str(save_dir),

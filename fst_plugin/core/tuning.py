@@ -11,6 +11,7 @@ with the same weights as one that never stopped.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import random
@@ -224,8 +225,8 @@ def tune(
             on_epoch_end(TuningState(
                 epochs_done=epoch + 1,
                 model={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict(),
+                optimizer=copy.deepcopy(optimizer.state_dict()),  # momentum buffers change in place
+                scheduler=copy.deepcopy(scheduler.state_dict()),
                 initial_head_weights=[w.detach().cpu() for w in initial_weights],
                 history=list(history),
                 rng=capture_rng(),

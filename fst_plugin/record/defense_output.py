@@ -93,7 +93,7 @@ def write_defense_outputs(
     df = pd.DataFrame(list(history))
     ordered = [c for c in CSV_COLUMNS if c in df] + [c for c in df if c not in CSV_COLUMNS]
     df = df[ordered]
-    atomic_write_text(save_dir / f"{method}_df.csv", df.to_csv(index=False))
+    atomic_write_text(save_dir / f"{method}_df.csv", df.to_csv())  # with the index column, as BackdoorBench
     atomic_write_text(save_dir / f"{method}_df_summary.csv", summarise(df).to_csv())
     save_plots(df, save_dir, f"{method} on {save_dir.parent.parent.name}")
     atomic_write_text(save_dir / "run_info.json", json.dumps(

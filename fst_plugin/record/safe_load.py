@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -57,15 +58,15 @@ def load_untrusted(path: str | Path, what: str, trust: bool = False) -> Any:
         return loader()
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        marker = "Unsupported global: GLOBAL "
-        if marker in text:
-            name = text.split(marker, 1)[1].split()[0].rstrip(".,")
+        refused = re.search(r"GLOBAL ([\w.]+)", text)  # torch words this differently across versions
+        if refused:
+            name = refused.group(1).rstrip(".")
             raise RecordError(
                 f"{what} {path} references {name}, which is not on the allow-list of types a record holds; "
                 "it was not unpickled",
                 "if you trust where this file came from, pass --trust-record (it lets the file run code)",
             ) from None
-        raise RecordError(f"{what} {path} is not a loadable torch file ({text.splitlines()[0][:200]})",
+        raise RecordError(f"{what} {path} is not a loadable torch file ({text.strip().splitlines()[-1][:200]})",
                           "re-create it; if you trust its source and it uses other types, pass --trust-record") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError, TypeError,
             KeyError, IndexError, ImportError, MemoryError, OverflowError) as exc:
