@@ -22,10 +22,11 @@ setup(
         "matplotlib",
         "pyyaml",
         "tqdm",
+        "tabulate",
         "pillow",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis"],
+        "test": ["pytest", "hypothesis", "scikit-learn"],
         "bench": ["scikit-learn"],
     },
     entry_points={

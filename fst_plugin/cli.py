@@ -65,16 +65,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     table = run_demo(config)
     print()
     print(table.attrs["title"])
-    print(table.to_markdown(floatfmt=".2f") if _has_tabulate() else table.round(2).to_string())
+    print(table.to_markdown(floatfmt=".2f"))
     return 0
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def build_parser() -> argparse.ArgumentParser:

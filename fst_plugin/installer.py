@@ -75,12 +75,19 @@ class InstallPlan:
     files: dict[str, str] = field(default_factory=dict)  # relative path -> content
 
 
+def has_shipped_config(method: str) -> bool:
+    return (resources.files("fst_plugin.defense_configs") / method / "cifar10.yaml").is_file()
+
+
 def plan_install(methods: list[str]) -> InstallPlan:
+    """Launchers for every method; configs for those this package ships yamls for (third-party
+    defenses registered through the entry point bring their own)."""
     plan = InstallPlan()
     for name in methods:
         plan.files[f"defense/{name}.py"] = LAUNCHER.format(name=name)
-        for dataset in CONFIG_NAMES:
-            plan.files[f"config/defense/{name}/{dataset}.yaml"] = default_config(name, dataset)
+        if has_shipped_config(name):
+            for dataset in CONFIG_NAMES:
+                plan.files[f"config/defense/{name}/{dataset}.yaml"] = default_config(name, dataset)
     return plan
 
 

@@ -1,0 +1,56 @@
+"""``fst-plugin`` as a user runs it (subprocesses)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from fst_plugin.demo import Workspace
+
+
+def cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fst_plugin.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout)
+
+
+def test_list_shows_the_registered_defenses() -> None:
+    proc = cli("list")
+    assert proc.returncode == 0
+    names = [line.split()[0] for line in proc.stdout.splitlines()]
+    assert names == ["fe-tuning", "fst", "ft-init", "lp", "vanilla-ft"]
+    assert "fst_plugin.backdoorbench.defenses:FST" in proc.stdout
+
+
+def test_help_texts() -> None:
+    top = cli("--help")
+    assert top.returncode == 0 and all(c in top.stdout for c in ("list", "install", "uninstall", "run", "demo"))
+    run = cli("run", "fst", "--help")
+    assert run.returncode == 0 and "--alpha" in run.stdout and "--result_file" in run.stdout and "--trust-record" in run.stdout
+
+
+def test_run_standalone_on_a_record_folder(fresh_workspace: Workspace) -> None:
+    ws = fresh_workspace
+    proc = cli("run", "ft-init", "--record", str(ws.record_dir), "--dataset_path", str(ws.root / "data"),
+               "--device", "cpu", "--num_workers", "0", "--epochs", "1", "--ratio", "0.25")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (ws.record_dir / "defense" / "ft-init" / "defense_result.pt").is_file()
+
+
+def test_unknown_defense_is_a_one_line_error() -> None:
+    proc = cli("run", "nope", "--record", "x")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "no defense named 'nope'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_demo_prints_its_table_on_synthetic_images(tmp_path: Path) -> None:
+    proc = cli("demo", "--out", str(tmp_path / "demo"), "--train-per-class", "10", "--test-per-class", "4",
+               "--attack-epochs", "1", "--epochs", "1", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "synthetic 10-class images" in proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert rows[0].split("|")[1:-1] == [" defense    ", "   C-Acc ", "   ASR ", "    RA ", "   time_s "]
+    assert [r.split("|")[1].strip() for r in rows[1:]] == ["no defense", "lp", "vanilla-ft", "fe-tuning", "ft-init", "fst"]
+    for row in rows[1:]:
+        acc, asr, ra = (float(v) for v in row.split("|")[2:5])
+        assert 0 <= acc <= 100 and 0 <= asr <= 100 and 0 <= ra <= 100
