@@ -111,7 +111,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if len(positional) < 2 or positional[1].startswith("-"):
             parser.parse_args(["run", "--help"] if len(positional) < 2 else positional)
             return EXIT_USAGE
-        return run_defense(positional[1], positional[2:] + (["--debug"] if debug else []))
+        return run_defense(positional[1], positional[2:] + (["--debug"] if debug else []),
+                           prog=f"fst-plugin run {positional[1]}")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(levelname)-8s] %(message)s",
                         datefmt="%Y-%m-%d:%H:%M:%S")

@@ -271,3 +271,19 @@ def test_defense_effectiveness_rating() -> None:
     assert defense_effectiveness_rating(0.9, 1.0, 0.9, 0.0) == 1.0
     assert defense_effectiveness_rating(0.9, 1.0, 0.8, 1.0) == pytest.approx(0.45)
     assert defense_effectiveness_rating(0.9, 0.5, 0.95, 0.9) == 0.5
+
+
+def test_preactresnet18_state_dict_matches_backdoorbench_layout() -> None:
+    """BackdoorBench's PreActResNet18: 102 entries in this order (checked against its models/preact_resnet.py)."""
+    state = build_model("preactresnet18", 10).state_dict()
+    keys = list(state)
+    assert len(keys) == 102
+    assert keys[:7] == ["conv1.weight", "layer1.0.bn1.weight", "layer1.0.bn1.bias", "layer1.0.bn1.running_mean",
+                        "layer1.0.bn1.running_var", "layer1.0.bn1.num_batches_tracked", "layer1.0.conv1.weight"]
+    block = [k[len("layer2.0."):] for k in keys if k.startswith("layer2.0.")]
+    assert block == ["bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var", "bn1.num_batches_tracked",
+                     "conv1.weight", "bn2.weight", "bn2.bias", "bn2.running_mean", "bn2.running_var",
+                     "bn2.num_batches_tracked", "conv2.weight", "shortcut.0.weight"]
+    assert keys[-2:] == ["linear.weight", "linear.bias"]
+    assert state["linear.weight"].shape == (10, 512) and state["conv1.weight"].shape == (64, 3, 3, 3)
+    assert state["layer4.1.conv2.weight"].shape == (512, 512, 3, 3)

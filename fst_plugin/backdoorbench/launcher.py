@@ -23,13 +23,13 @@ def report_error(exc: BaseException, debug: bool) -> int:
     return EXIT_USAGE
 
 
-def main(method: str, argv: Optional[Sequence[str]] = None) -> int:
+def main(method: str, argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
     """Run defense ``method`` with BackdoorBench's command line; return the exit code."""
     if os.getcwd() not in sys.path:  # BackdoorBench's scripts import utils/ and defense/ from the cwd
         sys.path.append(os.getcwd())
     from fst_plugin.registry import load_defense
 
-    parser = argparse.ArgumentParser(prog=f"defense/{method}.py",
+    parser = argparse.ArgumentParser(prog=prog or f"defense/{method}.py",
                                      description=f"{method}: backdoor purification by tuning (backdoorbench-fst)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
