@@ -111,3 +111,14 @@ def test_lp_leaves_the_feature_extractor_untouched(fresh_workspace: Workspace) -
     after = load_untrusted(ws.record_dir / "defense" / "lp" / "defense_result.pt", "defense result")["model"]
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"linear.weight", "linear.bias"}
+
+
+def test_clean_subset_is_the_one_backdoorbench_ft_picks() -> None:
+    """Same seed, same n, same ratio → the same indices BackdoorBench's ft wrote to its index.txt
+    (observed in a real BackdoorBench run: seed 0, 5000 images, ratio 0.05 starts 3155, 3445, 331)."""
+    from fst_plugin.backdoorbench.defenses import choose_clean_indices
+    from fst_plugin.core.tuning import seed_everything
+
+    seed_everything(0)
+    indices = choose_clean_indices(5000, 0.05, None)
+    assert len(indices) == 250 and indices[:3].tolist() == [3155, 3445, 331]
