@@ -15,8 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from fst_plugin.core.tuning import progress
 from fst_plugin.data.transforms import dataset_info
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,70 @@ def badnets_trigger(patch_size: int = 3, value: int = 255) -> Trigger:
         out = images.copy()
         out[:, -patch_size:, -patch_size:, :] = value
         return out
+    return apply
+
+
+def blend_pattern(height: int = 32, width: int = 32, channels: int = 3, seed: int = 0,
+                  image_path: Optional[str] = None) -> np.ndarray:
+    """The Blended attack's key image as uint8 (H, W, C): ``image_path`` resized, else seeded uniform noise.
+
+    BackdoorBench blends a Hello-Kitty picture that is not redistributable; a fixed random-noise key (Chen et
+    al.'s other variant) is generated here so every record is reproducible from its seed alone.
+    """
+    if image_path is not None:
+        from PIL import Image
+
+        with Image.open(image_path) as img:
+            img = img.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
+            pattern = np.asarray(img, dtype=np.uint8)
+        return pattern.reshape(height, width, channels)
+    return np.random.default_rng(seed).integers(0, 256, size=(height, width, channels), dtype=np.uint8)
+
+
+def blended_trigger(pattern: np.ndarray, alpha: float = 0.2) -> Trigger:
+    """Blended: ``(1 − alpha)·image + alpha·pattern`` over the whole image (BackdoorBench's alpha = 0.2)."""
+    key = pattern.astype(np.float32)
+
+    def apply(images: np.ndarray) -> np.ndarray:
+        mixed = (1.0 - alpha) * images.astype(np.float32) + alpha * key
+        return np.clip(np.round(mixed), 0, 255).astype(np.uint8)
+    return apply
+
+
+def sig_trigger(delta: float = 40.0, frequency: float = 6.0) -> Trigger:
+    """SIG: add the horizontal sinusoid ``delta·sin(2π·j·f / W)`` to every row (BackdoorBench: delta 40, f 6).
+
+    A clean-label attack: poison only target-class training images (``poison_indices(clean_label=True)``)
+    and keep their labels (``poison_split(relabel=False)``).
+    """
+    def apply(images: np.ndarray) -> np.ndarray:
+        width = images.shape[2]
+        signal = delta * np.sin(2 * np.pi * np.arange(width) * frequency / width)
+        return np.clip(images.astype(np.float32) + signal[None, None, :, None], 0, 255).astype(np.uint8)
+    return apply
+
+
+def wanet_trigger(height: int = 32, width: int = 32, k: int = 4, strength: float = 0.5,
+                  seed: int = 0) -> Trigger:
+    """WaNet's warp (Nguyen & Tran 2021; BackdoorBench's k = 4, s = 0.5): one fixed smooth warping field.
+
+    The field is a seeded uniform k×k grid of offsets, normalised, upsampled bicubically and applied with
+    ``grid_sample``. Only the static poisoning part of WaNet is reproduced: BackdoorBench's WaNet also
+    controls training (its "noise mode" with random warps and cross ratio), which a data-poisoning record
+    writer cannot do, so this variant needs a higher poisoning rate to implant.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.rand(1, 2, k, k, generator=gen) * 2 - 1
+    noise = noise / noise.abs().mean()
+    flow = F.interpolate(noise, size=(height, width), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij")
+    identity = torch.stack((xs, ys), 2)[None]
+    grid = torch.clamp(identity + strength * flow / height, -1, 1)
+
+    def apply(images: np.ndarray) -> np.ndarray:
+        batch = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+        warped = F.grid_sample(batch, grid.expand(len(batch), -1, -1, -1), align_corners=True)
+        return warped.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return apply
 
 
@@ -98,7 +162,7 @@ class TrainConfig:
     device: str = "cpu"
     amp: bool = False
     seed: int = 0
-    show_progress: bool = True
+    show_progress: Optional[bool] = None  # None: only when stderr is a terminal
 
 
 def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, dataset: str,
@@ -121,8 +185,8 @@ def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, d
         model.train()
         order = torch.randperm(len(data))
         total = 0.0
-        for start in tqdm(range(0, len(data), config.batch_size), desc=f"train epoch {epoch + 1}/{config.epochs}",
-                          leave=False, disable=not config.show_progress):
+        for start in progress(range(0, len(data), config.batch_size), config.show_progress,
+                              f"train epoch {epoch + 1}/{config.epochs}"):
             idx = order[start:start + config.batch_size]
             x = normalise(augment(data[idx], flip).to(device, non_blocking=True), dataset)
             y = targets[idx].to(device, non_blocking=True)

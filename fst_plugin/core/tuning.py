@@ -43,7 +43,7 @@ class TuningConfig:
     device: str = "cpu"
     amp: bool = False
     seed: int = 0
-    show_progress: bool = True
+    show_progress: Optional[bool] = None  # None: only when stderr is a terminal
 
     def projection_for(self, mode: TuningMode) -> bool:
         return mode.project_head_norm if self.projection is None else self.projection
@@ -132,8 +132,9 @@ def _train_mode(model: nn.Module, head: ClassifierHead, mode: TuningMode) -> Non
         layer.train(mode.train_head)
 
 
-def _batches(loader: Iterable, show: bool, desc: str) -> Iterable:
-    return tqdm(loader, desc=desc, leave=False, disable=not show, dynamic_ncols=True)
+def progress(iterable: Iterable, show: Optional[bool], desc: str) -> Iterable:
+    """A tqdm bar over ``iterable``; ``show=None`` shows it only on a terminal (no bars in log files)."""
+    return tqdm(iterable, desc=desc, leave=False, disable=None if show is None else not show, dynamic_ncols=True)
 
 
 def tune(
@@ -186,7 +187,7 @@ def tune(
     for epoch in range(start_epoch, config.epochs):
         _train_mode(model, head, mode)
         loss_sum, correct, seen, n_batches = 0.0, 0, 0, 0
-        for batch in _batches(train_loader, config.show_progress, f"{mode.name} epoch {epoch + 1}/{config.epochs}"):
+        for batch in progress(train_loader, config.show_progress, f"{mode.name} epoch {epoch + 1}/{config.epochs}"):
             inputs, targets = batch[0].to(device), batch[1].to(device)
             with torch.autocast(device.type, enabled=use_amp):
                 logits = model(inputs)
