@@ -11,8 +11,9 @@ class FSTError(Exception):
     """A problem with the user's input, with the fix to apply."""
 
     def __init__(self, problem: str, fix: str) -> None:
-        self.problem = problem.rstrip(". ")
-        self.fix = fix.rstrip(". ")
+        # one line, whatever the values quoted in it (a tensor's or array's repr spans several)
+        self.problem = " ".join(problem.split()).rstrip(". ")
+        self.fix = " ".join(fix.split()).rstrip(". ")
         super().__init__(f"{self.problem}. Fix: {self.fix}.")
 
 

@@ -14,6 +14,9 @@ from typing import IO, Any, Iterator
 
 import torch
 
+_UMASK = os.umask(0o022)  # read the process umask (os.umask can only set it) ...
+os.umask(_UMASK)          # ... and put it back
+
 
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
@@ -22,6 +25,7 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file what open() would
         with os.fdopen(fd, mode) as fh:
             yield fh
             fh.flush()

@@ -85,9 +85,14 @@ def resolve_device(requested: str) -> str:
         device = torch.device(requested)
     except RuntimeError:
         raise ConfigError(f"device {requested!r} is not a torch device", "use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {requested!r} is not supported by this defense", "use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {requested!r} requested but CUDA is not available here",
                           "pass --device cpu (or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"device {requested!r} requested but only {torch.cuda.device_count()} GPU(s) are visible",
+                          "pass --device cuda (or cuda:N with N below the GPU count)")
     return requested
 
 
@@ -285,6 +290,9 @@ class TuningDefense(_defense_base()):  # type: ignore[misc]
         test_raw = toolkit.clean_split(cfg.dataset, data_root, train=False)
         indices = choose_clean_indices(len(train_raw), cfg.ratio, cfg.index)
         log.info("clean tuning set: %d of %d training images", len(indices), len(train_raw))
+        resume_key = self._resume_key(indices)
+        checkpoint = Path(self.args.checkpoint_save) / CHECKPOINT_NAME
+        resume = self._load_checkpoint(checkpoint, resume_key) if cfg.resume else None
         test_transform = toolkit.transform(cfg.dataset, train=False)
         pin = cfg.pin_memory and device.startswith("cuda")
         loader_args = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, pin_memory=pin)
@@ -293,6 +301,9 @@ class TuningDefense(_defense_base()):  # type: ignore[misc]
             "model": model,
             "head": head,
             "indices": indices,
+            "checkpoint": checkpoint,
+            "resume_key": resume_key,
+            "resume": resume,
             "train_loader": DataLoader(TransformedDataset(train_raw, toolkit.transform(cfg.dataset, train=True), indices),
                                        shuffle=True, **loader_args),
             "clean_loader": DataLoader(TransformedDataset(test_raw, test_transform), shuffle=False, **loader_args),
@@ -304,7 +315,7 @@ class TuningDefense(_defense_base()):  # type: ignore[misc]
         cfg = self.config
         return TuningConfig(epochs=cfg.epochs, lr=cfg.lr, momentum=cfg.sgd_momentum, weight_decay=cfg.wd,
                             alpha=cfg.alpha, projection=cfg.projection, device=device, amp=cfg.amp,
-                            seed=cfg.random_seed, show_progress=sys.stderr.isatty())
+                            seed=cfg.random_seed)
 
     def _resume_key(self, indices: np.ndarray) -> str:
         relevant = {k: v for k, v in self.config.to_dict().items()
@@ -322,14 +333,17 @@ class TuningDefense(_defense_base()):  # type: ignore[misc]
         if not isinstance(data, dict) or data.get("resume_key") != key or "state" not in data:
             raise RecordError(f"checkpoint {path} was written by a run with other settings",
                               "resume with the same yaml and arguments, or delete the checkpoint to start afresh")
-        return TuningState.from_dict(data["state"])
+        try:
+            return TuningState.from_dict(data["state"])
+        except TypeError:  # not a mapping of exactly TuningState's fields
+            raise RecordError(f"checkpoint {path} does not hold a tuning state", "delete it to start afresh") from None
 
     def run(self, plan: dict[str, Any]) -> dict[str, Any]:
         cfg, record = self.config, self.result
         assert record is not None
         mode = get_mode(self.method)
         save_dir, log_dir = Path(self.args.save_path), Path(self.args.log)
-        checkpoint = Path(self.args.checkpoint_save) / CHECKPOINT_NAME
+        checkpoint, key = plan["checkpoint"], plan["resume_key"]
         self._open_log_file(log_dir)
         atomic_write_text(log_dir / "index.txt", "".join(f"{i}\n" for i in plan["indices"].tolist()))
         device, model = plan["device"], plan["model"]
@@ -341,14 +355,12 @@ class TuningDefense(_defense_base()):  # type: ignore[misc]
         started = time.time()
         before = evaluate(model)
         log.info("before %s: %s", self.method, before)
-        key = self._resume_key(plan["indices"])
-        resume = self._load_checkpoint(checkpoint, key) if cfg.resume else None
 
         def save_checkpoint(state: TuningState) -> None:
             atomic_torch_save({"resume_key": key, "state": state.to_dict()}, checkpoint)
 
         history = tune(model, plan["head"], mode, plan["train_loader"], self.tuning_config(device),
-                       evaluate=evaluate, on_epoch_end=save_checkpoint, resume=resume)
+                       evaluate=evaluate, on_epoch_end=save_checkpoint, resume=plan["resume"])
         wall = time.time() - started
         after = {k: history[-1][k] for k in ("test_acc", "test_asr", "test_ra")}
         write_defense_outputs(save_dir, self.method, record.model_name, record.num_classes, model.state_dict(),

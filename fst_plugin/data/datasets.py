@@ -127,10 +127,14 @@ def _image_folder(root: Path, train: bool, dataset: str) -> Dataset:
             f"point --dataset_path at the folder holding {dataset}/ with {'train' if train else 'test'}/<class>/ images"
             + (" (for CIFAR-10: make_cifar10.py DEST --batches-py)" if dataset == "cifar10" else ""),
         )
-    if dataset == "tiny" and (split / "val_annotations.txt").is_file():
-        train_folder = ImageFolderDataset(str(_first_existing(root, ["train", "Train"]) or split))
-        return TinyValDataset(split, train_folder.class_to_idx)
-    return ImageFolderDataset(str(split), is_valid_file=lambda p: p.lower().endswith(IMAGE_EXTENSIONS))
+    try:
+        if dataset == "tiny" and (split / "val_annotations.txt").is_file():
+            train_folder = ImageFolderDataset(str(_first_existing(root, ["train", "Train"]) or split))
+            return TinyValDataset(split, train_folder.class_to_idx)
+        return ImageFolderDataset(str(split), is_valid_file=lambda p: p.lower().endswith(IMAGE_EXTENSIONS))
+    except FileNotFoundError as exc:  # torchvision: a class folder without any image
+        raise DataError(f"dataset folder {split} has a class folder with no image ({str(exc).split('. ')[0]})",
+                        f"put the images in {split}/<class>/ folders ({', '.join(IMAGE_EXTENSIONS)})") from None
 
 
 def load_clean_split(dataset: str, root: str | Path, train: bool) -> Dataset:

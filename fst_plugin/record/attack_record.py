@@ -71,17 +71,21 @@ def _bad(record: Path, problem: str) -> RecordError:
 
 def _as_int(value: Any, record: Path, what: str) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        if (isinstance(value, torch.Tensor) and value.numel() == 1
+                and not (value.is_floating_point() or value.is_complex())):
             return int(value.item())
         raise _bad(record, f"{what} is {type(value).__name__}, expected an integer")
     return int(value)
 
 
 def _as_array(value: Any, record: Path, what: str) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        value = value.numpy()
-    if isinstance(value, (list, tuple)):
-        value = np.asarray(value)
+    try:  # a tensor NumPy cannot hold (bfloat16, requires_grad) or a ragged list is just as bad
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().numpy()
+        if isinstance(value, (list, tuple)):
+            value = np.asarray(value)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        value = None
     if not isinstance(value, np.ndarray) or value.ndim != 1 or not (
             np.issubdtype(value.dtype, np.integer) or np.issubdtype(value.dtype, np.bool_)
             or (np.issubdtype(value.dtype, np.floating) and np.all(np.isfinite(value)) and np.all(value == np.round(value)))):
@@ -141,7 +145,11 @@ def _parse_split(state: Any, record_dir: Path, key: str, check_files: bool) -> P
         if not isinstance(info, (list, tuple)) or len(info) < 2:
             raise _bad(record_dir, f"{key} data_dict[{index}].other_info must be [bd_label, original_label]")
         path = resolve_image_path(entry["path"], save_folder, record_dir)
-        if check_files and not path.is_file():
+        try:
+            missing = check_files and not path.is_file()
+        except OSError:  # e.g. a name too long for the filesystem
+            missing = True
+        if missing:
             raise RecordError(f"attack record {record_dir}: poisoned image {path} is missing",
                               "restore the record's bd_test_dataset/ folder or re-run the attack")
         images.append(PoisonedImage(index, path, _as_int(info[0], record_dir, f"{key} bd_label"),

@@ -1,0 +1,393 @@
+"""Shared builders for the robustness suite (issue 4): a tiny record + dataset, CLI runners, file checks.
+
+Everything here is small on purpose (32x32 synthetic images, ``preactresnet_small``, no attack training):
+the robustness tests check behaviour under bad input and faults, not accuracy.
+
+Two ways to drive the CLI:
+
+* :func:`run_cli_subprocess` starts ``python -m fst_plugin.cli`` for real (about 5 s of imports each);
+* :func:`run_cli` runs the very same ``__main__`` of ``fst_plugin.cli`` in a process forked from a
+  multiprocessing *forkserver* that imported torch & co once, so a case costs a fraction of a second but is
+  still its own process: real exit code, real stderr (fd 2), an uncaught exception prints a traceback and
+  exits 1 exactly as the interpreter would.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+RECORD_NAME = "tiny_badnet"
+CLI_THREADS = 1  # every CLI process runs single-threaded: fair on a shared machine, identical numerics
+TARGET = 0
+
+
+# ----- the fixture: a tiny BackdoorBench root (record/ + data/) ------------------------------------------
+@dataclass(frozen=True)
+class Fixture:
+    root: Path          # a BackdoorBench-like root: record/<name>/ and data/cifar10/{train,test}/<class>/
+    record: Path        # root/record/tiny_badnet (the pristine record; copy it before running a defense)
+    data: Path          # root/data (pass as --dataset_path)
+    n_train: int
+    n_test: int
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        """The pristine attack_result.pt as a dict (loaded with the allow-list)."""
+        from fst_plugin.record import load_untrusted
+        return load_untrusted(self.record / "attack_result.pt", "attack record")
+
+
+def build_fixture(root: Path, train_per_class: int = 20, test_per_class: int = 2, seed: int = 0) -> Fixture:
+    """Synthetic CIFAR-10-shaped image folders and a BadNets-style record of an untrained small model."""
+    from fst_plugin.attacks import badnets_trigger, poisoned_test_items
+    from fst_plugin.demo import synthetic_images, write_image_folders
+    from fst_plugin.models import build_model
+    from fst_plugin.record import write_attack_record
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    data_root = root / "data" / "cifar10"
+    x_train, y_train = synthetic_images(train_per_class, rng)
+    x_test, y_test = synthetic_images(test_per_class, rng)
+    write_image_folders(data_root, "train", x_train, y_train)
+    x_test, y_test = write_image_folders(data_root, "test", x_test, y_test)
+    torch.manual_seed(seed)
+    model = build_model("preactresnet_small", 10)
+    record = write_attack_record(root / "record" / RECORD_NAME, model_name="preactresnet_small", num_classes=10,
+                                 state_dict=model.state_dict(), clean_data="cifar10", img_size=(32, 32, 3),
+                                 test_size=len(y_test),
+                                 bd_test=poisoned_test_items(x_test, y_test, badnets_trigger(), TARGET))
+    return Fixture(root, record, root / "data", len(y_train), len(y_test))
+
+
+_SHARED: dict[str, Any] = {}
+
+
+def shared_fixture() -> Fixture:
+    """One tiny fixture per test process (built on first use in a temporary folder removed at exit)."""
+    if "fixture" not in _SHARED:
+        import atexit
+
+        root = Path(tempfile.mkdtemp(prefix="fst_robust_"))
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        _SHARED["fixture"] = build_fixture(root / "bb")
+    return _SHARED["fixture"]
+
+
+def copy_record(fixture: Fixture, name: str, root: Optional[Path] = None) -> Path:
+    """A fresh copy of the pristine record as ``<root>/record/<name>`` (root defaults to the fixture's).
+
+    The record's relative image paths name ``./record/tiny_badnet/...``; the loader re-roots paths under the
+    split's save folder at the record folder, so a renamed copy reads its own images.
+    """
+    target = Path(root or fixture.root) / "record" / name
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(fixture.record, target, ignore=shutil.ignore_patterns("defense"))
+    return target
+
+
+def save_payload(record_dir: Path, payload: Any) -> Path:
+    """Overwrite ``record_dir/attack_result.pt`` with ``payload`` (torch.save, like BackdoorBench)."""
+    path = Path(record_dir) / "attack_result.pt"
+    torch.save(payload, path)
+    return path
+
+
+def write_yaml(path: Path, **overrides: Any) -> Path:
+    """The shipped fst/cifar10.yaml with CPU-friendly values and ``overrides`` applied."""
+    from fst_plugin.installer import shipped_config
+
+    values = yaml.safe_load(shipped_config("fst", "cifar10").read_text())
+    values.update(device="cpu", num_workers=0, pin_memory=False, non_blocking=False, batch_size=16,
+                  epochs=1, ratio=0.25)
+    values.update(overrides)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
+    return path
+
+
+# ----- hostile pickles ----------------------------------------------------------------------------------
+class FileDropper:
+    """Unpickling this calls ``os.system('touch <marker>')``: the side effect a hostile record would have."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class OpenDropper:
+    """Unpickling this calls ``builtins.open(marker, 'w')``: creates a file without a shell."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+# ----- hashes and output checks ---------------------------------------------------------------------------
+def state_dict_hash(state_dict: Mapping[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().cpu().contiguous()
+        digest.update(key.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def result_summary(save_dir: Path, method: str = "fst") -> dict[str, Any]:
+    """The final state_dict hash and the per-epoch metric table of a finished run."""
+    import pandas as pd
+    from fst_plugin.record import load_untrusted
+
+    result = load_untrusted(Path(save_dir) / "defense_result.pt", "defense result")
+    df = pd.read_csv(Path(save_dir) / f"{method}_df.csv")
+    return {"hash": state_dict_hash(result["model"]), "metrics": df.to_dict("list")}
+
+
+def assert_outputs_complete(save_dir: Path) -> list[str]:
+    """Every (non-temporary) file under ``save_dir`` is whole; return the relative paths checked.
+
+    Temporary files of the atomic writer start with '.' and may remain after a kill; ``*.log`` files are
+    append-only streams (a log cut mid-line is expected) and are skipped.
+    """
+    import pandas as pd
+    from PIL import Image
+
+    from fst_plugin.record import load_untrusted
+
+    checked = []
+    for path in sorted(Path(save_dir).rglob("*")):
+        if not path.is_file() or path.name.startswith(".") or path.suffix == ".log":
+            continue
+        rel = str(path.relative_to(save_dir))
+        assert path.stat().st_size > 0, f"{rel} is empty"
+        if path.suffix == ".pt":
+            data = load_untrusted(path, rel)
+            assert isinstance(data, dict), rel
+            if path.name == "defense_result.pt":
+                assert {"model_name", "num_classes", "model"} <= set(data), rel
+            if path.name == "last.pt":
+                assert {"resume_key", "state"} <= set(data), rel
+        elif path.suffix == ".csv":
+            df = pd.read_csv(path)
+            assert len(df) > 0, rel
+            if path.name.endswith("_df.csv"):
+                assert list(df["epoch"]) == list(range(len(df))), f"{rel} rows are not epochs 0..n-1"
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".png":
+            with Image.open(path) as img:
+                img.load()
+        elif path.name == "index.txt":
+            lines = path.read_text().splitlines()
+            assert lines and all(line.strip().isdigit() for line in lines), rel
+            assert path.read_text().endswith("\n"), f"{rel} is cut"
+        else:
+            raise AssertionError(f"unexpected output file {rel}")
+        checked.append(rel)
+    return checked
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """{relative path: (size, mtime_ns)} of every file under ``folder`` (to show nothing was written)."""
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ----- running the CLI --------------------------------------------------------------------------------------
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def error_lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.startswith("error:")]
+
+
+def _child_env(env: Optional[Mapping[str, str]]) -> dict[str, str]:
+    out = dict(os.environ)
+    out["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))
+    out["OMP_NUM_THREADS"] = str(CLI_THREADS)
+    out.update(env or {})
+    return out
+
+
+def run_cli_subprocess(argv: Sequence[str], cwd: Optional[Path] = None, env: Optional[Mapping[str, str]] = None,
+                       timeout: float = 300) -> CliResult:
+    """``python -m fst_plugin.cli ARGV`` in a fresh interpreter."""
+    proc = subprocess.run([sys.executable, "-m", "fst_plugin.cli", *map(str, argv)], cwd=cwd,
+                          env=_child_env(env), capture_output=True, text=True, timeout=timeout)
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def start_cli(argv: Sequence[str], cwd: Optional[Path] = None, env: Optional[Mapping[str, str]] = None,
+              log_to: Optional[Path] = None) -> subprocess.Popen:
+    """Start ``python -m fst_plugin.cli ARGV`` in the background (stdout+stderr to ``log_to``)."""
+    out = open(log_to, "ab") if log_to else subprocess.DEVNULL
+    try:
+        return subprocess.Popen([sys.executable, "-m", "fst_plugin.cli", *map(str, argv)], cwd=cwd,
+                                env=_child_env(env), stdout=out, stderr=subprocess.STDOUT)
+    finally:
+        if log_to:
+            out.close()
+
+
+def _cli_main_in_child(argv: list[str], cwd: str, env: dict[str, str], out_path: str, err_path: str) -> None:
+    """Body of a forked CLI process: ``python -m fst_plugin.cli ARGV`` minus the imports."""
+    import traceback
+
+    for fd, path in ((1, out_path), (2, err_path)):
+        handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        os.dup2(handle, fd)
+        os.close(handle)
+    sys.stdout = io.TextIOWrapper(os.fdopen(1, "wb", closefd=False), write_through=True)
+    sys.stderr = io.TextIOWrapper(os.fdopen(2, "wb", closefd=False), write_through=True)
+    os.environ.update(env)
+    os.chdir(cwd)
+    torch.set_num_threads(CLI_THREADS)  # as OMP_NUM_THREADS does for a real interpreter: same numerics
+    sys.argv = ["fst-plugin", *argv]
+    code: Any = 0
+    try:
+        from fst_plugin.cli import main  # what `if __name__ == "__main__": sys.exit(main())` runs
+
+        code = main()
+    except SystemExit as exc:
+        code = exc.code
+    except BaseException:  # what the interpreter does with an uncaught exception
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    os._exit(code)
+
+
+_FORKSERVER: Optional[Any] = None
+
+
+def _context() -> Any:
+    global _FORKSERVER
+    if _FORKSERVER is None:
+        _FORKSERVER = multiprocessing.get_context("forkserver")
+        _FORKSERVER.set_forkserver_preload(["torch", "torchvision", "pandas", "matplotlib.pyplot", "yaml",
+                                            "fst_plugin.cli", "fst_plugin.backdoorbench.defenses",
+                                            "fst_plugin.installer", "robust_helpers"])
+    return _FORKSERVER
+
+
+def run_cli(argv: Sequence[str], cwd: Optional[Path] = None, env: Optional[Mapping[str, str]] = None,
+            timeout: float = 120) -> CliResult:
+    """The CLI's ``__main__`` in its own (forked) process; see the module docstring."""
+    with tempfile.TemporaryDirectory(prefix="fst_cli_") as tmp:
+        out_path, err_path = os.path.join(tmp, "out"), os.path.join(tmp, "err")
+        proc = _context().Process(target=_cli_main_in_child,
+                                  args=([str(a) for a in argv], str(cwd or os.getcwd()), dict(env or {}),
+                                        out_path, err_path))
+        proc.start()
+        proc.join(timeout)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+            raise AssertionError(f"fst-plugin {' '.join(map(str, argv))} ran longer than {timeout} s")
+        read = lambda p: Path(p).read_text(errors="replace") if os.path.exists(p) else ""  # noqa: E731
+        return CliResult(proc.exitcode, read(out_path), read(err_path))
+
+
+class ForkedCli:
+    """A CLI process started by :func:`start_cli_forked`, with the part of Popen's interface the tests use."""
+
+    def __init__(self, proc: Any) -> None:
+        self.proc = proc
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return self.proc.exitcode
+
+    def poll(self) -> Optional[int]:
+        return self.proc.exitcode
+
+    def kill(self) -> None:
+        self.proc.kill()  # SIGKILL
+
+    def wait(self, timeout: Optional[float] = None) -> Optional[int]:
+        self.proc.join(timeout)
+        return self.proc.exitcode
+
+
+def start_cli_forked(argv: Sequence[str], cwd: Optional[Path] = None, env: Optional[Mapping[str, str]] = None,
+                     log_to: Optional[Path] = None) -> ForkedCli:
+    """Like :func:`start_cli`, but forked from the fork server (no interpreter start-up)."""
+    log = str(log_to or os.devnull)
+    proc = _context().Process(target=_cli_main_in_child,
+                              args=([str(a) for a in argv], str(cwd or os.getcwd()), dict(env or {}), log, log))
+    proc.start()
+    return ForkedCli(proc)
+
+
+def wait_for(predicate, timeout: float, poll: float = 0.05) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(poll)
+    return predicate()
+
+
+# ----- full defense runs (faults, resume, reproducibility) ----------------------------------------------------
+RUN_EPOCHS = 10
+
+
+def defense_argv(fixture: Fixture, record: Path, yaml_path: Path, *extra: str, epochs: int = RUN_EPOCHS) -> list[str]:
+    """``run fst`` on the tiny record: 50 clean images (ratio 0.25) in batches of 16, on the CPU."""
+    return ["run", "fst", "--record", str(record), "--yaml_path", str(yaml_path), "--dataset_path", str(fixture.data),
+            "--epochs", str(epochs), "--ratio", "0.25", "--num_workers", "0", "--device", "cpu", "--random_seed", "7",
+            *extra]
+
+
+def full_run(fixture: Fixture, name: str, root: Optional[Path] = None, *extra: str) -> dict[str, Any]:
+    """A fresh record copy tuned to the end; its summary (hash + metrics), run_info and output folder."""
+    root = Path(root or fixture.root)
+    record = copy_record(fixture, name, root=root)
+    yaml_path = write_yaml(root / f"{name}.yaml")
+    result = run_cli(defense_argv(fixture, record, yaml_path, *extra), cwd=root, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    save_dir = record / "defense" / "fst"
+    return {**result_summary(save_dir), "save_dir": save_dir, "record": record, "yaml": yaml_path,
+            "run_info": json.loads((save_dir / "run_info.json").read_text()), "stderr": result.stderr}
+
+
+def reference_run() -> dict[str, Any]:
+    """One uninterrupted run per test process, shared by the kill/resume and the reproducibility tests."""
+    if "reference" not in _SHARED:
+        _SHARED["reference"] = full_run(shared_fixture(), "reference")
+    return _SHARED["reference"]
