@@ -13,10 +13,13 @@ from torch import nn
 
 from fst_plugin.errors import ModelError
 from fst_plugin.models.preact_resnet import preactresnet18, preactresnet_small
+from fst_plugin.models.resnet9 import resnet9, resnet9_cpu
 
 _OWN_MODELS: dict[str, Callable[..., nn.Module]] = {
     "preactresnet18": preactresnet18,
     "preactresnet_small": preactresnet_small,
+    "resnet9": resnet9,
+    "resnet9_cpu": resnet9_cpu,
 }
 
 
