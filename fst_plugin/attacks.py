@@ -159,6 +159,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
+    augment: bool = True  # random crop + flip; off lets a backdoor implant in far fewer steps (the demo)
     device: str = "cpu"
     amp: bool = False
     seed: int = 0
@@ -188,7 +189,8 @@ def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, d
         for start in progress(range(0, len(data), config.batch_size), config.show_progress,
                               f"train epoch {epoch + 1}/{config.epochs}"):
             idx = order[start:start + config.batch_size]
-            x = normalise(augment(data[idx], flip).to(device, non_blocking=True), dataset)
+            batch = augment(data[idx], flip) if config.augment else data[idx]
+            x = normalise(batch.to(device, non_blocking=True), dataset)
             y = targets[idx].to(device, non_blocking=True)
             with torch.autocast(device.type, enabled=use_amp):
                 loss = F.cross_entropy(model(x), y, label_smoothing=config.label_smoothing)
