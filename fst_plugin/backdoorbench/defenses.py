@@ -180,6 +180,7 @@ class TuningDefense(_defense_base()):  # type: ignore[misc]
         self.args = args
         self.result: Optional[AttackRecord] = None
         self._memory_log: Optional[logging.handlers.MemoryHandler] = None
+        self._log_file: Optional[logging.FileHandler] = None
         if self.config.result_file or self.config.record:
             self.set_result(self.config.result_file)
 
@@ -239,14 +240,19 @@ class TuningDefense(_defense_base()):  # type: ignore[misc]
         return self.mitigation()
 
     def mitigation(self) -> dict[str, Any]:
-        plan = self.prepare()
         try:
-            return self.run(plan)
+            return self.run(self.prepare())
         finally:
-            handler = getattr(self, "_log_file", None)
+            self._close_logs()
+
+    def _close_logs(self) -> None:
+        """Detach this run's handlers (a rejected run's buffer is dropped: nothing was written)."""
+        root = logging.getLogger()
+        for handler in (self._memory_log, self._log_file):
             if handler is not None:
-                logging.getLogger().removeHandler(handler)
+                root.removeHandler(handler)
                 handler.close()
+        self._memory_log = self._log_file = None
 
     # ----- the work ---------------------------------------------------------------------------------
     def _data_root(self, record: AttackRecord) -> Path:
