@@ -1,0 +1,96 @@
+"""The paper's ablations on one record, run as extra defense variants (evaluated later by evaluate.py).
+
+    python -m bench_scripts.ablations --protocol cpu --data data/cifar10 --record badnets_0.01_s0
+        [--only alpha size projection]
+
+* alpha sweep: FST with alpha in the protocol's list (defense/fst_alpha<a>/);
+* tuning-set size: the protocol's ``size_methods`` (FST, FT-init, FE-tuning) with n seeded random clean
+  training images, n in the protocol's list down to 50 (defense/<method>_n<n>/, index files under the
+  record's bench_index/);
+* projection off: the protocol's ``projection_methods`` with the head-norm projection off
+  (defense/<method>_noproj/);
+* longer tuning (``--only epochs``, not in the default set): the protocol's ``long_methods`` for
+  ``long_epochs`` epochs (defense/<method>_e<epochs>/), to see whether clean accuracy keeps recovering.
+The per-epoch ASR / C-Acc curves (the efficiency figure) need no extra run: every grid defense already writes
+its per-epoch CSV; make_table.py draws them. Finished variants are skipped unless --force.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import time
+from pathlib import Path
+
+from bench_scripts.common import (
+    REPO,
+    add_protocol_args,
+    link_data,
+    log_timing,
+    protocol_from_args,
+    protocol_root,
+    run_defense,
+    setup,
+)
+from fst_plugin.data import load_clean_split
+
+log = logging.getLogger("bench.ablations")
+
+
+def index_file(record_dir: Path, data_dir: Path, n: int, seed: int) -> Path:
+    """``n`` clean training indices drawn like BackdoorBench's choose_index (random.sample, seeded)."""
+    path = record_dir / "bench_index" / f"clean_n{n}_s{seed}.txt"
+    if not path.is_file():
+        total = len(load_clean_split("cifar10", data_dir, train=True))
+        chosen = random.Random(seed).sample(range(total), n)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(f"{i}\n" for i in chosen))
+    return path
+
+
+def variants(record_dir: Path, data_dir: Path, protocol, only: list[str], seed: int) -> list[tuple[str, str, list[str]]]:
+    """(method, save name, extra command-line arguments) of every ablation run."""
+    out: list[tuple[str, str, list[str]]] = []
+    if "alpha" in only:
+        out += [("fst", f"fst_alpha{a:g}", ["--alpha", str(a)]) for a in protocol.alphas if a != protocol.alpha]
+    if "size" in only:
+        for n in protocol.tuning_sizes:
+            path = index_file(record_dir, data_dir, n, seed)
+            out += [(m, f"{m}_n{n}", ["--index", str(path.resolve())]) for m in protocol.size_methods]
+    if "epochs" in only:
+        out += [(m, f"{m}_e{protocol.long_epochs}", ["--epochs", str(protocol.long_epochs)])
+                for m in protocol.long_methods]
+    if "projection" in only:
+        out += [(m, f"{m}_noproj", ["--projection", "off"]) for m in protocol.projection_methods]
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_protocol_args(parser)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--cache", type=Path, default=REPO / "bench_cache")
+    parser.add_argument("--results", type=Path)
+    parser.add_argument("--record", required=True, help="record name, e.g. badnets_0.01_s0")
+    parser.add_argument("--only", nargs="*", default=["alpha", "size", "projection"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true")
+    args = parser.parse_args(argv)
+    setup()
+    protocol = protocol_from_args(args)
+    root = protocol_root(args.cache, protocol.name)
+    data_root = link_data(root, args.data)
+    results = args.results or REPO / "bench_results" / protocol.name
+    record_dir = root / "record" / args.record
+    for method, name, extra in variants(record_dir, args.data, protocol, args.only, args.seed):
+        if (record_dir / "defense" / name / "defense_result.pt").is_file() and not args.force:
+            continue
+        started = time.time()
+        result = run_defense(record_dir, method, protocol, data_root, save_name=name, extra=extra, seed=args.seed,
+                             eval_subset=protocol.ablation_eval_subset)
+        log_timing(results, f"ablation {name} {record_dir.name}", time.time() - started,
+                   defense_wall_s=round(result["wall_time_s"], 1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""What every benchmark script shares: data arrays, triggers by name, the cache layout, running one of the
+package's defenses (with the optional per-epoch test subset), penultimate features and their separability.
+
+Cache layout (outside git): ``<cache>/<protocol>/record/<attack>_<rate>_s<seed>/`` are BackdoorBench records
+(``attack_result.pt`` + PNGs, ``defense/<name>/defense_result.pt`` after the defenses), and
+``<cache>/<protocol>/data/cifar10`` is a link to the user's data folder, so the records' relative
+``./data/cifar10`` and ``./record/...`` paths resolve from ``<cache>/<protocol>`` as from a BackdoorBench root.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from fst_plugin.attacks import (
+    Trigger,
+    badnets_trigger,
+    blend_pattern,
+    blended_trigger,
+    normalise,
+    sig_trigger,
+    to_tensor_batch,
+    wanet_trigger,
+)
+from fst_plugin.core import find_head
+from fst_plugin.data import load_clean_split
+from fst_plugin.models import build_model
+from fst_plugin.models.registry import load_weights
+from fst_plugin.record import AttackRecord, load_untrusted
+
+log = logging.getLogger("bench")
+DATASET = "cifar10"
+TARGET = 0
+ATTACKS = ("badnets", "blended", "sig", "wanet")
+CLEAN_LABEL = {"sig"}                       # poison target-class images and keep their labels
+METHODS = ("lp", "vanilla-ft", "fe-tuning", "ft-init", "fst")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def setup(threads: Optional[int] = None) -> None:
+    """Logging, and torch threads = the machine's cores (2 here) unless told otherwise."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+
+
+def load_arrays(data_dir: Path, train: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A clean split as (uint8 NHWC images, int64 labels), in the order the defenses' loader reads it."""
+    ds = load_clean_split(DATASET, data_dir, train)
+    if hasattr(ds, "data") and isinstance(ds.data, np.ndarray):
+        return ds.data, np.asarray(ds.targets, dtype=np.int64)
+    images = np.stack([np.asarray(ds[i][0].convert("RGB")) for i in range(len(ds))])
+    return images, np.asarray(ds.targets, dtype=np.int64)
+
+
+def add_protocol_args(parser: argparse.ArgumentParser) -> None:
+    """``--protocol NAME`` and ``--set KEY=VALUE ...`` (overrides of protocol fields, e.g. to try the gpu
+    protocol on a tiny subset on a CPU: ``--set device=cpu epochs=1 train_per_class=20 test_per_class=5``)."""
+    parser.add_argument("--protocol", default="cpu", help="cpu, gpu or tiny (bench_scripts/protocols.py)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override protocol fields (values parsed as YAML)")
+
+
+def protocol_from_args(args: argparse.Namespace, **more: Any) -> Any:
+    import yaml
+
+    from bench_scripts.protocols import get_protocol
+
+    overrides = {}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set takes KEY=VALUE items, got {item!r}")
+        parsed = yaml.safe_load(value)
+        overrides[key] = tuple(parsed) if isinstance(parsed, list) else parsed
+    overrides.update({k: v for k, v in more.items() if v is not None})
+    return get_protocol(args.protocol, **overrides)
+
+
+def record_name(attack: str, rate: float, seed: int) -> str:
+    return f"{attack}_{rate:g}_s{seed}"
+
+
+def protocol_root(cache: Path, protocol: str) -> Path:
+    return Path(cache) / protocol
+
+
+def link_data(root: Path, data_dir: Path) -> Path:
+    """``root/data/cifar10`` → the user's data folder (whatever it is called); returns ``root/data``."""
+    link = root / "data" / DATASET
+    link.parent.mkdir(parents=True, exist_ok=True)
+    target = Path(data_dir).resolve()
+    if link.is_symlink() and link.resolve() != target:
+        link.unlink()
+    if not link.exists():
+        link.symlink_to(target, target_is_directory=True)
+    return link.parent
+
+
+def make_trigger(attack: str, seed: int, pattern_image: Optional[str] = None, blend_alpha: float = 0.2) -> Trigger:
+    """The attack's trigger; Blended's key image and WaNet's warp are drawn from ``seed``."""
+    if attack == "badnets":
+        return badnets_trigger(3)
+    if attack == "blended":
+        return blended_trigger(blend_pattern(32, 32, 3, seed=seed, image_path=pattern_image), blend_alpha)
+    if attack == "sig":
+        return sig_trigger(40.0, 6.0)
+    if attack == "wanet":
+        return wanet_trigger(32, 32, k=4, strength=0.5, seed=seed)
+    raise SystemExit(f"unknown attack {attack!r}; use one of {', '.join(ATTACKS)}")
+
+
+def bench_info(record: AttackRecord) -> dict[str, Any]:
+    """The benchmark's own metadata stored in the record (attack, rate, seed, test indices, timings)."""
+    return json.loads(record.extra.get("bench_json", "{}"))
+
+
+def log_timing(results_dir: Path, step: str, wall_s: float, **details: Any) -> None:
+    """Append one line to ``results_dir/timings.jsonl``: the step, its wall time and the exact command."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    row = {"step": step, "wall_s": round(wall_s, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "command": " ".join(["python -m bench_scripts." + Path(sys.argv[0]).stem] + sys.argv[1:]), **details}
+    with open(results_dir / "timings.jsonl", "a") as fh:
+        fh.write(json.dumps(row, default=str) + "\n")
+
+
+# ----- running the package's defenses -----------------------------------------------------------------
+def bench_defense_class(method: str, save_name: Optional[str] = None, eval_subset: Optional[int] = None,
+                        subset_seed: int = 0) -> type:
+    """The registered defense ``method``, writing to ``defense/<save_name>/`` (ablation variants must not
+    overwrite the grid's results) and, with ``eval_subset``, computing its per-epoch curve on a fixed seeded
+    subset of the clean and poisoned test sets (that evaluation otherwise dominates CPU time; final numbers
+    come from evaluate.py on the full sets)."""
+    from fst_plugin.registry import load_defense
+
+    base = load_defense(method)
+
+    class BenchDefense(base):  # type: ignore[misc, valid-type]
+        def set_result(self, result_file: Optional[str]) -> None:
+            super().set_result(result_file)
+            if save_name:
+                save = Path(self.args.save_path).parent / save_name
+                self.args.save_path, self.args.checkpoint_save, self.args.log = \
+                    str(save), str(save / "checkpoint"), str(save / "log")
+
+        def prepare(self) -> dict[str, Any]:
+            plan = super().prepare()
+            if eval_subset:
+                rng = np.random.default_rng(subset_seed)
+                for key in ("clean_loader", "bd_loader"):
+                    loader: DataLoader = plan[key]
+                    n = len(loader.dataset)
+                    keep = np.sort(rng.choice(n, size=min(eval_subset, n), replace=False)).tolist()
+                    plan[key] = DataLoader(Subset(loader.dataset, keep), batch_size=256,
+                                           num_workers=loader.num_workers, shuffle=False)
+            return plan
+
+    BenchDefense.method = method
+    BenchDefense.__name__ = f"Bench_{base.__name__}"
+    return BenchDefense
+
+
+def run_defense(record_dir: Path, method: str, protocol: Any, data_root: Path, save_name: Optional[str] = None,
+                extra: Sequence[str] = (), seed: int = 0, eval_subset: Optional[int] = None) -> dict[str, Any]:
+    """Run one defense on one record through its BackdoorBench life cycle; return its result dict.
+
+    ``eval_subset`` (default: the protocol's) sizes the per-epoch evaluation subset."""
+    from fst_plugin.installer import shipped_config
+
+    cls = bench_defense_class(method, save_name, eval_subset or protocol.eval_subset, seed)
+    parser = argparse.ArgumentParser()
+    cls.add_arguments(parser)
+    argv = ["--record", str(record_dir), "--dataset_path", str(data_root), "--dataset", DATASET,
+            "--yaml_path", str(shipped_config(method, DATASET)), "--device", protocol.device,
+            "--num_workers", str(protocol.num_workers), "--epochs", str(protocol.defense_epochs),
+            "--ratio", str(protocol.defense_ratio), "--lr", str(protocol.defense_lr),
+            "--batch_size", str(protocol.defense_batch_size), "--random_seed", str(seed),
+            "--amp", str(protocol.amp)]
+    if method == "fst":
+        argv += ["--alpha", str(protocol.alpha)]
+    args = parser.parse_args(argv + list(extra))
+    return cls(args).defense(None)
+
+
+# ----- evaluation helpers ----------------------------------------------------------------------------
+def load_model(model_name: str, num_classes: int, state_dict: dict) -> nn.Module:
+    model = build_model(model_name, num_classes)
+    load_weights(model, state_dict, model_name)
+    return model.eval()
+
+
+def load_defended(path: Path) -> nn.Module:
+    """A ``defense_result.pt`` (anyone's: ours or BackdoorBench's built-ins) as an eval-mode model."""
+    data = load_untrusted(path, "defense result")
+    return load_model(data["model_name"], int(data["num_classes"]), data["model"])
+
+
+def read_bd_test(record: AttackRecord) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The record's poisoned test images (uint8 NHWC), backdoor labels and original labels."""
+    images = []
+    for entry in record.bd_test.images:
+        with Image.open(entry.path) as img:
+            images.append(np.asarray(img.convert("RGB")))
+    return (np.stack(images), np.array([e.bd_label for e in record.bd_test.images]),
+            np.array([e.original_label for e in record.bd_test.images]))
+
+
+@torch.no_grad()
+def logits_and_features(model: nn.Module, images: np.ndarray, num_classes: int = 10, device: str = "cpu",
+                        batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and penultimate features (the head's input, captured by a hook, so any architecture works)."""
+    head = find_head(model, num_classes).modules[-1]
+    captured: list[torch.Tensor] = []
+    hook = head.register_forward_pre_hook(lambda _m, inp: captured.append(inp[0].detach().float().cpu()))
+    model.eval().to(device)
+    data = to_tensor_batch(images)
+    logits = []
+    try:
+        for i in range(0, len(data), batch_size):
+            logits.append(model(normalise(data[i:i + batch_size].to(device), DATASET)).float().cpu())
+    finally:
+        hook.remove()
+    return torch.cat(logits).numpy(), torch.cat(captured).numpy()
+
+
+def separability(clean_features: np.ndarray, poisoned_features: np.ndarray, seed: int = 0) -> dict[str, float]:
+    """How separable target-class clean features and poisoned features are (the paper's Figure 3 question):
+    the 5-fold cross-validated accuracy of a linear probe telling the two groups apart (0.5 = mixed, 1 =
+    linearly separable) and their silhouette score (cosine; > 0 means two distinct clusters).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import silhouette_score
+    from sklearn.model_selection import cross_val_score
+    from sklearn.preprocessing import StandardScaler
+
+    n = min(len(clean_features), len(poisoned_features))
+    rng = np.random.default_rng(seed)
+    a = clean_features[rng.choice(len(clean_features), n, replace=False)]
+    b = poisoned_features[rng.choice(len(poisoned_features), n, replace=False)]
+    x = StandardScaler().fit_transform(np.concatenate([a, b]))
+    y = np.r_[np.zeros(n), np.ones(n)]
+    folds = max(2, min(5, n // 2))
+    probe = cross_val_score(LogisticRegression(max_iter=500, C=0.1), x, y, cv=folds).mean()
+    silhouette = silhouette_score(np.concatenate([a, b]), y, metric="cosine")
+    return {"sep_probe": float(probe), "sep_silhouette": float(silhouette)}

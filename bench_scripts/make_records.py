@@ -1,0 +1,149 @@
+"""Train backdoored CIFAR-10 models and write them as BackdoorBench attack records (no BackdoorBench needed).
+
+    python -m bench_scripts.make_records --protocol cpu --data data/cifar10 --attacks badnets:0.01 blended:0.01
+
+Attacks: badnets (3×3 white patch, bottom-right), blended (alpha 0.2, a seeded noise key or --blend-pattern
+IMAGE), sig (clean-label sinusoid, delta 40, f 6), wanet (a fixed warp, k 4, s 0.5, static poisoning);
+all-to-one, target label 0; the rate is the fraction of the whole training set that is poisoned. Everything is
+seeded by --seed (poisoned indices, trigger keys, training order). A record whose ``attack_result.pt`` exists
+is reused (the cache), unless --force.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench_scripts.common import (
+    add_protocol_args,
+    protocol_from_args,
+    CLEAN_LABEL,
+    DATASET,
+    REPO,
+    TARGET,
+    link_data,
+    load_arrays,
+    log_timing,
+    make_trigger,
+    protocol_root,
+    record_name,
+    setup,
+)
+from fst_plugin.attacks import (
+    TrainConfig,
+    accuracy_and_asr,
+    class_balanced_subset,
+    poison_indices,
+    poison_split,
+    poisoned_test_items,
+    train_classifier,
+)
+from fst_plugin.backdoorbench.defenses import resolve_device
+from fst_plugin.models import build_model
+from fst_plugin.record import write_attack_record
+
+log = logging.getLogger("bench.make_records")
+
+
+def parse_grid(items: list[str] | None, default: tuple) -> list[tuple[str, float]]:
+    if not items:
+        return list(default)
+    out = []
+    for item in items:
+        attack, _, rate = item.partition(":")
+        out.append((attack, float(rate)))
+    return out
+
+
+def make_record(protocol, data_dir: Path, root: Path, attack: str, rate: float, seed: int,
+                blend_pattern: str | None = None, force: bool = False, results_dir: Path | None = None) -> Path:
+    """Train one backdoored model and write ``root/record/<attack>_<rate>_s<seed>``; return its folder."""
+    record_dir = root / "record" / record_name(attack, rate, seed)
+    if (record_dir / "attack_result.pt").is_file() and not force:
+        log.info("cached: %s", record_dir)
+        return record_dir
+    started = time.time()
+    device = resolve_device(protocol.device)
+    rng = np.random.default_rng(seed)
+    x_train, y_train = load_arrays(data_dir, train=True)
+    x_test, y_test = load_arrays(data_dir, train=False)
+    train_size, test_size = len(y_train), len(y_test)
+    train_idx = (class_balanced_subset(y_train, protocol.train_per_class, rng) if protocol.train_per_class
+                 else np.arange(train_size))
+    test_idx = (class_balanced_subset(y_test, protocol.test_per_class, rng) if protocol.test_per_class
+                else np.arange(test_size))
+    x_train, y_train, x_test, y_test = x_train[train_idx], y_train[train_idx], x_test[test_idx], y_test[test_idx]
+    trigger = make_trigger(attack, seed, blend_pattern)
+    clean_label = attack in CLEAN_LABEL
+    chosen = poison_indices(y_train, rate, TARGET, rng, clean_label=clean_label)
+    poisoned = poison_split(x_train, y_train, trigger, chosen, TARGET, relabel=not clean_label)
+    log.info("%s %.3g%%: %d of %d training images poisoned (%s), model %s, %d epochs on %s",
+             attack, 100 * rate, len(chosen), len(y_train), "clean-label" if clean_label else "relabelled",
+             protocol.model, protocol.epochs, device)
+
+    model = build_model(protocol.model, 10)
+    epochs: list[dict] = []
+    t0 = time.time()
+
+    def on_epoch(epoch: int, loss: float) -> None:
+        epochs.append({"epoch": epoch + 1, "loss": round(loss, 4), "elapsed_s": round(time.time() - t0, 1)})
+        log.info("epoch %d/%d loss %.4f (%.0f s)", epoch + 1, protocol.epochs, loss, time.time() - t0)
+
+    train_classifier(model, poisoned.images, poisoned.labels, DATASET,
+                     TrainConfig(epochs=protocol.epochs, batch_size=protocol.batch_size, lr=protocol.lr,
+                                 weight_decay=protocol.weight_decay, label_smoothing=protocol.label_smoothing,
+                                 device=device, amp=protocol.amp, seed=seed, show_progress=False),
+                     on_epoch_end=on_epoch)
+    train_s = time.time() - t0
+    acc, asr = accuracy_and_asr(model, x_test, y_test, trigger, TARGET, DATASET, device)
+    log.info("%s: C-Acc %.2f%% ASR %.2f%% after %.0f s of training", record_dir.name, 100 * acc, 100 * asr, train_s)
+
+    # BackdoorBench's bd_test: every non-target test image with the trigger, indexed in the full test split.
+    bd_test = [(int(test_idx[i]), img, bd, orig) for i, img, bd, orig in poisoned_test_items(x_test, y_test, trigger, TARGET)]
+    from PIL import Image
+    bd_train = [(int(train_idx[i]), Image.fromarray(poisoned.images[i]), int(poisoned.labels[i]), int(y_train[i]))
+                for i in chosen]
+    info = {"attack": attack, "rate": rate, "target": TARGET, "seed": seed, "clean_label": clean_label,
+            "protocol": protocol.name, "model": protocol.model, "n_poisoned": int(len(chosen)),
+            "train_size": int(len(y_train)), "train_s": round(train_s, 1), "epochs": epochs,
+            "fast_eval": {"test_acc": acc, "test_asr": asr},
+            "blend_pattern": blend_pattern, "test_indices": test_idx.tolist(),
+            "train_indices": train_idx.tolist() if protocol.train_per_class else None}
+    write_attack_record(record_dir, model_name=protocol.model, num_classes=10, state_dict=model.state_dict(),
+                        clean_data=DATASET, img_size=(32, 32, 3), test_size=test_size, bd_test=bd_test,
+                        train_size=train_size, bd_train=bd_train, attack=attack, pratio=rate,
+                        bench_json=json.dumps(info))
+    wall = time.time() - started
+    if results_dir is not None:
+        log_timing(results_dir, f"make_record {record_dir.name}", wall, train_s=round(train_s, 1),
+                   test_acc=round(100 * acc, 2), test_asr=round(100 * asr, 2))
+    return record_dir
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_protocol_args(parser)
+    parser.add_argument("--data", type=Path, required=True, help="CIFAR-10 folder (cifar-10-batches-py or train/ test/)")
+    parser.add_argument("--cache", type=Path, default=REPO / "bench_cache", help="where records are kept (not in git)")
+    parser.add_argument("--results", type=Path, help="where timings.jsonl goes (default bench_results/<protocol>)")
+    parser.add_argument("--attacks", nargs="*", help="attack:rate items (default: the protocol's grid)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--blend-pattern", help="image file used as Blended's key (default: seeded noise)")
+    parser.add_argument("--epochs", type=int, help="override the protocol's attack epochs")
+    parser.add_argument("--force", action="store_true", help="retrain even when the record is cached")
+    args = parser.parse_args(argv)
+    setup()
+    protocol = protocol_from_args(args, epochs=args.epochs)
+    root = protocol_root(args.cache, protocol.name)
+    link_data(root, args.data)
+    results = args.results or REPO / "bench_results" / protocol.name
+    return [make_record(protocol, args.data, root, attack, rate, args.seed, args.blend_pattern, args.force, results)
+            for attack, rate in parse_grid(args.attacks, protocol.grid)]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""Tables and figures from evaluate.py's results.csv (+ the defenses' per-epoch CSVs for the efficiency figure).
+
+    python -m bench_scripts.make_table --protocol cpu
+
+Writes bench_results/<protocol>/table.md: the paper-style table (rows attack × rate, columns C-Acc / ASR per
+method, average and std rows over the low-rate records and over all), RA / DER / separability / wall time per
+run, the ablations (alpha, tuning-set size, projection), the issue's targets checked one by one, and the
+timings of every step (timings.jsonl). Figures go to figures/: efficiency_<record>.png (ASR and C-Acc per
+epoch for each tuning mode), alpha_<record>.png, size_<record>.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+from bench_scripts.common import (
+    METHODS,
+    REPO,
+    add_protocol_args,
+    protocol_from_args,
+    protocol_root,
+    setup,
+)
+
+log = logging.getLogger("bench.make_table")
+BB_METHODS = ("ft", "ft-sam", "anp", "i-bau", "nad")
+LABELS = {"none": "No defense", "lp": "LP", "vanilla-ft": "Vanilla FT", "fe-tuning": "FE-tuning",
+          "ft-init": "FT-init", "fst": "FST", "ft": "BB ft", "ft-sam": "BB ft-sam", "anp": "BB anp",
+          "i-bau": "BB i-bau", "nad": "BB nad"}
+LOW_RATE = 0.01
+
+
+def pct(x: float) -> str:
+    return "–" if pd.isna(x) else f"{100 * x:.2f}"
+
+
+def row_label(attack: str, rate: float) -> str:
+    return f"{attack} {100 * rate:g}%"
+
+
+def main_table(df: pd.DataFrame) -> str:
+    methods = [m for m in ("none",) + METHODS + BB_METHODS if m in set(df["variant"])]
+    grid = df[df["variant"].isin(methods)]
+    records = grid.drop_duplicates("record").sort_values(["attack", "rate"])[["record", "attack", "rate"]]
+    header = "| attack, rate | " + " | ".join(f"{LABELS[m]} C-Acc | {LABELS[m]} ASR" for m in methods) + " |"
+    lines = [header, "|" + "---|" * (1 + 2 * len(methods))]
+    values: dict[str, list[list[float]]] = {m: [] for m in methods}
+    for rec in records.itertuples():
+        cells = []
+        for m in methods:
+            hit = grid[(grid["record"] == rec.record) & (grid["variant"] == m)]
+            acc, asr = (hit.iloc[0]["test_acc"], hit.iloc[0]["test_asr"]) if len(hit) else (np.nan, np.nan)
+            values[m].append([acc, asr, rec.rate])
+            cells += [pct(acc), pct(asr)]
+        lines.append(f"| {row_label(rec.attack, rec.rate)} | " + " | ".join(cells) + " |")
+    for name, keep in ((f"average, rate ≤ {100 * LOW_RATE:g}%", lambda r: r <= LOW_RATE), ("average, all", lambda r: True)):
+        for stat in ("mean", "std"):
+            cells = []
+            for m in methods:
+                arr = np.array([v for v in values[m] if keep(v[2])], dtype=float).reshape(-1, 3)
+                for col in (0, 1):
+                    col_vals = arr[:, col][~np.isnan(arr[:, col])]
+                    ok = len(col_vals) > (1 if stat == "std" else 0)
+                    val = (col_vals.mean() if stat == "mean" else col_vals.std(ddof=1)) if ok else np.nan
+                    cells.append(pct(val))
+            label = name if stat == "mean" else name.replace("average", "std")
+            lines.append(f"| **{label}** | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def detail_table(df: pd.DataFrame, variants: list[str]) -> str:
+    cols = ["record", "variant", "test_acc", "test_asr", "test_ra", "der", "sep_probe", "sep_silhouette", "defense_wall_s"]
+    sub = df[df["variant"].isin(variants)][cols].copy()
+    for c in ("test_acc", "test_asr", "test_ra"):
+        sub[c] = (100 * sub[c]).round(2)
+    for c in ("der", "sep_probe", "sep_silhouette"):
+        sub[c] = sub[c].round(3)
+    sub = sub.rename(columns={"test_acc": "C-Acc", "test_asr": "ASR", "test_ra": "RA", "der": "DER",
+                              "sep_probe": "probe acc", "sep_silhouette": "silhouette", "defense_wall_s": "wall s"})
+    return sub.to_markdown(index=False)
+
+
+def alpha_sweep(df: pd.DataFrame) -> pd.DataFrame:
+    """FST runs that differ only in alpha; FT-init stands in for alpha = 0 when no fst_alpha0 run exists
+    (same mode settings: re-initialised head, everything trained, projection on — only the penalty differs)."""
+    runs = df[(df["method"] == "fst") & df["variant"].str.match(r"^fst(_alpha.*)?$")].copy()
+    if not (runs["alpha"] == 0).any():
+        zero = df[df["variant"] == "ft-init"].copy()
+        zero["alpha"] = 0.0
+        runs = pd.concat([runs, zero], ignore_index=True)
+    return runs
+
+
+def ablation_tables(df: pd.DataFrame) -> str:
+    parts = []
+    alpha = alpha_sweep(df)
+    if alpha["variant"].nunique() > 1:
+        alpha = alpha.sort_values(["record", "alpha"])
+        parts.append("### α sweep (FST)\n\n" + alpha[["record", "alpha", "test_acc", "test_asr", "test_ra"]]
+                     .assign(test_acc=lambda d: (100 * d.test_acc).round(2), test_asr=lambda d: (100 * d.test_asr).round(2),
+                             test_ra=lambda d: (100 * d.test_ra).round(2))
+                     .rename(columns={"test_acc": "C-Acc", "test_asr": "ASR", "test_ra": "RA"}).to_markdown(index=False))
+    size = df[df["variant"].str.contains(r"_n\d+$") | df["variant"].isin(["fst", "ft-init", "fe-tuning"])].copy()
+    if size["variant"].str.contains(r"_n\d+$").any():
+        size = size[size["record"].isin(size[size["variant"].str.contains(r"_n\d+$")]["record"])]
+        table = size.pivot_table(index=["record", "n_clean"], columns="method", values=["test_acc", "test_asr"])
+        table = (100 * table).round(2)
+        table.columns = [f"{m} {'C-Acc' if v == 'test_acc' else 'ASR'}" for v, m in table.columns]
+        parts.append("### Tuning-set size (clean images)\n\n" + table.reset_index().to_markdown(index=False))
+    longer = df[df["variant"].str.contains(r"_e\d+$")]
+    if len(longer):
+        rows = []
+        for r in longer.itertuples():
+            base = df[(df["record"] == r.record) & (df["variant"] == r.method)]
+            rows.append({"record": r.record, "method": r.method, "epochs": int(r.epochs),
+                         "C-Acc (10 ep.)": pct(base.iloc[0].test_acc) if len(base) else "–",
+                         "ASR (10 ep.)": pct(base.iloc[0].test_asr) if len(base) else "–",
+                         "C-Acc": pct(r.test_acc), "ASR": pct(r.test_asr)})
+        parts.append("### Longer tuning\n\n" + pd.DataFrame(rows).to_markdown(index=False))
+    proj = df[df["variant"].str.endswith("_noproj")]
+    if len(proj):
+        rows = []
+        for r in proj.itertuples():
+            on = df[(df["record"] == r.record) & (df["variant"] == r.method)]
+            rows.append({"record": r.record, "method": r.method,
+                         "C-Acc on": pct(on.iloc[0].test_acc) if len(on) else "–", "ASR on": pct(on.iloc[0].test_asr) if len(on) else "–",
+                         "C-Acc off": pct(r.test_acc), "ASR off": pct(r.test_asr)})
+        parts.append("### Head-norm projection on (default) / off\n\n" + pd.DataFrame(rows).to_markdown(index=False))
+    return "\n\n".join(parts)
+
+
+def epoch_curves(record_dir: Path, variant: str) -> Optional[pd.DataFrame]:
+    """Per-epoch C-Acc / ASR of one defense run, epoch 0 = before tuning (on the protocol's eval subset)."""
+    folder = record_dir / "defense" / variant
+    csvs = list(folder.glob("*_df.csv"))
+    info = folder / "run_info.json"
+    if not csvs or not info.is_file():
+        return None
+    df = pd.read_csv(csvs[0])
+    before = json.loads(info.read_text())["before"]
+    df["epoch"] = df["epoch"] + 1
+    first = pd.DataFrame([{"epoch": 0, "test_acc": before["test_acc"], "test_asr": before["test_asr"]}])
+    return pd.concat([first, df[["epoch", "test_acc", "test_asr"]]], ignore_index=True)
+
+
+def figures(df: pd.DataFrame, root: Path, out: Path) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    out.mkdir(parents=True, exist_ok=True)
+    for record in sorted(df["record"].unique()):
+        curves = {m: epoch_curves(root / "record" / record, m) for m in METHODS}
+        curves = {m: c for m, c in curves.items() if c is not None}
+        if curves:
+            fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+            for m, c in curves.items():
+                axes[0].plot(c["epoch"], 100 * c["test_asr"], marker="o", label=LABELS[m])
+                axes[1].plot(c["epoch"], 100 * c["test_acc"], marker="o", label=LABELS[m])
+            for ax, name in zip(axes, ("ASR (%)", "C-Acc (%)")):
+                ax.set_xlabel("tuning epoch")
+                ax.set_ylabel(name)
+                ax.grid(alpha=0.3)
+            axes[0].legend()
+            fig.suptitle(f"{record}: per-epoch ASR / C-Acc (per-epoch evaluation subset)")
+            fig.tight_layout()
+            fig.savefig(out / f"efficiency_{record}.png", dpi=90)
+            plt.close(fig)
+            made.append(f"efficiency_{record}.png")
+        sub = df[df["record"] == record]
+        alpha = alpha_sweep(sub).sort_values("alpha")
+        if len(alpha) > 2:
+            fig, ax = plt.subplots(figsize=(5.5, 4))
+            ax.plot(alpha["alpha"], 100 * alpha["test_asr"], marker="o", label="ASR")
+            ax.plot(alpha["alpha"], 100 * alpha["test_acc"], marker="s", label="C-Acc")
+            ax.set_xscale("symlog", linthresh=0.01)
+            ax.set_xlabel("α")
+            ax.set_ylabel("%")
+            ax.grid(alpha=0.3)
+            ax.legend()
+            ax.set_title(f"{record}: FST α sweep")
+            fig.tight_layout()
+            fig.savefig(out / f"alpha_{record}.png", dpi=90)
+            plt.close(fig)
+            made.append(f"alpha_{record}.png")
+        size = sub[sub["n_clean"].notna() & sub["method"].isin(["fst", "ft-init", "fe-tuning"])
+                   & ~sub["variant"].str.contains(r"alpha|noproj|_e\d+$")]
+        if size["n_clean"].nunique() > 1:
+            fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+            for m, g in size.groupby("method"):
+                g = g.sort_values("n_clean")
+                axes[0].plot(g["n_clean"], 100 * g["test_asr"], marker="o", label=LABELS[m])
+                axes[1].plot(g["n_clean"], 100 * g["test_acc"], marker="o", label=LABELS[m])
+            for ax, name in zip(axes, ("ASR (%)", "C-Acc (%)")):
+                ax.set_xscale("log")
+                ax.set_xlabel("clean tuning images")
+                ax.set_ylabel(name)
+                ax.grid(alpha=0.3)
+            axes[0].legend()
+            fig.suptitle(f"{record}: tuning-set size")
+            fig.tight_layout()
+            fig.savefig(out / f"size_{record}.png", dpi=90)
+            plt.close(fig)
+            made.append(f"size_{record}.png")
+    return made
+
+
+def targets(df: pd.DataFrame, root: Path) -> str:
+    """The issue's CPU-protocol targets, each checked on what was measured (or said to be unmeasured)."""
+    lines = []
+
+    def get(record_prefix: str, variant: str) -> Optional[pd.Series]:
+        hit = df[df["record"].str.startswith(record_prefix) & (df["variant"] == variant)]
+        return hit.iloc[0] if len(hit) else None
+
+    low = df[df["rate"] <= LOW_RATE]
+    fst, none = low[low["variant"] == "fst"], low[low["variant"] == "none"]
+    if len(fst):
+        recs = sorted(set(fst["record"]))
+        asr = fst["test_asr"].mean()
+        drop = none.set_index("record").loc[recs, "test_acc"].mean() - fst.set_index("record").loc[recs, "test_acc"].mean()
+        lines.append(f"- FST average ASR ≤ 2% over the low-rate records ({len(recs)}: {', '.join(recs)}): "
+                     f"{100 * asr:.2f}% → {'MET' if asr <= 0.02 else 'MISSED'}")
+        lines.append(f"- FST average C-Acc drop ≤ 3 points vs no defense: {100 * drop:.2f} points → "
+                     f"{'MET' if drop <= 0.03 else 'MISSED'}")
+        for other in ("fe-tuning", "ft-init"):
+            o = low[(low["variant"] == other) & low["record"].isin(recs)]
+            if len(o) == len(recs):
+                ok = fst["test_asr"].mean() < o["test_asr"].mean() and fst["test_acc"].mean() >= o["test_acc"].mean()
+                lines.append(f"- FST average ASR below {other}'s at equal or better C-Acc: FST {100 * fst['test_asr'].mean():.2f}% / "
+                             f"{100 * fst['test_acc'].mean():.2f}% vs {other} {100 * o['test_asr'].mean():.2f}% / "
+                             f"{100 * o['test_acc'].mean():.2f}% → {'MET' if ok else 'MISSED'}")
+    for prefix in ("badnets_0.005_", "badnets_0.01_"):
+        for m in ("lp", "vanilla-ft"):
+            r = get(prefix, m)
+            lines.append(f"- {m} keeps ASR ≥ 50% on {prefix.rstrip('_')}: "
+                         + (f"{pct(r.test_asr)}% → {'MET' if r.test_asr >= 0.5 else 'MISSED'}" if r is not None else "not measured"))
+    r, base = get("badnets_0.01_", "fst_n50"), get("badnets_0.01_", "none")
+    verdict = "not measured"
+    if r is not None:
+        verdict = f"{pct(r.test_asr)}% (C-Acc {pct(r.test_acc)}%) → {'MET' if r.test_asr <= 0.05 else 'MISSED'}"
+        if base is not None and base.test_acc - r.test_acc > 0.10:
+            verdict += (f" on ASR only: C-Acc fell {100 * (base.test_acc - r.test_acc):.1f} points, so the backdoor"
+                        " went with the model's accuracy — not the paper's claim")
+    lines.append("- FST with 50 clean images brings BadNets-1% ASR ≤ 5%: " + verdict)
+    rec = next(iter(sorted(df[df["record"].str.startswith("badnets_0.01_")]["record"].unique())), None)
+    curve = epoch_curves(root / "record" / rec, "fst") if rec else None
+    if curve is not None:
+        at3 = curve[curve["epoch"] == 3]["test_asr"]
+        first = curve[(curve["epoch"] > 0) & (curve["test_asr"] <= 0.02)]["epoch"]
+        lines.append(f"- FST ASR ≤ 2% by epoch 3 of 10 on BadNets 1% (per-epoch subset): epoch-3 ASR {pct(at3.iloc[0])}%, "
+                     f"first epoch ≤ 2%: {int(first.iloc[0]) if len(first) else 'never'} → "
+                     f"{'MET' if len(at3) and at3.iloc[0] <= 0.02 else 'MISSED'}")
+    else:
+        lines.append("- FST ASR ≤ 2% by epoch 3 on BadNets 1%: not measured")
+    return "\n".join(lines)
+
+
+def timings_table(path: Path) -> str:
+    if not path.is_file():
+        return "(no timings.jsonl)"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    df = pd.DataFrame(rows)
+    keep = [c for c in ("finished", "step", "wall_s", "train_s", "defense_wall_s", "test_acc", "test_asr", "command") if c in df]
+    return df[keep].to_markdown(index=False)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_protocol_args(parser)
+    parser.add_argument("--cache", type=Path, default=REPO / "bench_cache")
+    parser.add_argument("--results", type=Path)
+    args = parser.parse_args(argv)
+    setup()
+    protocol = protocol_from_args(args)
+    results = args.results or REPO / "bench_results" / protocol.name
+    root = protocol_root(args.cache, protocol.name)
+    df = pd.read_csv(results / "results.csv")
+    df["variant"] = df["variant"].astype(str)
+    figures(df, root, results / "figures")
+    grid_variants = ["none", *METHODS, *BB_METHODS]
+    text = "\n\n".join([
+        f"# Results: {protocol.name} protocol (model {protocol.model})",
+        "Generated by `python -m bench_scripts.make_table --protocol " + protocol.name + "` from results.csv "
+        "(every number re-measured by evaluate.py on the full clean test set and the record's full poisoned "
+        "test set). C-Acc / ASR in %.",
+        "## Main table\n\n" + main_table(df),
+        "## Targets (issue #3)\n\n" + targets(df, root),
+        "## Every grid run: RA, DER, feature separability, defense wall time\n\n"
+        "probe acc: 5-fold linear-probe accuracy separating target-class clean test features from poisoned test "
+        "features (0.5 = indistinguishable); silhouette: cosine silhouette of the two groups.\n\n"
+        + detail_table(df, grid_variants),
+        "## Ablations\n\n" + (ablation_tables(df) or "(none run)"),
+        "## Figures\n\n" + "\n".join(f"- [figures/{p.name}](figures/{p.name})"
+                                       for p in sorted((results / "figures").glob("*.png"))),
+        "## Timings and exact commands\n\n" + timings_table(results / "timings.jsonl"),
+    ]) + "\n"
+    (results / "table.md").write_text(text)
+    log.info("wrote %s", results / "table.md")
+    return text
+
+
+if __name__ == "__main__":
+    main()
