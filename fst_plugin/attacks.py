@@ -177,8 +177,12 @@ def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, d
     steps_per_epoch = math.ceil(len(data) / config.batch_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay, nesterov=True)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, pct_start=0.25,
-                                                    total_steps=config.epochs * steps_per_epoch)
+    total_steps = config.epochs * steps_per_epoch
+    if total_steps >= 4:  # warm-up of at least one step, else OneCycleLR divides by zero
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps,
+                                                        pct_start=max(0.25, 2 / total_steps))
+    else:  # too few steps for warm-up and annealing phases
+        scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
     use_amp = config.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     flip = dataset == "cifar10"

@@ -49,7 +49,7 @@ def test_demo_prints_its_table_on_synthetic_images(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "synthetic 10-class images" in proc.stdout
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
-    assert rows[0].split("|")[1:-1] == [" defense    ", "   C-Acc ", "   ASR ", "    RA ", "   time_s "]
+    assert [cell.strip() for cell in rows[0].split("|")[1:-1]] == ["defense", "C-Acc", "ASR", "RA", "time_s"]
     assert [r.split("|")[1].strip() for r in rows[1:]] == ["no defense", "lp", "vanilla-ft", "fe-tuning", "ft-init", "fst"]
     for row in rows[1:]:
         acc, asr, ra = (float(v) for v in row.split("|")[2:5])
