@@ -32,11 +32,11 @@ setup(
     entry_points={
         "console_scripts": ["fst-plugin = fst_plugin.cli:main"],
         "backdoorbench.defenses": [
-            "fst = fst_plugin.backdoorbench.defenses:FST",
-            "fe-tuning = fst_plugin.backdoorbench.defenses:FETuning",
-            "ft-init = fst_plugin.backdoorbench.defenses:FTInit",
-            "lp = fst_plugin.backdoorbench.defenses:LP",
-            "vanilla-ft = fst_plugin.backdoorbench.defenses:VanillaFT",
+            "fst = fst_plugin.adapter.defenses:FST",
+            "fe-tuning = fst_plugin.adapter.defenses:FETuning",
+            "ft-init = fst_plugin.adapter.defenses:FTInit",
+            "lp = fst_plugin.adapter.defenses:LP",
+            "vanilla-ft = fst_plugin.adapter.defenses:VanillaFT",
         ],
     },
 )

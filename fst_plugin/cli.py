@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from fst_plugin import __version__
-from fst_plugin.backdoorbench.launcher import EXIT_USAGE, main as run_defense, report_error
+from fst_plugin.adapter.launcher import EXIT_USAGE, main as run_defense, report_error
 from fst_plugin.errors import FSTError
 
 EPILOG = """examples:

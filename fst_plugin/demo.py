@@ -121,7 +121,7 @@ class Workspace:
 
 def prepare_workspace(config: DemoConfig, record_name: str = "demo_badnet") -> Workspace:
     """Write the data folders, train a BadNets-backdoored model and write its record under ``config.out``."""
-    from fst_plugin.backdoorbench.defenses import resolve_device
+    from fst_plugin.adapter.defenses import resolve_device
 
     rng = np.random.default_rng(config.seed)
     device = resolve_device(config.device)
@@ -152,7 +152,7 @@ def prepare_workspace(config: DemoConfig, record_name: str = "demo_badnet") -> W
 
 
 def run_demo(config: DemoConfig) -> pd.DataFrame:
-    from fst_plugin.backdoorbench.defenses import resolve_device
+    from fst_plugin.adapter.defenses import resolve_device
     from fst_plugin.installer import shipped_config
     from fst_plugin.registry import load_defense
 

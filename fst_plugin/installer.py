@@ -1,7 +1,7 @@
 """Install thin launchers and configs into a BackdoorBench checkout, and remove exactly those again.
 
 ``install`` writes, for every registered defense, ``defense/<name>.py`` (a five-line launcher calling
-:func:`fst_plugin.backdoorbench.launcher.main`) and ``config/defense/<name>/{config,cifar10,cifar100,gtsrb,
+:func:`fst_plugin.adapter.launcher.main`) and ``config/defense/<name>/{config,cifar10,cifar100,gtsrb,
 tiny}.yaml`` (from ``defense_configs/``), and records each file with its hash in ``.fst_plugin_manifest.json``.
 A file that exists and is not ours is never overwritten (unless ``force``); BackdoorBench's own
 ``defense/ft.py`` and friends are never touched. ``uninstall`` removes the files of the manifest that still
@@ -24,7 +24,7 @@ CONFIG_NAMES = ("config", "cifar10", "cifar100", "gtsrb", "tiny")
 LAUNCHER = '''"""{name}: written by backdoorbench-fst (`fst-plugin install`); `fst-plugin uninstall` removes it."""
 import sys
 
-from fst_plugin.backdoorbench.launcher import main
+from fst_plugin.adapter.launcher import main
 
 if __name__ == "__main__":
     sys.exit(main("{name}"))

@@ -300,7 +300,7 @@ def _context() -> Any:
     if _FORKSERVER is None:
         _FORKSERVER = multiprocessing.get_context("forkserver")
         _FORKSERVER.set_forkserver_preload(["torch", "torchvision", "pandas", "matplotlib.pyplot", "yaml",
-                                            "fst_plugin.cli", "fst_plugin.backdoorbench.defenses",
+                                            "fst_plugin.cli", "fst_plugin.adapter.defenses",
                                             "fst_plugin.installer", "robust_helpers"])
     return _FORKSERVER
 

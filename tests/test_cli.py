@@ -18,7 +18,7 @@ def test_list_shows_the_registered_defenses() -> None:
     assert proc.returncode == 0
     names = [line.split()[0] for line in proc.stdout.splitlines()]
     assert names == ["fe-tuning", "fst", "ft-init", "lp", "vanilla-ft"]
-    assert "fst_plugin.backdoorbench.defenses:FST" in proc.stdout
+    assert "fst_plugin.adapter.defenses:FST" in proc.stdout
 
 
 def test_help_texts() -> None:

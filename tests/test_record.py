@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from fst_plugin.backdoorbench.defenses import FST, LP
+from fst_plugin.adapter.defenses import FST, LP
 from fst_plugin.demo import Workspace
 from fst_plugin.models import build_model
 from fst_plugin.record import load_attack_record, load_untrusted
@@ -116,7 +116,7 @@ def test_lp_leaves_the_feature_extractor_untouched(fresh_workspace: Workspace) -
 def test_clean_subset_is_the_one_backdoorbench_ft_picks() -> None:
     """Same seed, same n, same ratio → the same indices BackdoorBench's ft wrote to its index.txt
     (observed in a real BackdoorBench run: seed 0, 5000 images, ratio 0.05 starts 3155, 3445, 331)."""
-    from fst_plugin.backdoorbench.defenses import choose_clean_indices
+    from fst_plugin.adapter.defenses import choose_clean_indices
     from fst_plugin.core.tuning import seed_everything
 
     seed_everything(0)

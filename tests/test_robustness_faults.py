@@ -188,7 +188,7 @@ def test_sigkill_at_random_moments_then_resume_reaches_the_uninterrupted_result(
 
 def test_malformed_checkpoint_with_the_right_key_is_a_clear_error(fx: h.Fixture, tmp_path: Path) -> None:
     """A checkpoint that passes the settings check but holds no tuning state: exit 2, no traceback."""
-    from fst_plugin.backdoorbench.defenses import FST
+    from fst_plugin.adapter.defenses import FST
 
     reference = h.reference_run()
     # the settings key of the reference run's arguments, computed by the defense itself (prepare writes nothing)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from fst_plugin.backdoorbench.toolkit import backdoorbench_root, make_toolkit
+from fst_plugin.adapter.toolkit import backdoorbench_root, make_toolkit
 from fst_plugin.config import DefenseConfig, build_config, merge, read_yaml
 from fst_plugin.core import TuningConfig, TuningState, evaluate_backdoor, find_head, get_mode, tune
 from fst_plugin.core.tuning import seed_everything
