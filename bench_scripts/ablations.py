@@ -68,9 +68,6 @@ def variants(record_dir: Path, data_dir: Path, protocol, only: list[str], seed: 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_protocol_args(parser)
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--cache", type=Path, default=REPO / "bench_cache")
-    parser.add_argument("--results", type=Path)
     parser.add_argument("--record", required=True, help="record name, e.g. badnets_0.01_s0")
     parser.add_argument("--only", nargs="*", default=["alpha", "size", "projection"])
     parser.add_argument("--seed", type=int, default=0)

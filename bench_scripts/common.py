@@ -63,12 +63,20 @@ def load_arrays(data_dir: Path, train: bool) -> tuple[np.ndarray, np.ndarray]:
     return images, np.asarray(ds.targets, dtype=np.int64)
 
 
-def add_protocol_args(parser: argparse.ArgumentParser) -> None:
-    """``--protocol NAME`` and ``--set KEY=VALUE ...`` (overrides of protocol fields, e.g. to try the gpu
-    protocol on a tiny subset on a CPU: ``--set device=cpu epochs=1 train_per_class=20 test_per_class=5``)."""
+def add_protocol_args(parser: argparse.ArgumentParser, data: bool = True, results: bool = True) -> None:
+    """The arguments every bench script shares: ``--protocol NAME``, ``--set KEY=VALUE ...`` (overrides of
+    protocol fields, e.g. to try the gpu protocol on a tiny subset on a CPU: ``--set device=cpu epochs=1
+    train_per_class=20 test_per_class=5``), ``--data`` (when the script reads images), ``--cache`` and
+    ``--results`` (when the script writes results)."""
     parser.add_argument("--protocol", default="cpu", help="cpu, gpu or tiny (bench_scripts/protocols.py)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="override protocol fields (values parsed as YAML)")
+    if data:
+        parser.add_argument("--data", type=Path, required=True,
+                            help="CIFAR-10 folder (cifar-10-batches-py or train/ test/)")
+    parser.add_argument("--cache", type=Path, default=REPO / "bench_cache", help="where records are kept (not in git)")
+    if results:
+        parser.add_argument("--results", type=Path, help="where results go (default bench_results/<protocol>)")
 
 
 def protocol_from_args(args: argparse.Namespace, **more: Any) -> Any:

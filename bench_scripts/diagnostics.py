@@ -83,9 +83,6 @@ def tsne_figure(record_dir: Path, data_dir: Path, points: int, out: Path, method
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_protocol_args(parser)
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--cache", type=Path, default=REPO / "bench_cache")
-    parser.add_argument("--results", type=Path)
     parser.add_argument("--record", required=True)
     parser.add_argument("--points", type=int, help="images per group (default: the protocol's tsne_points)")
     args = parser.parse_args(argv)

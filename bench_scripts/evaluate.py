@@ -40,7 +40,7 @@ from bench_scripts.common import (
     separability,
     setup,
 )
-from fst_plugin.backdoorbench.defenses import resolve_device
+from fst_plugin.adapter.defenses import resolve_device
 from fst_plugin.core import defense_effectiveness_rating
 from fst_plugin.record import load_attack_record
 
@@ -122,9 +122,7 @@ def evaluate_record(record_dir: Path, data_dir: Path, device: str) -> list[dict[
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_protocol_args(parser)
-    parser.add_argument("--data", type=Path, required=True, help="CIFAR-10 folder")
-    parser.add_argument("--cache", type=Path, default=REPO / "bench_cache")
+    add_protocol_args(parser, results=False)
     parser.add_argument("--records", nargs="*")
     parser.add_argument("--out", type=Path, help="results CSV (default bench_results/<protocol>/results.csv)")
     args = parser.parse_args(argv)

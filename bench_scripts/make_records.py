@@ -42,7 +42,7 @@ from fst_plugin.attacks import (
     poisoned_test_items,
     train_classifier,
 )
-from fst_plugin.backdoorbench.defenses import resolve_device
+from fst_plugin.adapter.defenses import resolve_device
 from fst_plugin.models import build_model
 from fst_plugin.record import write_attack_record
 
@@ -127,9 +127,6 @@ def make_record(protocol, data_dir: Path, root: Path, attack: str, rate: float, 
 def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_protocol_args(parser)
-    parser.add_argument("--data", type=Path, required=True, help="CIFAR-10 folder (cifar-10-batches-py or train/ test/)")
-    parser.add_argument("--cache", type=Path, default=REPO / "bench_cache", help="where records are kept (not in git)")
-    parser.add_argument("--results", type=Path, help="where timings.jsonl goes (default bench_results/<protocol>)")
     parser.add_argument("--attacks", nargs="*", help="attack:rate items (default: the protocol's grid)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--blend-pattern", help="image file used as Blended's key (default: seeded noise)")

@@ -149,6 +149,29 @@ def epoch_curves(record_dir: Path, variant: str) -> Optional[pd.DataFrame]:
     return pd.concat([first, df[["epoch", "test_acc", "test_asr"]]], ignore_index=True)
 
 
+def asr_acc_figure(series: dict[str, pd.DataFrame], x: str, x_label: str, title: str, path: Path,
+                   log_x: bool = False) -> str:
+    """ASR (left) and C-Acc (right) against column ``x``, one line per labelled frame; returns the file name."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for label, frame in series.items():
+        axes[0].plot(frame[x], 100 * frame["test_asr"], marker="o", label=label)
+        axes[1].plot(frame[x], 100 * frame["test_acc"], marker="o", label=label)
+    for ax, name in zip(axes, ("ASR (%)", "C-Acc (%)")):
+        if log_x:
+            ax.set_xscale("log")
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path.name
+
+
 def figures(df: pd.DataFrame, root: Path, out: Path) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -160,20 +183,9 @@ def figures(df: pd.DataFrame, root: Path, out: Path) -> list[str]:
         curves = {m: epoch_curves(root / "record" / record, m) for m in METHODS}
         curves = {m: c for m, c in curves.items() if c is not None}
         if curves:
-            fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-            for m, c in curves.items():
-                axes[0].plot(c["epoch"], 100 * c["test_asr"], marker="o", label=LABELS[m])
-                axes[1].plot(c["epoch"], 100 * c["test_acc"], marker="o", label=LABELS[m])
-            for ax, name in zip(axes, ("ASR (%)", "C-Acc (%)")):
-                ax.set_xlabel("tuning epoch")
-                ax.set_ylabel(name)
-                ax.grid(alpha=0.3)
-            axes[0].legend()
-            fig.suptitle(f"{record}: per-epoch ASR / C-Acc (per-epoch evaluation subset)")
-            fig.tight_layout()
-            fig.savefig(out / f"efficiency_{record}.png", dpi=90)
-            plt.close(fig)
-            made.append(f"efficiency_{record}.png")
+            made.append(asr_acc_figure({LABELS[m]: c for m, c in curves.items()}, "epoch", "tuning epoch",
+                                       f"{record}: per-epoch ASR / C-Acc (per-epoch evaluation subset)",
+                                       out / f"efficiency_{record}.png"))
         sub = df[df["record"] == record]
         alpha = alpha_sweep(sub).sort_values("alpha")
         if len(alpha) > 2:
@@ -193,22 +205,9 @@ def figures(df: pd.DataFrame, root: Path, out: Path) -> list[str]:
         size = sub[sub["n_clean"].notna() & sub["method"].isin(["fst", "ft-init", "fe-tuning"])
                    & ~sub["variant"].str.contains(r"alpha|noproj|_e\d+$")]
         if size["n_clean"].nunique() > 1:
-            fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-            for m, g in size.groupby("method"):
-                g = g.sort_values("n_clean")
-                axes[0].plot(g["n_clean"], 100 * g["test_asr"], marker="o", label=LABELS[m])
-                axes[1].plot(g["n_clean"], 100 * g["test_acc"], marker="o", label=LABELS[m])
-            for ax, name in zip(axes, ("ASR (%)", "C-Acc (%)")):
-                ax.set_xscale("log")
-                ax.set_xlabel("clean tuning images")
-                ax.set_ylabel(name)
-                ax.grid(alpha=0.3)
-            axes[0].legend()
-            fig.suptitle(f"{record}: tuning-set size")
-            fig.tight_layout()
-            fig.savefig(out / f"size_{record}.png", dpi=90)
-            plt.close(fig)
-            made.append(f"size_{record}.png")
+            made.append(asr_acc_figure({LABELS[m]: g.sort_values("n_clean") for m, g in size.groupby("method")},
+                                       "n_clean", "clean tuning images", f"{record}: tuning-set size",
+                                       out / f"size_{record}.png", log_x=True))
     return made
 
 
@@ -274,9 +273,7 @@ def timings_table(path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_protocol_args(parser)
-    parser.add_argument("--cache", type=Path, default=REPO / "bench_cache")
-    parser.add_argument("--results", type=Path)
+    add_protocol_args(parser, data=False)
     args = parser.parse_args(argv)
     setup()
     protocol = protocol_from_args(args)

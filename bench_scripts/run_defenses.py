@@ -92,9 +92,6 @@ def run_backdoorbench(records: list[Path], defenses: list[str], bb_root: Path, p
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_protocol_args(parser)
-    parser.add_argument("--data", type=Path, required=True, help="CIFAR-10 folder")
-    parser.add_argument("--cache", type=Path, default=REPO / "bench_cache")
-    parser.add_argument("--results", type=Path)
     parser.add_argument("--records", nargs="*", help="record names (default: every record of the protocol)")
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
     parser.add_argument("--seed", type=int, default=0)
