@@ -1,5 +1,5 @@
 """What every benchmark script shares: data arrays, triggers by name, the cache layout, running one of the
-package's defenses (with the optional per-epoch test subset), penultimate features and their separability.
+package's defenses (with the optional per-epoch test subset), penultimate features and where poisoned features sit.
 
 Cache layout (outside git): ``<cache>/<protocol>/record/<attack>_<rate>_s<seed>/`` are BackdoorBench records
 (``attack_result.pt`` + PNGs, ``defense/<name>/defense_result.pt`` after the defenses), and
@@ -241,23 +241,37 @@ def logits_and_features(model: nn.Module, images: np.ndarray, num_classes: int =
     return torch.cat(logits).numpy(), torch.cat(captured).numpy()
 
 
-def separability(clean_features: np.ndarray, poisoned_features: np.ndarray, seed: int = 0) -> dict[str, float]:
-    """How separable target-class clean features and poisoned features are (the paper's Figure 3 question):
-    the 5-fold cross-validated accuracy of a linear probe telling the two groups apart (0.5 = mixed, 1 =
-    linearly separable) and their silhouette score (cosine; > 0 means two distinct clusters).
-    """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import silhouette_score
-    from sklearn.model_selection import cross_val_score
-    from sklearn.preprocessing import StandardScaler
+def feature_shift_measures(clean_features: np.ndarray, clean_labels: np.ndarray, poisoned_features: np.ndarray,
+                           poisoned_true_labels: np.ndarray, target: int = TARGET, seed: int = 0) -> dict[str, float]:
+    """Where the poisoned images' penultimate features sit relative to the clean classes (the paper's Figure 3
+    question, as numbers that do not depend on the head):
 
-    n = min(len(clean_features), len(poisoned_features))
+    * ``feat_target_share``: share of poisoned images whose feature is nearest (cosine) to the target class's
+      centroid of clean test features — a head-free "feature-level ASR". High while the trigger maps into the
+      target cluster; low once the feature extractor has moved the poisoned features out of it.
+    * ``feat_true_share``: share nearest to the centroid of their own true class (a feature-level RA).
+    * ``sep_silhouette``: cosine silhouette of target-class clean features vs poisoned features (> 0: two
+      distinct clusters).
+
+    A linear probe separating target-class clean from poisoned features was tried first and dropped: it scored
+    ≈ 0.98 for every model, because the poisoned images come from the nine other classes and stay
+    distinguishable from class-``target`` images whatever the defense does.
+    """
+    from sklearn.metrics import silhouette_score
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    classes = np.unique(clean_labels)
+    centroids = unit(np.stack([clean_features[clean_labels == c].mean(0) for c in classes]))
+    nearest = classes[(unit(poisoned_features) @ centroids.T).argmax(1)]
+
+    target_feats = clean_features[clean_labels == target]
+    n = min(len(target_feats), len(poisoned_features))
     rng = np.random.default_rng(seed)
-    a = clean_features[rng.choice(len(clean_features), n, replace=False)]
+    a = target_feats[rng.choice(len(target_feats), n, replace=False)]
     b = poisoned_features[rng.choice(len(poisoned_features), n, replace=False)]
-    x = StandardScaler().fit_transform(np.concatenate([a, b]))
-    y = np.r_[np.zeros(n), np.ones(n)]
-    folds = max(2, min(5, n // 2))
-    probe = cross_val_score(LogisticRegression(max_iter=500, C=0.1), x, y, cv=folds).mean()
-    silhouette = silhouette_score(np.concatenate([a, b]), y, metric="cosine")
-    return {"sep_probe": float(probe), "sep_silhouette": float(silhouette)}
+    silhouette = silhouette_score(np.concatenate([a, b]), np.r_[np.zeros(n), np.ones(n)], metric="cosine")
+    return {"feat_target_share": float((nearest == target).mean()),
+            "feat_true_share": float((nearest == poisoned_true_labels).mean()),
+            "sep_silhouette": float(silhouette)}

@@ -4,8 +4,8 @@ images vs poisoned test images, for the backdoored model and after each defense.
     python -m bench_scripts.diagnostics --protocol cpu --data data/cifar10 --record badnets_0.01_s0
 
 Writes bench_results/<protocol>/figures/tsne_<record>.png. Each panel's title gives the model's ASR on the
-plotted poisoned images and the linear-probe separability of the two groups (the same measure evaluate.py puts
-in results.csv, there on all target-class clean images and an equal number of poisoned ones).
+plotted poisoned images and the share of them whose feature is nearest to the target class's clean-feature
+centroid (evaluate.py's ``feat_target_share``, here with centroids from ``points`` clean images per class).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from bench_scripts.common import (
     load_model,
     logits_and_features,
     protocol_root,
-    separability,
+    feature_shift_measures,
     setup,
     log_timing,
 )
@@ -44,8 +44,9 @@ def tsne_figure(record_dir: Path, data_dir: Path, points: int, out: Path, method
 
     sets = TestSets(record_dir, data_dir)
     rng = np.random.default_rng(seed)
-    clean_pool = np.flatnonzero(sets.clean_y == TARGET)
-    clean_idx = rng.choice(clean_pool, size=min(points, len(clean_pool)), replace=False)
+    # `points` clean images of every class: the target class's are plotted, all give the class centroids
+    clean_idx = np.concatenate([rng.choice(pool, size=min(points, len(pool)), replace=False)
+                                for pool in (np.flatnonzero(sets.clean_y == c) for c in np.unique(sets.clean_y))])
     bd_idx = rng.choice(len(sets.bd_label), size=min(points, len(sets.bd_label)), replace=False)
     rec = sets.record
     models = [("no defense", lambda: load_model(rec.model_name, rec.num_classes, rec.state_dict))]
@@ -56,17 +57,18 @@ def tsne_figure(record_dir: Path, data_dir: Path, points: int, out: Path, method
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4 * rows), squeeze=False)
     for ax, (name, build) in zip(axes.flat, models):
         model = build()
-        _, f_clean = logits_and_features(model, sets.clean_x[clean_idx])
+        _, f_all = logits_and_features(model, sets.clean_x[clean_idx])
         bd_logits, f_bd = logits_and_features(model, sets.bd_x[bd_idx])
+        shift = feature_shift_measures(f_all, sets.clean_y[clean_idx], f_bd, sets.bd_orig[bd_idx], TARGET, seed)
+        f_clean = f_all[sets.clean_y[clean_idx] == TARGET]
         asr = float((bd_logits.argmax(1) == sets.bd_label[bd_idx]).mean())
-        sep = separability(f_clean, f_bd, seed)
         feats = np.concatenate([f_clean, f_bd])
         perplexity = float(min(30, max(2, (len(feats) - 1) // 3)))
         emb = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(feats)
         n = len(f_clean)
         ax.scatter(emb[:n, 0], emb[:n, 1], s=4, c="tab:blue", label=f"clean, class {TARGET}")
         ax.scatter(emb[n:, 0], emb[n:, 1], s=4, c="tab:red", label="poisoned")
-        ax.set_title(f"{name}: ASR {100 * asr:.1f}%, probe {sep['sep_probe']:.2f}", fontsize=10)
+        ax.set_title(f"{name}: ASR {100 * asr:.1f}%, feat→target {100 * shift['feat_target_share']:.0f}%", fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
     for ax in list(axes.flat)[len(models):]:

@@ -6,8 +6,9 @@ For each record: the backdoored model ("none") and every ``defense/<name>/defens
 ablation variants, BackdoorBench's built-ins alike) are loaded (safely, fst_plugin.record.load_untrusted) and
 evaluated on the record's clean test images (the whole CIFAR-10 test split unless the protocol subsets it)
 and the record's poisoned test images (its bd_test PNGs: every non-target test image with the trigger):
-C-Acc, ASR, RA, DER against "none", and the separability of penultimate features of target-class clean test
-images vs poisoned test images (linear-probe accuracy, silhouette). The defense wall time comes from the
+C-Acc, ASR, RA, DER against "none", and where the poisoned images' penultimate features sit: the share nearest
+to the target class's clean-feature centroid (a head-free feature-level ASR), the share nearest to their own
+class's, and the silhouette of target-class clean vs poisoned features (common.feature_shift_measures). The defense wall time comes from the
 defense's run_info.json. Per-model results are cached next to the model (bench_eval.json, keyed by the
 file's size and mtime), so re-running after adding defenses only evaluates the new ones.
 """
@@ -37,7 +38,7 @@ from bench_scripts.common import (
     logits_and_features,
     protocol_root,
     read_bd_test,
-    separability,
+    feature_shift_measures,
     setup,
 )
 from fst_plugin.adapter.defenses import resolve_device
@@ -45,7 +46,7 @@ from fst_plugin.core import defense_effectiveness_rating
 from fst_plugin.record import load_attack_record
 
 log = logging.getLogger("bench.evaluate")
-EVAL_VERSION = 1
+EVAL_VERSION = 2
 
 
 class TestSets:
@@ -67,7 +68,7 @@ def measure(model: nn.Module, sets: TestSets, device: str) -> dict[str, float]:
     out = {"test_acc": float((clean_pred == sets.clean_y).mean()),
            "test_asr": float((bd_pred == sets.bd_label).mean()),
            "test_ra": float((bd_pred == sets.bd_orig).mean())}
-    out.update(separability(clean_feat[sets.clean_y == TARGET], bd_feat))
+    out.update(feature_shift_measures(clean_feat, sets.clean_y, bd_feat, sets.bd_orig, TARGET))
     return out
 
 
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     df.insert(0, "protocol", protocol.name)
     out = args.out or REPO / "bench_results" / protocol.name / "results.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
-    for col in ("test_acc", "test_asr", "test_ra", "der", "sep_probe", "sep_silhouette"):
+    for col in ("test_acc", "test_asr", "test_ra", "der", "feat_target_share", "feat_true_share", "sep_silhouette"):
         df[col] = df[col].astype(float).round(5)
     df.to_csv(out, index=False)
     log_timing(out.parent, "evaluate", time.time() - started, models=len(df))

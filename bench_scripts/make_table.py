@@ -75,14 +75,16 @@ def main_table(df: pd.DataFrame) -> str:
 
 
 def detail_table(df: pd.DataFrame, variants: list[str]) -> str:
-    cols = ["record", "variant", "test_acc", "test_asr", "test_ra", "der", "sep_probe", "sep_silhouette", "defense_wall_s"]
+    cols = ["record", "variant", "test_acc", "test_asr", "test_ra", "der", "feat_target_share", "feat_true_share",
+            "sep_silhouette", "defense_wall_s"]
     sub = df[df["variant"].isin(variants)][cols].copy()
     for c in ("test_acc", "test_asr", "test_ra"):
         sub[c] = (100 * sub[c]).round(2)
-    for c in ("der", "sep_probe", "sep_silhouette"):
+    for c in ("der", "feat_target_share", "feat_true_share", "sep_silhouette"):
         sub[c] = sub[c].round(3)
     sub = sub.rename(columns={"test_acc": "C-Acc", "test_asr": "ASR", "test_ra": "RA", "der": "DER",
-                              "sep_probe": "probe acc", "sep_silhouette": "silhouette", "defense_wall_s": "wall s"})
+                              "feat_target_share": "feat→target", "feat_true_share": "feat→true",
+                              "sep_silhouette": "silhouette", "defense_wall_s": "wall s"})
     return sub.to_markdown(index=False)
 
 
@@ -290,9 +292,11 @@ def main(argv: list[str] | None = None) -> str:
         "test set). C-Acc / ASR in %.",
         "## Main table\n\n" + main_table(df),
         "## Targets (issue #3)\n\n" + targets(df, root),
-        "## Every grid run: RA, DER, feature separability, defense wall time\n\n"
-        "probe acc: 5-fold linear-probe accuracy separating target-class clean test features from poisoned test "
-        "features (0.5 = indistinguishable); silhouette: cosine silhouette of the two groups.\n\n"
+        "## Every grid run: RA, DER, feature shift, defense wall time\n\n"
+        "feat→target: share of poisoned test images whose penultimate feature is nearest (cosine) to the target "
+        "class's centroid of clean test features (a head-free feature-level ASR); feat→true: share nearest to their "
+        "own class's centroid; silhouette: cosine silhouette of target-class clean vs poisoned features (> 0: two "
+        "clusters).\n\n"
         + detail_table(df, grid_variants),
         "## Ablations\n\n" + (ablation_tables(df) or "(none run)"),
         "## Figures\n\n" + "\n".join(f"- [figures/{p.name}](figures/{p.name})"
