@@ -10,7 +10,7 @@ finished defense (defense_result.pt present) is skipped unless --force. Numbers 
 evaluate.py, which re-evaluates every defense_result.pt on the full test sets.
 
 BackdoorBench built-ins are run with its own scripts from its root: the record is linked as
-``<BB>/record/<protocol>__<name>`` and ``python ./defense/<d>.py --result_file ... --yaml_path
+``<BB>/record/<name>`` and ``python ./defense/<d>.py --result_file ... --yaml_path
 ./config/defense/<d>/cifar10.yaml`` is called (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1, since its torch.load predates
 torch 2.6). They need a model BackdoorBench can build, i.e. the gpu protocol's preactresnet18 (not resnet9_cpu),
 and CIFAR-10 under <BB>/data/cifar10.
@@ -20,9 +20,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 from bench_scripts.common import (
     METHODS,
@@ -64,7 +67,7 @@ def run_ours(records: list[Path], methods: list[str], protocol, data_root: Path,
 
 
 def run_backdoorbench(records: list[Path], defenses: list[str], bb_root: Path, protocol, results: Path,
-                      force: bool) -> None:
+                      force: bool, extra_args: Sequence[str] = ()) -> None:
     """BackdoorBench's own defense scripts on our records (see the module docstring for the requirements)."""
     bb_root = bb_root.resolve()
     if not (bb_root / "defense").is_dir():
@@ -72,17 +75,22 @@ def run_backdoorbench(records: list[Path], defenses: list[str], bb_root: Path, p
     env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
     device = "cuda" if protocol.device in ("auto", "cuda") else protocol.device
     for record_dir in records:
-        name = f"{protocol.name}__{record_dir.name}"
+        # the record's bd_train/bd_test PNG folders are stored as ./record/<name>/..., relative to BackdoorBench's
+        # root, so the link must carry the record's own name
+        name = record_dir.name
         link = bb_root / "record" / name
         link.parent.mkdir(exist_ok=True)
         if not link.exists():
             link.symlink_to(record_dir.resolve(), target_is_directory=True)
+        elif link.resolve() != record_dir.resolve():
+            raise SystemExit(f"{link} exists and is not this record ({record_dir}); move it away or run the other "
+                             "protocol's records from another BackdoorBench checkout")
         for defense in defenses:
             if (record_dir / "defense" / defense / "defense_result.pt").is_file() and not force:
                 continue
-            cmd = ["python", f"./defense/{defense}.py", "--result_file", name, "--dataset", "cifar10",
+            cmd = [sys.executable, f"./defense/{defense}.py", "--result_file", name, "--dataset", "cifar10",
                    "--yaml_path", f"./config/defense/{defense}/cifar10.yaml", "--device", device,
-                   "--num_workers", str(protocol.num_workers)]
+                   "--num_workers", str(protocol.num_workers), *extra_args]
             log.info("BackdoorBench: %s", " ".join(cmd))
             started = time.time()
             subprocess.run(cmd, cwd=bb_root, env=env, check=True)
@@ -97,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backdoorbench", type=Path, help="a BackdoorBench checkout: also run its built-ins")
     parser.add_argument("--bb-defenses", nargs="*", default=list(BB_DEFENSES))
+    parser.add_argument("--bb-args", default="", help="extra arguments for BackdoorBench's defense scripts, "
+                        "e.g. --bb-args='--epochs 1 --amp True'")
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)
     setup()
@@ -107,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     records = list_records(root, args.records)
     run_ours(records, args.methods, protocol, data_root, results, args.seed, args.force)
     if args.backdoorbench:
-        run_backdoorbench(records, args.bb_defenses, args.backdoorbench, protocol, results, args.force)
+        run_backdoorbench(records, args.bb_defenses, args.backdoorbench, protocol, results, args.force,
+                          shlex.split(args.bb_args))
 
 
 if __name__ == "__main__":

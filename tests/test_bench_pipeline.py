@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 pytest.importorskip("sklearn")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench_scripts/ lives at the repository root
@@ -59,7 +60,7 @@ def test_evaluator_matches_training_time_check_and_covers_every_run(bench):
     variants = set(df[df.record == "badnets_0.1_s0"].variant)
     assert {"fst_alpha0", "fst_n20", "ft-init_n20", "fe-tuning_n20", "fst_noproj"} <= variants
     assert df[df.variant == "fst_n20"].iloc[0].n_clean == 20
-    assert df[["test_acc", "test_asr", "test_ra", "sep_probe"]].notna().all().all()
+    assert df[["test_acc", "test_asr", "test_ra", "feat_target_share", "feat_true_share"]].notna().all().all()
 
 
 def test_tables_and_figures(bench):
@@ -90,3 +91,52 @@ def test_gpu_protocol_runs_on_a_tiny_subset_on_the_cpu(bench, tmp_path):
     df = evaluate.main(["--protocol", "gpu", "--cache", str(tmp_path / "cache"), "--data", str(data),
                         "--out", str(tmp_path / "results.csv")] + shrink)
     assert list(df.variant) == ["none", "fst"] and (df.model == "preactresnet18").all()
+
+
+FAKE_BB_DEFENSE = '''
+"""Stands in for a BackdoorBench defense script: reads the record the way BackdoorBench does (paths relative to
+its root, PNG folders from bd_test's save_folder_path) and writes a defense_result.pt in its format."""
+import argparse, os, sys
+from pathlib import Path
+import torch
+p = argparse.ArgumentParser()
+for flag in ("--result_file", "--dataset", "--yaml_path", "--device", "--num_workers", "--epochs"):
+    p.add_argument(flag)
+a = p.parse_args()
+assert os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] == "1"
+assert Path(a.yaml_path).is_file(), a.yaml_path
+record = Path("record") / a.result_file
+res = torch.load(record / "attack_result.pt", weights_only=False)
+folder = Path(res["bd_test"]["bd_data_container"]["save_folder_path"])
+pngs = sorted(folder.rglob("*.png"))
+assert pngs, f"no PNGs under {folder} (relative to {os.getcwd()})"
+out = record / "defense" / Path(sys.argv[0]).stem
+out.mkdir(parents=True, exist_ok=True)
+torch.save({"model_name": res["model_name"], "num_classes": res["num_classes"], "model": res["model"],
+            "epochs_arg": a.epochs}, out / "defense_result.pt")
+'''
+
+
+def test_backdoorbench_builtins_run_from_its_root_on_our_records(bench, tmp_path):
+    """--backdoorbench: the record is linked under <BB>/record/ by its own name (its PNG paths are relative to
+    BackdoorBench's root), each built-in is run there with --bb-args, and its result joins results.csv."""
+    bb = tmp_path / "BackdoorBench"
+    for name in ("ft", "nad"):
+        (bb / "defense").mkdir(parents=True, exist_ok=True)
+        (bb / "defense" / f"{name}.py").write_text(FAKE_BB_DEFENSE)
+        (bb / "config" / "defense" / name).mkdir(parents=True)
+        (bb / "config" / "defense" / name / "cifar10.yaml").write_text("epochs: 20\n")
+    data = bench / "mydata"
+    common = ["--protocol", "tiny", "--cache", str(bench / "cache"), "--results", str(tmp_path / "results")]
+    run_defenses.main(common + ["--data", str(data), "--records", "badnets_0.1_s0", "--methods",
+                                "--backdoorbench", str(bb), "--bb-defenses", "ft", "nad", "--bb-args=--epochs 1"])
+    record = bench / "cache" / "tiny" / "record" / "badnets_0.1_s0"
+    assert (bb / "record" / "badnets_0.1_s0").resolve() == record.resolve()
+    for name in ("ft", "nad"):
+        assert torch.load(record / "defense" / name / "defense_result.pt", weights_only=True)["epochs_arg"] == "1"
+    df = evaluate.main(["--protocol", "tiny", "--cache", str(bench / "cache"), "--data", str(data),
+                        "--records", "badnets_0.1_s0", "--out", str(tmp_path / "results.csv")])
+    none = df[df.variant == "none"].iloc[0]
+    for name in ("ft", "nad"):   # the fake "defense" returns the attacked model unchanged
+        row = df[df.variant == name].iloc[0]
+        assert row.source == "backdoorbench" and row.test_asr == pytest.approx(none.test_asr)
