@@ -1,7 +1,7 @@
 """Benchmark protocols: which model, attack schedule, defense settings and grid a run uses.
 
 * ``cpu``  — real CIFAR-10 on a 2-core CPU: half-width ResNet-9 (``resnet9_cpu``, bf16 trunk on CPUs that
-  support it), 8 epochs of one-cycle SGD (≈80 s per epoch on an idle 2-core AVX512-BF16 machine, 4x more
+  support it), 10 epochs of one-cycle SGD (≈80 s per epoch on an idle 2-core AVX512-BF16 machine, 4x more
   when other jobs share it), defenses with the paper's
   hyper-parameters (2% clean data, 10 epochs, lr 0.01, alpha 0.2) and per-epoch curves on a fixed seeded
   test subset (the final numbers always come from ``evaluate.py`` on the full test sets).
@@ -62,7 +62,7 @@ class Protocol:
 
 
 PROTOCOLS: dict[str, Protocol] = {
-    "cpu": Protocol("cpu", model="resnet9_cpu", device="cpu", epochs=8, batch_size=256, lr=0.1,
+    "cpu": Protocol("cpu", model="resnet9_cpu", device="cpu", epochs=10, batch_size=256, lr=0.1,
                     eval_subset=2000, ablation_eval_subset=500, grid=CPU_GRID,
                     # trimmed to what fits a shared 2-core machine in one session; the gpu protocol runs all
                     # (alpha 0 is FT-init with projection, i.e. the grid's ft-init run: not repeated)
