@@ -13,6 +13,7 @@ from typing import Any, Mapping, Optional
 
 import yaml
 
+from fst_plugin.core.tuning import PROJECTION_BOUNDS
 from fst_plugin.errors import ConfigError
 
 PROJECTION_CHOICES = {"auto": None, "on": True, "off": False, True: True, False: False, None: None}
@@ -50,6 +51,7 @@ class DefenseConfig:
     alpha: float = 0.2
     head: Optional[str] = None
     projection: Optional[bool] = None
+    projection_bound: str = "equal"
     whole_classifier: bool = False
     trust_record: bool = False
     resume: bool = False
@@ -64,7 +66,8 @@ class DefenseConfig:
 
 
 _FIELD_TYPES = {f.name: f.type for f in fields(DefenseConfig)}
-_CHOICES = {"lr_scheduler": {"CosineAnnealingLR"}, "client_optimizer": {"sgd"}}
+_CHOICES = {"lr_scheduler": {"CosineAnnealingLR"}, "client_optimizer": {"sgd"},
+            "projection_bound": set(PROJECTION_BOUNDS)}
 _RANGES: dict[str, tuple[str, Any]] = {
     "epochs": ("> 0", lambda v: v > 0),
     "batch_size": ("> 0", lambda v: v > 0),
@@ -154,7 +157,8 @@ def build_config(values: Mapping[str, Any]) -> DefenseConfig:
                                   f"set {key} {text}")
         if key in _CHOICES and value not in _CHOICES[key]:
             raise ConfigError(f"config key {key!r} is {value!r}",
-                              f"use {' or '.join(sorted(_CHOICES[key]))} (the only one this defense implements)")
+                              f"use {' or '.join(sorted(_CHOICES[key]))}"
+                              + (" (the only one this defense implements)" if len(_CHOICES[key]) == 1 else ""))
     return DefenseConfig(**clean)
 
 

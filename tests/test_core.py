@@ -126,6 +126,34 @@ def test_projection_off_lets_the_norm_move() -> None:
     assert model.fc.weight.norm().item() != pytest.approx(target, rel=1e-3)
 
 
+def test_projection_at_most_keeps_a_small_reinitialised_head_and_caps_a_growing_one() -> None:
+    """The paper's constraint ‖W‖ ≤ ‖W₀‖: FT-init's fresh head (smaller than W₀) is left alone at the start;
+    FST's penalty grows the head, and the bound stops it at ‖W₀‖."""
+    torch.manual_seed(1)
+    model = TinyNet()
+    with torch.no_grad():
+        model.fc.weight.mul_(50)                 # a backdoored head much larger than a fresh one
+    target = model.fc.weight.norm().item()
+    norms: list[float] = []
+    loader = Watch(batches(4), lambda: norms.append(model.fc.weight.norm().item()))
+    tune(model, find_head(model, 4), get_mode("ft-init"), loader,
+         TuningConfig(epochs=1, lr=0.01, projection_bound="at_most", show_progress=False))
+    assert norms[0] < 0.5 * target               # not rescaled up to ‖W₀‖ (the "equal" bound would)
+    assert max(norms) <= target * (1 + 1e-5)
+
+    torch.manual_seed(1)
+    model = TinyNet()
+    target = model.fc.weight.norm().item()
+    tune(model, find_head(model, 4), get_mode("fst"), batches(4),
+         TuningConfig(epochs=3, lr=0.5, alpha=5.0, projection_bound="at_most", show_progress=False))
+    assert model.fc.weight.norm().item() == pytest.approx(target, rel=1e-5)   # pushed to the bound, no further
+
+
+def test_unknown_projection_bound_is_refused() -> None:
+    with pytest.raises(ValueError, match="projection_bound"):
+        TuningConfig(projection_bound="sometimes")
+
+
 def _changed(before: dict, after: dict) -> set[str]:
     return {k for k in before if not torch.equal(before[k], after[k])}
 

@@ -297,6 +297,10 @@ def projection_unknown(c: Ctx) -> list[str]:
     return c.argv(yaml_path=c.yaml_with(projection="sometimes"))
 
 
+def projection_bound_unknown(c: Ctx) -> list[str]:
+    return c.argv(yaml_path=c.yaml_with(projection_bound="sphere"))
+
+
 def projection_a_list(c: Ctx) -> list[str]:
     return c.argv(yaml_path=c.yaml_with(projection=["on"]))
 
@@ -479,6 +483,7 @@ CASES = [
     Case("batch-size-zero", batch_size_zero, ("'batch_size'", "> 0")),
     Case("projection-unknown", projection_unknown, ("projection", "sometimes")),
     Case("projection-a-list", projection_a_list, ("projection",)),
+    Case("projection-bound-unknown", projection_bound_unknown, ("projection_bound", "sphere")),
     Case("seed-too-large", seed_too_large, ("random_seed",)),
     Case("dataset-unknown", dataset_unknown, ("unknown dataset", "imagenet")),
     # index file

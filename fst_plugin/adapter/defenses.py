@@ -161,6 +161,9 @@ class TuningDefense(_defense_base()):  # type: ignore[misc]
         parser.add_argument("--head", type=str, help="dotted name of the classifier layer (default: found)")
         parser.add_argument("--projection", type=str, choices=["auto", "on", "off"],
                             help="rescale the head to ||W0|| after every step (auto: the mode's default, on)")
+        parser.add_argument("--projection_bound", type=str, choices=["equal", "at_most"],
+                            help="equal: ||W|| = ||W0|| after every step (official code, default); "
+                                 "at_most: ||W|| <= ||W0|| (the paper's constraint)")
         parser.add_argument("--whole_classifier", type=_bool_arg, help="treat every Linear of the head's block as head")
         parser.add_argument("--trust-record", "--trust_record", dest="trust_record", action="store_const", const=True,
                             help="UNSAFE: fully unpickle records/checkpoints from a source you trust")
@@ -320,7 +323,8 @@ class TuningDefense(_defense_base()):  # type: ignore[misc]
     def tuning_config(self, device: str) -> TuningConfig:
         cfg = self.config
         return TuningConfig(epochs=cfg.epochs, lr=cfg.lr, momentum=cfg.sgd_momentum, weight_decay=cfg.wd,
-                            alpha=cfg.alpha, projection=cfg.projection, device=device, amp=cfg.amp,
+                            alpha=cfg.alpha, projection=cfg.projection,
+                            projection_bound=cfg.projection_bound, device=device, amp=cfg.amp,
                             seed=cfg.random_seed)
 
     def _resume_key(self, indices: np.ndarray) -> str:

@@ -30,6 +30,9 @@ from fst_plugin.errors import TrainingDiverged
 log = logging.getLogger(__name__)
 
 
+PROJECTION_BOUNDS = ("equal", "at_most")
+
+
 @dataclass
 class TuningConfig:
     """Optimisation settings (defaults: the paper's CIFAR-10 values)."""
@@ -40,10 +43,17 @@ class TuningConfig:
     weight_decay: float = 0.0
     alpha: float = 0.2
     projection: Optional[bool] = None  # None: the mode's default
+    # "equal": W ← W·‖W₀‖/‖W‖ after every step (the official code); "at_most": only when ‖W‖ > ‖W₀‖ (the
+    # paper's constraint ‖W‖ ≤ ‖W₀‖), which leaves a small re-initialised head small until it grows
+    projection_bound: str = "equal"
     device: str = "cpu"
     amp: bool = False
     seed: int = 0
     show_progress: Optional[bool] = None  # None: only when stderr is a terminal
+
+    def __post_init__(self) -> None:
+        if self.projection_bound not in PROJECTION_BOUNDS:
+            raise ValueError(f"projection_bound is {self.projection_bound!r}; use one of {', '.join(PROJECTION_BOUNDS)}")
 
     def projection_for(self, mode: TuningMode) -> bool:
         return mode.project_head_norm if self.projection is None else self.projection
@@ -107,11 +117,12 @@ def feature_shift_penalty(head: ClassifierHead, initial_weights: list[torch.Tens
 
 
 @torch.no_grad()
-def project_head_norm(head: ClassifierHead, target_norms: list[torch.Tensor]) -> None:
-    """Rescale each head weight to the Frobenius norm of the backdoored head (W ← W·‖W₀‖/‖W‖)."""
+def project_head_norm(head: ClassifierHead, target_norms: list[torch.Tensor], at_most: bool = False) -> None:
+    """Rescale each head weight to the Frobenius norm of the backdoored head (W ← W·‖W₀‖/‖W‖); with
+    ``at_most``, only the weights whose norm exceeds it (projection onto the ball ‖W‖ ≤ ‖W₀‖)."""
     for layer, norm in zip(head.modules, target_norms):
         current = layer.weight.norm()
-        if current > 0:
+        if current > 0 and not (at_most and current <= norm):
             layer.weight.mul_(norm / current)
 
 
@@ -178,8 +189,9 @@ def tune(
         log.info("resuming %s from epoch %d of %d", mode.name, start_epoch, config.epochs)
     initial_weights = [w.to(device) for w in initial_weights]
     target_norms = [w.norm() for w in initial_weights]
+    at_most = config.projection_bound == "at_most"
     if projection and start_epoch == 0:
-        project_head_norm(head, target_norms)
+        project_head_norm(head, target_norms, at_most)
     use_amp = config.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     criterion = nn.CrossEntropyLoss()
@@ -205,7 +217,7 @@ def tune(
             scaler.step(optimizer)
             scaler.update()
             if projection:
-                project_head_norm(head, target_norms)
+                project_head_norm(head, target_norms, at_most)
             loss_sum += loss.item()
             correct += (logits.argmax(1) == targets).sum().item()
             seen += targets.numel()
