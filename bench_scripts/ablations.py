@@ -8,7 +8,8 @@
   training images, n in the protocol's list down to 50 (defense/<method>_n<n>/, index files under the
   record's bench_index/);
 * projection off: the protocol's ``projection_methods`` with the head-norm projection off
-  (defense/<method>_noproj/);
+  (defense/<method>_noproj/), and with the paper's bound ‖W‖ ≤ ‖W₀‖ instead of the official code's
+  ‖W‖ = ‖W₀‖ (defense/<method>_atmost/);
 * longer tuning (``--only epochs``, not in the default set): the protocol's ``long_methods`` for
   ``long_epochs`` epochs (defense/<method>_e<epochs>/), to see whether clean accuracy keeps recovering.
 The per-epoch ASR / C-Acc curves (the efficiency figure) need no extra run: every grid defense already writes
@@ -62,6 +63,8 @@ def variants(record_dir: Path, data_dir: Path, protocol, only: list[str], seed: 
                 for m in protocol.long_methods]
     if "projection" in only:
         out += [(m, f"{m}_noproj", ["--projection", "off"]) for m in protocol.projection_methods]
+        # the paper's constraint ‖W‖ ≤ ‖W₀‖ instead of the official code's ‖W‖ = ‖W₀‖
+        out += [(m, f"{m}_atmost", ["--projection_bound", "at_most"]) for m in protocol.projection_methods]
     return out
 
 

@@ -10,6 +10,7 @@ centroid (evaluate.py's ``feat_target_share``, here with centroids from ``points
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from pathlib import Path
@@ -17,20 +18,24 @@ from pathlib import Path
 import numpy as np
 
 from bench_scripts.common import (
-    add_protocol_args,
-    protocol_from_args,
     METHODS,
     REPO,
     TARGET,
+    add_protocol_args,
+    feature_shift_measures,
+    load_arrays,
     load_defended,
     load_model,
-    logits_and_features,
-    protocol_root,
-    feature_shift_measures,
-    setup,
     log_timing,
+    logits_and_features,
+    protocol_from_args,
+    protocol_root,
+    setup,
 )
 from bench_scripts.evaluate import TestSets
+from fst_plugin.core import find_head
+from fst_plugin.io_utils import atomic_write_text
+from fst_plugin.record import load_attack_record
 
 log = logging.getLogger("bench.diagnostics")
 
@@ -82,18 +87,60 @@ def tsne_figure(record_dir: Path, data_dir: Path, points: int, out: Path, method
     return out
 
 
+def fresh_head_probe(record_dir: Path, data_dir: Path, seed: int = 0) -> dict[str, float]:
+    """How good a brand-new linear head on the backdoored model's frozen features can be, trained only on the
+    defense's clean tuning set (FST's ``log/index.txt``; C of the logistic regression chosen by 5-fold
+    cross-validation on that set, never on the test set), plus the scales that set FST's penalty strength:
+    ``‖W₀‖`` and the mean feature norm. If the fresh head is close to the original C-Acc, the features can carry
+    a re-initialised head and a large C-Acc drop comes from the tuning dynamics, not from the features.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+
+    index_file = record_dir / "defense" / "fst" / "log" / "index.txt"
+    if not index_file.is_file():
+        raise SystemExit(f"{index_file} is missing: run the fst defense on {record_dir.name} first")
+    rec = load_attack_record(record_dir)
+    model = load_model(rec.model_name, rec.num_classes, rec.state_dict)
+    head = find_head(model, rec.num_classes).modules[-1]
+    idx = np.loadtxt(index_file, dtype=int)
+    train_x, train_y = load_arrays(data_dir, train=True)
+    sets = TestSets(record_dir, data_dir)
+    _, tune_feat = logits_and_features(model, train_x[idx])
+    test_logits, test_feat = logits_and_features(model, sets.clean_x)
+    scores = {c: cross_val_score(LogisticRegression(max_iter=2000, C=c), tune_feat, train_y[idx], cv=5).mean()
+              for c in (0.001, 0.01, 0.1, 1.0)}
+    best_c = max(scores, key=scores.get)
+    probe = LogisticRegression(max_iter=2000, C=best_c).fit(tune_feat, train_y[idx])
+    w0 = float(head.weight.detach().norm())
+    return {"record": record_dir.name, "tuning_images": int(len(idx)), "w0_norm": w0, "w0_norm_sq": w0 ** 2,
+            "feature_norm_mean": float(np.linalg.norm(tune_feat, axis=1).mean()), "feature_dim": int(tune_feat.shape[1]),
+            "original_head_acc": float((test_logits.argmax(1) == sets.clean_y).mean()),
+            "fresh_head_acc": float((probe.predict(test_feat) == sets.clean_y).mean()), "fresh_head_C": best_c,
+            "fresh_head_cv_acc": float(scores[best_c])}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_protocol_args(parser)
     parser.add_argument("--record", required=True)
     parser.add_argument("--points", type=int, help="images per group (default: the protocol's tsne_points)")
+    parser.add_argument("--fresh-head", action="store_true",
+                        help="also fit a fresh linear head on the frozen features of FST's tuning set "
+                             "(results/fresh_head_<record>.json; explains re-init C-Acc costs)")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     setup()
     protocol = protocol_from_args(args)
     results = args.results or REPO / "bench_results" / protocol.name
     started = time.time()
-    out = tsne_figure(protocol_root(args.cache, protocol.name) / "record" / args.record, args.data,
-                      args.points or protocol.tsne_points, results / "figures" / f"tsne_{args.record}.png")
+    record_dir = protocol_root(args.cache, protocol.name) / "record" / args.record
+    if args.fresh_head:
+        probe = fresh_head_probe(record_dir, args.data, args.seed)
+        atomic_write_text(results / f"fresh_head_{args.record}.json", json.dumps(probe, indent=1))
+        log.info("fresh linear head on frozen features: %s", probe)
+    out = tsne_figure(record_dir, args.data, args.points or protocol.tsne_points,
+                      results / "figures" / f"tsne_{args.record}.png")
     log_timing(results, f"diagnostics {args.record}", time.time() - started)
     log.info("wrote %s", out)
 

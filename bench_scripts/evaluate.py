@@ -100,6 +100,7 @@ def variant_columns(defense_dir: Path) -> dict[str, Any]:
                if (defense_dir / "log" / "index.txt").is_file() else None)
     return {"method": info.get("method", defense_dir.name), "source": "fst_plugin", "alpha": cfg.get("alpha"),
             "n_clean": n_clean, "projection": {None: "auto", True: "on", False: "off"}.get(cfg.get("projection")),
+            "projection_bound": cfg.get("projection_bound", "equal"),
             "epochs": cfg.get("epochs"), "defense_wall_s": round(float(info.get("wall_time_s", float("nan"))), 1)}
 
 
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     started = time.time()
     rows = [row for name in names for row in evaluate_record(root / "record" / name, args.data, device)]
     df = pd.DataFrame(rows)
-    for col in ("alpha", "n_clean", "projection", "epochs"):
+    for col in ("alpha", "n_clean", "projection", "projection_bound", "epochs"):
         if col not in df:
             df[col] = np.nan
     df.insert(0, "protocol", protocol.name)

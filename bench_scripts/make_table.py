@@ -125,15 +125,19 @@ def ablation_tables(df: pd.DataFrame) -> str:
                          "ASR (10 ep.)": pct(base.iloc[0].test_asr) if len(base) else "–",
                          "C-Acc": pct(r.test_acc), "ASR": pct(r.test_asr)})
         parts.append("### Longer tuning\n\n" + pd.DataFrame(rows).to_markdown(index=False))
-    proj = df[df["variant"].str.endswith("_noproj")]
+    proj = df[df["variant"].str.endswith("_noproj") | df["variant"].str.endswith("_atmost")]
     if len(proj):
         rows = []
-        for r in proj.itertuples():
-            on = df[(df["record"] == r.record) & (df["variant"] == r.method)]
-            rows.append({"record": r.record, "method": r.method,
-                         "C-Acc on": pct(on.iloc[0].test_acc) if len(on) else "–", "ASR on": pct(on.iloc[0].test_asr) if len(on) else "–",
-                         "C-Acc off": pct(r.test_acc), "ASR off": pct(r.test_asr)})
-        parts.append("### Head-norm projection on (default) / off\n\n" + pd.DataFrame(rows).to_markdown(index=False))
+        for (record, method), _ in proj.groupby(["record", "method"], sort=False):
+            row = {"record": record, "method": method}
+            for label, variant in (("‖W‖ = ‖W₀‖ (default)", method), ("‖W‖ ≤ ‖W₀‖", f"{method}_atmost"),
+                                   ("off", f"{method}_noproj")):
+                hit = df[(df["record"] == record) & (df["variant"] == variant)]
+                row[f"C-Acc, {label}"] = pct(hit.iloc[0].test_acc) if len(hit) else "–"
+                row[f"ASR, {label}"] = pct(hit.iloc[0].test_asr) if len(hit) else "–"
+            rows.append(row)
+        parts.append("### Head-norm projection: exact (official code), bound (paper), off\n\n"
+                     + pd.DataFrame(rows).to_markdown(index=False))
     return "\n\n".join(parts)
 
 
@@ -205,7 +209,7 @@ def figures(df: pd.DataFrame, root: Path, out: Path) -> list[str]:
             plt.close(fig)
             made.append(f"alpha_{record}.png")
         size = sub[sub["n_clean"].notna() & sub["method"].isin(["fst", "ft-init", "fe-tuning"])
-                   & ~sub["variant"].str.contains(r"alpha|noproj|_e\d+$")]
+                   & ~sub["variant"].str.contains(r"alpha|noproj|atmost|_e\d+$")]
         if size["n_clean"].nunique() > 1:
             made.append(asr_acc_figure({LABELS[m]: g.sort_values("n_clean") for m, g in size.groupby("method")},
                                        "n_clean", "clean tuning images", f"{record}: tuning-set size",
@@ -273,6 +277,23 @@ def timings_table(path: Path) -> str:
     return df[keep].to_markdown(index=False)
 
 
+def fresh_head_table(results: Path) -> str:
+    """diagnostics.py --fresh-head probes (one row per record), if any were run."""
+    rows = [json.loads(f.read_text()) for f in sorted(results.glob("fresh_head_*.json"))]
+    if not rows:
+        return ""
+    df = pd.DataFrame(rows)
+    for c in ("original_head_acc", "fresh_head_acc", "fresh_head_cv_acc"):
+        df[c] = (100 * df[c]).round(2)
+    cols = {"record": "record", "original_head_acc": "C-Acc, original head", "fresh_head_acc": "C-Acc, fresh head",
+            "fresh_head_cv_acc": "CV acc on tuning set", "w0_norm": "‖W₀‖", "w0_norm_sq": "‖W₀‖²",
+            "feature_norm_mean": "mean ‖feature‖"}
+    return ("A fresh linear head (logistic regression, C by 5-fold CV on the 1000 tuning images) on the "
+            "backdoored model's frozen penultimate features, evaluated on the full clean test set "
+            "(`diagnostics.py --fresh-head`); with the projection, FST's penalty reaches −α‖W₀‖² at its minimum.\n\n"
+            + df[list(cols)].rename(columns=cols).round(3).to_markdown(index=False))
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_protocol_args(parser, data=False)
@@ -299,6 +320,7 @@ def main(argv: list[str] | None = None) -> str:
         "clusters).\n\n"
         + detail_table(df, grid_variants),
         "## Ablations\n\n" + (ablation_tables(df) or "(none run)"),
+        *(["## Fresh head on frozen features\n\n" + probe] if (probe := fresh_head_table(results)) else []),
         "## Figures\n\n" + "\n".join(f"- [figures/{p.name}](figures/{p.name})"
                                        for p in sorted((results / "figures").glob("*.png"))),
         "## Timings and exact commands\n\n" + timings_table(results / "timings.jsonl"),

@@ -34,7 +34,7 @@ def bench(tmp_path_factory):
     ablations.main(common + ["--data", str(data), "--record", "badnets_0.1_s0"])
     evaluate.main(["--protocol", "tiny", "--cache", str(root / "cache"), "--data", str(data),
                    "--out", str(root / "results" / "results.csv")])
-    diagnostics.main(common + ["--data", str(data), "--record", "badnets_0.1_s0"])
+    diagnostics.main(common + ["--data", str(data), "--record", "badnets_0.1_s0", "--fresh-head"])
     make_table.main(["--protocol", "tiny", "--cache", str(root / "cache"), "--results", str(root / "results")])
     return root
 
@@ -58,7 +58,7 @@ def test_evaluator_matches_training_time_check_and_covers_every_run(bench):
         assert none.test_asr == pytest.approx(fast["test_asr"], abs=1e-4)
         assert set(METHODS) <= set(df[df.record == record].variant)
     variants = set(df[df.record == "badnets_0.1_s0"].variant)
-    assert {"fst_alpha0", "fst_n20", "ft-init_n20", "fe-tuning_n20", "fst_noproj"} <= variants
+    assert {"fst_alpha0", "fst_n20", "ft-init_n20", "fe-tuning_n20", "fst_noproj", "fst_atmost"} <= variants
     assert df[df.variant == "fst_n20"].iloc[0].n_clean == 20
     assert df[["test_acc", "test_asr", "test_ra", "feat_target_share", "feat_true_share"]].notna().all().all()
 
@@ -71,6 +71,9 @@ def test_tables_and_figures(bench):
         assert (figs / name).stat().st_size > 0
     steps = [json.loads(line)["step"] for line in (bench / "results" / "timings.jsonl").read_text().splitlines()]
     assert "make_record badnets_0.1_s0" in steps and "defense fst badnets_0.1_s0" in steps
+    probe = json.loads((bench / "results" / "fresh_head_badnets_0.1_s0.json").read_text())
+    assert 0.0 <= probe["fresh_head_acc"] <= 1.0 and probe["w0_norm"] > 0 and probe["tuning_images"] == 100
+    assert "## Fresh head on frozen features" in text
 
 
 @pytest.mark.parametrize("attack", ["badnets", "blended", "sig", "wanet"])
