@@ -95,8 +95,15 @@ def protocol_from_args(args: argparse.Namespace, **more: Any) -> Any:
     return get_protocol(args.protocol, **overrides)
 
 
-def record_name(attack: str, rate: float, seed: int) -> str:
-    return f"{attack}_{rate:g}_s{seed}"
+def record_name(attack: str, rate: float, seed: int, key: Optional[str] = None) -> str:
+    """``<attack>_<rate>_s<seed>``; a Blended record keyed by an image file is ``blended-<file stem>_...`` so it
+    never collides with (or is served from the cache of) the seeded-noise record."""
+    return f"{attack}{'-' + key if key else ''}_{rate:g}_s{seed}"
+
+
+def trigger_key(attack: str, pattern_image: Optional[str]) -> Optional[str]:
+    """The name of Blended's key image when one is given (its file stem), else None (seeded noise / no key)."""
+    return Path(pattern_image).stem if attack == "blended" and pattern_image else None
 
 
 def protocol_root(cache: Path, protocol: str) -> Path:

@@ -31,6 +31,7 @@ from bench_scripts.common import (
     make_trigger,
     protocol_root,
     record_name,
+    trigger_key,
     setup,
 )
 from fst_plugin.attacks import (
@@ -62,7 +63,8 @@ def parse_grid(items: list[str] | None, default: tuple) -> list[tuple[str, float
 def make_record(protocol, data_dir: Path, root: Path, attack: str, rate: float, seed: int,
                 blend_pattern: str | None = None, force: bool = False, results_dir: Path | None = None) -> Path:
     """Train one backdoored model and write ``root/record/<attack>_<rate>_s<seed>``; return its folder."""
-    record_dir = root / "record" / record_name(attack, rate, seed)
+    key = trigger_key(attack, blend_pattern)
+    record_dir = root / "record" / record_name(attack, rate, seed, key)
     if (record_dir / "attack_result.pt").is_file() and not force:
         log.info("cached: %s", record_dir)
         return record_dir
@@ -111,7 +113,7 @@ def make_record(protocol, data_dir: Path, root: Path, attack: str, rate: float, 
             "protocol": protocol.name, "model": protocol.model, "n_poisoned": int(len(chosen)),
             "train_size": int(len(y_train)), "train_s": round(train_s, 1), "epochs": epochs,
             "fast_eval": {"test_acc": acc, "test_asr": asr},
-            "blend_pattern": blend_pattern, "test_indices": test_idx.tolist(),
+            "blend_pattern": blend_pattern if key else None, "trigger_key": key, "test_indices": test_idx.tolist(),
             "train_indices": train_idx.tolist() if protocol.train_per_class else None}
     write_attack_record(record_dir, model_name=protocol.model, num_classes=10, state_dict=model.state_dict(),
                         clean_data=DATASET, img_size=(32, 32, 3), test_size=test_size, bd_test=bd_test,

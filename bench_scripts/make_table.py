@@ -40,14 +40,18 @@ def pct(x: float) -> str:
     return "–" if pd.isna(x) else f"{100 * x:.2f}"
 
 
-def row_label(attack: str, rate: float) -> str:
-    return f"{attack} {100 * rate:g}%"
+def row_label(attack: str, rate: float, key: Optional[str] = None) -> str:
+    """``blended 1%``, or ``blended (flower key) 1%`` for a Blended record keyed by an image file."""
+    return f"{attack}{f' ({key} key)' if isinstance(key, str) and key else ''} {100 * rate:g}%"
 
 
 def main_table(df: pd.DataFrame) -> str:
     methods = [m for m in ("none",) + METHODS + BB_METHODS if m in set(df["variant"])]
     grid = df[df["variant"].isin(methods)]
-    records = grid.drop_duplicates("record").sort_values(["attack", "rate"])[["record", "attack", "rate"]]
+    if "trigger_key" not in grid:  # results.csv written before image-keyed Blended records existed
+        grid = grid.assign(trigger_key=None)
+    records = (grid.drop_duplicates("record").sort_values(["attack", "trigger_key", "rate"], na_position="first")
+               [["record", "attack", "trigger_key", "rate"]])
     header = "| attack, rate | " + " | ".join(f"{LABELS[m]} C-Acc | {LABELS[m]} ASR" for m in methods) + " |"
     lines = [header, "|" + "---|" * (1 + 2 * len(methods))]
     values: dict[str, list[list[float]]] = {m: [] for m in methods}
@@ -58,7 +62,7 @@ def main_table(df: pd.DataFrame) -> str:
             acc, asr = (hit.iloc[0]["test_acc"], hit.iloc[0]["test_asr"]) if len(hit) else (np.nan, np.nan)
             values[m].append([acc, asr, rec.rate])
             cells += [pct(acc), pct(asr)]
-        lines.append(f"| {row_label(rec.attack, rec.rate)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row_label(rec.attack, rec.rate, rec.trigger_key)} | " + " | ".join(cells) + " |")
     for name, keep in ((f"average, rate ≤ {100 * LOW_RATE:g}%", lambda r: r <= LOW_RATE), ("average, all", lambda r: True)):
         for stat in ("mean", "std"):
             cells = []

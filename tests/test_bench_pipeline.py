@@ -83,6 +83,27 @@ def test_triggers_are_deterministic_and_change_images(attack):
     assert a.dtype == np.uint8 and a.shape == x.shape and np.array_equal(a, b) and not np.array_equal(a, x)
 
 
+def test_an_image_keyed_blended_record_is_its_own_record(bench, tmp_path):
+    """--blend-pattern IMAGE gives ``blended-<stem>_…``: it must not be served from the noise-key record's cache,
+    and the table labels it by its key."""
+    from PIL import Image
+
+    key = tmp_path / "flower.png"
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(key)
+    common = ["--protocol", "tiny", "--cache", str(tmp_path / "cache"), "--results", str(tmp_path / "results"),
+              "--data", str(bench / "mydata"), "--attacks", "blended:0.1"]
+    noise_dir, = make_records.main(common)
+    image_dir, = make_records.main(common + ["--blend-pattern", str(key)])
+    assert (noise_dir.name, image_dir.name) == ("blended_0.1_s0", "blended-flower_0.1_s0")
+    noise, image = load_attack_record(noise_dir), load_attack_record(image_dir)
+    assert json.loads(image.extra["bench_json"])["trigger_key"] == "flower"
+    assert json.loads(noise.extra["bench_json"])["trigger_key"] is None
+    first = [np.asarray(Image.open(rec.bd_test.images[0].path)) for rec in (noise, image)]
+    assert not np.array_equal(*first)
+    assert make_table.row_label("blended", 0.01, "flower") == "blended (flower key) 1%"
+    assert make_table.row_label("blended", 0.01, float("nan")) == "blended 1%"  # a CSV's empty cell
+
+
 def test_gpu_protocol_runs_on_a_tiny_subset_on_the_cpu(bench, tmp_path):
     """The paper-scale config (PreActResNet18, AMP) exercised end to end with CPU-sized overrides."""
     data = bench / "mydata"
