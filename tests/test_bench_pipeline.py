@@ -16,7 +16,7 @@ pytest.importorskip("sklearn")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench_scripts/ lives at the repository root
 
 from bench_scripts import ablations, diagnostics, evaluate, make_records, make_table, run_defenses  # noqa: E402
-from bench_scripts.common import METHODS, make_trigger  # noqa: E402
+from bench_scripts.common import METHODS, make_trigger, materialise  # noqa: E402
 from fst_plugin.demo import synthetic_images, write_image_folders  # noqa: E402
 from fst_plugin.record import load_attack_record  # noqa: E402
 
@@ -74,6 +74,18 @@ def test_tables_and_figures(bench):
     probe = json.loads((bench / "results" / "fresh_head_badnets_0.1_s0.json").read_text())
     assert 0.0 <= probe["fresh_head_acc"] <= 1.0 and probe["w0_norm"] > 0 and probe["tuning_images"] == 100
     assert "## Fresh head on frozen features" in text
+
+
+def test_materialise_keeps_every_field_of_every_item():
+    """The per-epoch evaluation subset is decoded once into tensors: same images, labels and BackdoorBench's
+    extra fields (original index, poison flag, original label), in order."""
+    images = torch.randn(5, 3, 4, 4)
+    items = [(images[i], 0, i + 10, 1, i % 3) for i in range(5)]
+    data = materialise(torch.utils.data.Subset(items, [4, 1, 3]))
+    assert len(data) == 3 and len(data.tensors) == 5
+    img, label, index, flag, orig = data[0]
+    assert torch.equal(img, images[4]) and (int(label), int(index), int(flag), int(orig)) == (0, 14, 1, 1)
+    assert data.tensors[2].tolist() == [14, 11, 13]
 
 
 @pytest.mark.parametrize("attack", ["badnets", "blended", "sig", "wanet"])
