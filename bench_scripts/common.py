@@ -1,7 +1,7 @@
 """What every benchmark script shares: data arrays, triggers by name, the cache layout, running one of the
 package's defenses (with the optional per-epoch test subset), penultimate features and where poisoned features sit.
 
-Cache layout (outside git): ``<cache>/<protocol>/record/<attack>_<rate>_s<seed>/`` are BackdoorBench records
+Cache layout (outside git): ``<cache>/<protocol>/record/<attack>[-<key>]_<rate>_s<seed>/`` are BackdoorBench records
 (``attack_result.pt`` + PNGs, ``defense/<name>/defense_result.pt`` after the defenses), and
 ``<cache>/<protocol>/data/cifar10`` is a link to the user's data folder, so the records' relative
 ``./data/cifar10`` and ``./record/...`` paths resolve from ``<cache>/<protocol>`` as from a BackdoorBench root.
@@ -152,7 +152,7 @@ def log_timing(results_dir: Path, step: str, wall_s: float, **details: Any) -> N
 # ----- running the package's defenses -----------------------------------------------------------------
 def materialise(dataset: Dataset) -> TensorDataset:
     """Decode and transform every item once. The test transforms are deterministic, so the per-epoch curve
-    then costs forward passes only instead of 11 rounds of PNG decoding and PIL transforms."""
+    then costs forward passes only instead of PNG decoding and PIL transforms after every epoch."""
     return TensorDataset(*default_collate([dataset[i] for i in range(len(dataset))]))
 
 

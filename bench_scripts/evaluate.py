@@ -108,8 +108,7 @@ def evaluate_record(record_dir: Path, data_dir: Path, device: str) -> list[dict[
     sets = TestSets(record_dir, data_dir)
     rec, info = sets.record, sets.info
     base = {"record": record_dir.name, "attack": info.get("attack"), "trigger_key": info.get("trigger_key"),
-            "rate": info.get("rate"),
-            "seed": info.get("seed"), "model": rec.model_name}
+            "rate": info.get("rate"), "seed": info.get("seed"), "model": rec.model_name}
     before = cached_measure(record_dir / "attack_result.pt",
                             lambda: load_model(rec.model_name, rec.num_classes, rec.state_dict), sets, device)
     rows = [{**base, "variant": "none", "method": "none", "source": "attack", **before, "der": float("nan"),

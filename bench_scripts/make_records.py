@@ -31,8 +31,8 @@ from bench_scripts.common import (
     make_trigger,
     protocol_root,
     record_name,
-    trigger_key,
     setup,
+    trigger_key,
 )
 from fst_plugin.attacks import (
     TrainConfig,
@@ -62,7 +62,7 @@ def parse_grid(items: list[str] | None, default: tuple) -> list[tuple[str, float
 
 def make_record(protocol, data_dir: Path, root: Path, attack: str, rate: float, seed: int,
                 blend_pattern: str | None = None, force: bool = False, results_dir: Path | None = None) -> Path:
-    """Train one backdoored model and write ``root/record/<attack>_<rate>_s<seed>``; return its folder."""
+    """Train one backdoored model and write ``root/record/<record_name(...)>``; return its folder."""
     key = trigger_key(attack, blend_pattern)
     record_dir = root / "record" / record_name(attack, rate, seed, key)
     if (record_dir / "attack_result.pt").is_file() and not force:
