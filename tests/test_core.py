@@ -172,7 +172,9 @@ def test_which_parameters_each_mode_changes(mode: str, head_changes: bool, backb
     assert bool(changed & head_keys) == head_changes
     backbone = changed - head_keys
     if backbone_changes:
-        assert {k for k in before if k.startswith("features.0.")} <= backbone
+        # the conv's weight; its bias feeds a BatchNorm, which cancels any shift, so its gradient is zero
+        # up to rounding (torch 2.15 computes it as exactly zero)
+        assert "features.0.weight" in backbone
     else:  # LP: not one backbone tensor moves, BatchNorm statistics included
         assert backbone == set()
     assert all(p.requires_grad for p in model.parameters())  # restored afterwards
