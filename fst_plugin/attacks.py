@@ -1,13 +1,13 @@
 """Making backdoored models (for the demo, the tests and the benchmarks): triggers and a fast trainer.
 
 Triggers act on uint8 images (N, H, W, C) and follow BackdoorBench's attacks (all-to-one, target 0 by
-default). Training keeps the whole dataset as one uint8 tensor and augments on batches (random crop with
-4-pixel padding, horizontal flip), which is several times faster on the CPU than per-image PIL transforms.
+default). Training keeps the whole dataset as one uint8 tensor on the device and augments whole batches there
+with the shared kernels of ``fst_plugin.data.tensor_transforms`` (random crop with 4-pixel padding, horizontal
+flip), under AMP and channels_last on CUDA.
 """
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fst_plugin.core.tuning import progress
-from fst_plugin.data.transforms import dataset_info
+from fst_plugin.data.tensor_data import TensorBatches, TensorImages
+from fst_plugin.data.tensor_transforms import CROP_PADDING, horizontal_flip, normalize_for, random_crop
+from fst_plugin.errors import ConfigError, TrainingDiverged
 
 log = logging.getLogger(__name__)
 
@@ -129,26 +131,18 @@ def to_tensor_batch(images: np.ndarray) -> torch.Tensor:
 
 
 def normalise(batch: torch.Tensor, dataset: str) -> torch.Tensor:
-    info = dataset_info(dataset)
-    mean = torch.tensor(info.mean, device=batch.device).view(1, -1, 1, 1)
-    std = torch.tensor(info.std, device=batch.device).view(1, -1, 1, 1)
-    return (batch.float() / 255.0 - mean) / std
+    """uint8 (N, C, H, W) → float, normalised with the dataset's BackdoorBench mean/std (the shared kernel)."""
+    return normalize_for(batch, dataset)
 
 
-def augment(batch: torch.Tensor, flip: bool, padding: int = 4) -> torch.Tensor:
+def augment(batch: torch.Tensor, flip: bool, padding: int = CROP_PADDING,
+            generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Random crop with zero padding and (optionally) horizontal flip, per image, on a uint8 batch."""
-    n, _, h, w = batch.shape
-    padded = F.pad(batch, (padding,) * 4)
-    dx = torch.randint(0, 2 * padding + 1, (n,))
-    dy = torch.randint(0, 2 * padding + 1, (n,))
-    rows = (dy.view(n, 1) + torch.arange(h).view(1, h))
-    cols = (dx.view(n, 1) + torch.arange(w).view(1, w))
-    idx_n = torch.arange(n).view(n, 1, 1)
-    out = padded.permute(0, 2, 3, 1)[idx_n, rows.view(n, h, 1), cols.view(n, 1, w)].permute(0, 3, 1, 2)
-    if flip:
-        mask = torch.rand(n) < 0.5
-        out[mask] = out[mask].flip(3)
-    return out.contiguous()
+    out = random_crop(batch, padding, generator)
+    return horizontal_flip(out, 0.5, generator) if flip else out
+
+
+SCHEDULES = ("onecycle", "cosine")
 
 
 @dataclass
@@ -161,51 +155,92 @@ class TrainConfig:
     label_smoothing: float = 0.0
     augment: bool = True  # random crop + flip; off lets a backdoor implant in far fewer steps (the demo)
     device: str = "cpu"
-    amp: bool = False
+    amp: bool = False     # on CUDA: bf16 autocast where the GPU supports it, else fp16 with a GradScaler
     seed: int = 0
     show_progress: Optional[bool] = None  # None: only when stderr is a terminal
+    # "onecycle": warm-up then cosine, stepped per batch (reaches a good model in few epochs);
+    # "cosine": BackdoorBench's schedule, CosineAnnealingLR(T_max=epochs) stepped once per epoch
+    schedule: str = "onecycle"
+    nesterov: bool = True             # BackdoorBench's attacks: False
+    channels_last: Optional[bool] = None  # None: on CUDA only (where convolutions are faster in it)
+    compile: bool = False             # torch.compile the model; the first epoch pays for the compilation
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown training schedule {self.schedule!r}", f"use one of {', '.join(SCHEDULES)}")
+
+
+def autocast_dtype(device: torch.device, amp: bool) -> Optional[torch.dtype]:
+    """The autocast precision for training: None (fp32) off CUDA or without ``amp``, else bf16 if supported."""
+    if not amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
+               steps_per_epoch: int) -> tuple[torch.optim.lr_scheduler.LRScheduler, bool]:
+    """The learning-rate schedule and whether it steps per batch (else per epoch)."""
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs), False
+    total_steps = config.epochs * steps_per_epoch
+    if total_steps >= 4:  # warm-up of at least one step, else OneCycleLR divides by zero
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps,
+                                                   pct_start=max(0.25, 2 / total_steps)), True
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0), True  # too few steps for the phases
+
+
+def _check_finite(loss_sum: torch.Tensor, epoch: int, step: int, config: TrainConfig) -> None:
+    if not torch.isfinite(loss_sum):
+        raise TrainingDiverged(
+            f"attack training diverged: the loss became {loss_sum.item()} by step {step} of epoch {epoch + 1}",
+            f"lower the learning rate (lr={config.lr}) or check the data; no model was kept")
+
+
+DIVERGENCE_CHECK_STEPS = 50  # the loss is checked (one device sync) this often, and at every epoch's end
 
 
 def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, dataset: str,
                      config: TrainConfig, on_epoch_end: Optional[Callable[[int, float], None]] = None) -> nn.Module:
-    """Train ``model`` on uint8 images with SGD + one-cycle cosine learning rate and batch augmentation."""
+    """Train ``model`` on uint8 images (N, H, W, C) with SGD and batch augmentation on the device.
+
+    The whole training set is held as uint8 on ``config.device`` (``TensorBatches``); crops, flips and the
+    normalisation run there on whole batches. A NaN or infinite loss raises ``TrainingDiverged``.
+    """
     torch.manual_seed(config.seed)
     device = torch.device(config.device)
-    model.to(device)
-    data = to_tensor_batch(images)
-    targets = torch.from_numpy(labels.astype(np.int64))
-    steps_per_epoch = math.ceil(len(data) / config.batch_size)
+    channels_last = device.type == "cuda" if config.channels_last is None else config.channels_last
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    data = TensorImages(to_tensor_batch(images), (torch.from_numpy(labels.astype(np.int64)),))
+    batches = TensorBatches(data, dataset, config.batch_size, shuffle=True, augment=config.augment,
+                            device=device, channels_last=channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay, nesterov=True)
-    total_steps = config.epochs * steps_per_epoch
-    if total_steps >= 4:  # warm-up of at least one step, else OneCycleLR divides by zero
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps,
-                                                        pct_start=max(0.25, 2 / total_steps))
-    else:  # too few steps for warm-up and annealing phases
-        scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
-    use_amp = config.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    flip = dataset == "cifar10"
+                                weight_decay=config.weight_decay, nesterov=config.nesterov)
+    scheduler, per_step = _scheduler(optimizer, config, len(batches))
+    amp_dtype = autocast_dtype(device, config.amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    forward = torch.compile(model) if config.compile else model
     for epoch in range(config.epochs):
         model.train()
-        order = torch.randperm(len(data))
-        total = 0.0
-        for start in progress(range(0, len(data), config.batch_size), config.show_progress,
-                              f"train epoch {epoch + 1}/{config.epochs}"):
-            idx = order[start:start + config.batch_size]
-            batch = augment(data[idx], flip) if config.augment else data[idx]
-            x = normalise(batch.to(device, non_blocking=True), dataset)
-            y = targets[idx].to(device, non_blocking=True)
-            with torch.autocast(device.type, enabled=use_amp):
-                loss = F.cross_entropy(model(x), y, label_smoothing=config.label_smoothing)
+        loss_sum = torch.zeros((), device=device)
+        step = 0
+        for step, (x, y) in enumerate(progress(batches, config.show_progress,
+                                               f"train epoch {epoch + 1}/{config.epochs}"), 1):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = F.cross_entropy(forward(x), y, label_smoothing=config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            if per_step:
+                scheduler.step()
+            loss_sum += loss.detach().float()
+            if step % DIVERGENCE_CHECK_STEPS == 0:
+                _check_finite(loss_sum, epoch, step, config)
+        if not per_step:
             scheduler.step()
-            total += loss.item()
+        _check_finite(loss_sum, epoch, step, config)
         if on_epoch_end is not None:
-            on_epoch_end(epoch, total / steps_per_epoch)
+            on_epoch_end(epoch, loss_sum.item() / max(step, 1))
     model.eval()
     return model
 
