@@ -6,17 +6,26 @@ Attacks: badnets (3×3 white patch, bottom-right), blended (alpha 0.2, a seeded 
 IMAGE), sig (clean-label sinusoid, delta 40, f 6), wanet (a fixed warp, k 4, s 0.5, static poisoning);
 all-to-one, target label 0; the rate is the fraction of the whole training set that is poisoned. Everything is
 seeded by --seed (poisoned indices, trigger keys, training order). A record whose ``attack_result.pt`` exists
-is reused (the cache), unless --force.
+is reused (the cache), unless --force. ``--jobs N`` trains N records side by side in separate processes. A
+record whose training fails (a NaN/inf loss: ``TrainingDiverged``) is not written; the others still finish, and
+the script exits with status 2 and one line per failed record.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import multiprocessing
+import os
+import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
+import torch
 
 from bench_scripts.common import (
     add_protocol_args,
@@ -44,6 +53,7 @@ from fst_plugin.attacks import (
     train_classifier,
 )
 from fst_plugin.adapter.defenses import resolve_device
+from fst_plugin.errors import FSTError
 from fst_plugin.models import build_model
 from fst_plugin.record import write_attack_record
 
@@ -126,7 +136,58 @@ def make_record(protocol, data_dir: Path, root: Path, attack: str, rate: float, 
     return record_dir
 
 
+@dataclass(frozen=True)
+class RecordJob:
+    """One record to make: the arguments of ``make_record``, picklable for a worker process."""
+
+    protocol: Any
+    data_dir: Path
+    root: Path
+    attack: str
+    rate: float
+    seed: int
+    blend_pattern: Optional[str]
+    force: bool
+    results_dir: Optional[Path]
+
+    @property
+    def name(self) -> str:
+        return record_name(self.attack, self.rate, self.seed, trigger_key(self.attack, self.blend_pattern))
+
+
+def run_job(job: RecordJob) -> tuple[Optional[Path], Optional[str]]:
+    """Make one record; return (its folder, None), or (None, the one-line reason it failed).
+
+    A user-facing problem (``FSTError``, e.g. ``TrainingDiverged``) is its own line; anything else is a bug, so
+    its traceback goes to the log. Nothing of a failed record is written: the record is written after training.
+    torch is seeded first, so the model's initialisation depends on the seed alone, not on which records this
+    process made before (a record made in a worker equals one made alone)."""
+    torch.manual_seed(job.seed)
+    try:
+        return make_record(job.protocol, job.data_dir, job.root, job.attack, job.rate, job.seed,
+                           job.blend_pattern, job.force, job.results_dir), None
+    except FSTError as exc:
+        return None, str(exc)
+    except Exception as exc:  # noqa: BLE001 - a job's failure must not stop the other jobs
+        log.exception("%s failed", job.name)
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def run_jobs(jobs: list[RecordJob], workers: int) -> list[tuple[Optional[Path], Optional[str]]]:
+    """Run the jobs, ``workers`` at a time in separate processes (they share the GPU, or split the CPU cores)."""
+    if workers <= 1 or len(jobs) <= 1:
+        return [run_job(job) for job in jobs]
+    workers = min(workers, len(jobs))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    log.info("making %d records, %d at a time (%d torch threads each)", len(jobs), workers, threads)
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked processes
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=setup,
+                             initargs=(threads,)) as pool:
+        return list(pool.map(run_job, jobs))
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
+    """Make the records; exit with status 2 and one line per failed record if any failed (the others finish)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_protocol_args(parser)
     parser.add_argument("--attacks", nargs="*", help="attack:rate items (default: the protocol's grid)")
@@ -134,14 +195,25 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--blend-pattern", help="image file used as Blended's key (default: seeded noise)")
     parser.add_argument("--epochs", type=int, help="override the protocol's attack epochs")
     parser.add_argument("--force", action="store_true", help="retrain even when the record is cached")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="records trained side by side, each in its own process (on a GPU they share it)")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     setup()
     protocol = protocol_from_args(args, epochs=args.epochs)
     root = protocol_root(args.cache, protocol.name)
     link_data(root, args.data)
     results = args.results or REPO / "bench_results" / protocol.name
-    return [make_record(protocol, args.data, root, attack, rate, args.seed, args.blend_pattern, args.force, results)
-            for attack, rate in parse_grid(args.attacks, protocol.grid)]
+    jobs = [RecordJob(protocol, args.data, root, attack, rate, args.seed, args.blend_pattern, args.force, results)
+            for attack, rate in dict.fromkeys(parse_grid(args.attacks, protocol.grid))]
+    outcomes = run_jobs(jobs, args.jobs)
+    failures = [(job, reason) for job, (_, reason) in zip(jobs, outcomes) if reason is not None]
+    for job, reason in failures:
+        print(f"error: {job.name}: {reason}", file=sys.stderr)
+    if failures:
+        raise SystemExit(2)
+    return [folder for folder, _ in outcomes]
 
 
 if __name__ == "__main__":

@@ -176,3 +176,48 @@ def test_backdoorbench_builtins_run_from_its_root_on_our_records(bench, tmp_path
     for name in ("ft", "nad"):   # the fake "defense" returns the attacked model unchanged
         row = df[df.variant == name].iloc[0]
         assert row.source == "backdoorbench" and row.test_asr == pytest.approx(none.test_asr)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    data = tmp_path_factory.mktemp("jobs_data")
+    rng = np.random.default_rng(0)
+    write_image_folders(data, "train", *synthetic_images(40, rng))
+    write_image_folders(data, "test", *synthetic_images(10, rng))
+    return data
+
+
+def _error_lines(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+
+
+def test_jobs_train_records_side_by_side_and_a_failing_job_does_not_stop_the_others(tiny_data, tmp_path, capsys):
+    """--jobs 2: each record in its own process, the same record as a one-process run; a job that fails (here
+    Blended's key image is missing) reports one line, writes nothing, and the script exits 2 after the others."""
+    common = ["--protocol", "tiny", "--data", str(tiny_data), "--results", str(tmp_path / "results")]
+    with pytest.raises(SystemExit) as stopped:
+        make_records.main(common + ["--cache", str(tmp_path / "par"), "--jobs", "2", "--blend-pattern",
+                                    str(tmp_path / "missing.png"), "--attacks", "badnets:0.1", "sig:0.05", "blended:0.1"])
+    assert stopped.value.code == 2
+    errors = _error_lines(capsys)
+    assert len(errors) == 1 and errors[0].startswith("error: blended-missing_0.1_s0: ")
+    records = tmp_path / "par" / "tiny" / "record"
+    assert sorted(p.name for p in records.iterdir()) == ["badnets_0.1_s0", "sig_0.05_s0"]
+    serial, = make_records.main(common + ["--cache", str(tmp_path / "one"), "--attacks", "badnets:0.1"])
+    side_by_side = load_attack_record(records / "badnets_0.1_s0")
+    alone = load_attack_record(serial)
+    for key, value in alone.state_dict.items():
+        assert torch.allclose(side_by_side.state_dict[key].float(), value.float(), atol=1e-4), key
+    assert load_attack_record(records / "sig_0.05_s0").bd_test is not None
+
+
+def test_a_diverging_attack_writes_no_record_and_exits_with_one_line(tiny_data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        make_records.main(["--protocol", "tiny", "--data", str(tiny_data), "--cache", str(tmp_path / "cache"),
+                           "--results", str(tmp_path / "results"), "--attacks", "badnets:0.1",
+                           "--set", "lr=1000000000000.0"])
+    assert stopped.value.code == 2
+    errors = _error_lines(capsys)
+    assert len(errors) == 1 and "diverged" in errors[0] and "Fix: lower the learning rate" in errors[0]
+    assert not list((tmp_path / "cache").rglob("attack_result.pt"))
+    assert not (tmp_path / "cache" / "tiny" / "record" / "badnets_0.1_s0").exists()
