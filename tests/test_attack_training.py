@@ -1,0 +1,61 @@
+"""The attack trainer (fst_plugin.attacks.train_classifier): its schedules, its divergence guard, and that a seed
+fixes its result."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fst_plugin.attacks import TrainConfig, _scheduler, train_classifier
+from fst_plugin.errors import ConfigError, TrainingDiverged
+from fst_plugin.models import build_model
+
+
+def _tiny_set(n: int = 48) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, size=n)
+
+
+def test_the_cosine_schedule_is_backdoorbenchs_per_epoch_annealing() -> None:
+    """BackdoorBench: CosineAnnealingLR(T_max=epochs), stepped once per epoch, whatever the number of batches."""
+    config = TrainConfig(epochs=5, lr=0.01, schedule="cosine", nesterov=False)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.lr, momentum=0.9)
+    scheduler, per_step = _scheduler(optimizer, config, steps_per_epoch=391)
+    assert not per_step
+    for epoch in range(config.epochs):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * (1 + math.cos(math.pi * epoch / 5)) / 2)
+        optimizer.step()
+        scheduler.step()
+
+
+def test_an_unknown_schedule_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="unknown training schedule 'step'"):
+        TrainConfig(schedule="step")
+
+
+def test_a_nan_loss_stops_attack_training_with_one_clear_error() -> None:
+    images, labels = _tiny_set()
+    with pytest.raises(TrainingDiverged) as diverged:
+        train_classifier(build_model("preactresnet_small", 10), images, labels, "cifar10",
+                         TrainConfig(epochs=3, batch_size=16, lr=1e12, show_progress=False))
+    message = str(diverged.value)
+    assert "\n" not in message and "diverged" in message and "Fix: lower the learning rate" in message
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
+def test_a_seed_fixes_the_trained_weights(schedule: str) -> None:
+    images, labels = _tiny_set()
+    config = TrainConfig(epochs=2, batch_size=16, lr=0.01, schedule=schedule, show_progress=False, seed=4)
+    losses: list[float] = []
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = build_model("preactresnet_small", 10)
+        initial = {k: v.clone() for k, v in model.state_dict().items()}
+        runs.append(train_classifier(model, images, labels, "cifar10", config,
+                                     on_epoch_end=lambda epoch, loss: losses.append(loss)).state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert all(math.isfinite(v) for v in losses) and losses[:2] == losses[2:]
+    assert not torch.equal(runs[0]["linear.weight"], initial["linear.weight"])  # it did train
