@@ -138,16 +138,17 @@ def ablation_tables(df: pd.DataFrame) -> str:
         table = (100 * table).round(2)
         table.columns = [f"{m} {'C-Acc' if v == 'test_acc' else 'ASR'}" for v, m in table.columns]
         parts.append("### Tuning-set size (clean images)\n\n" + table.reset_index().to_markdown(index=False))
-    longer = df[df["variant"].str.contains(r"_e\d+$")]
+    longer = df[df["variant"].str.contains(r"_e\d+$|_lr[\d.e-]+$")]
     if len(longer):
         rows = []
         for r in longer.itertuples():
             base = df[(df["record"] == r.record) & (df["variant"] == r.method)]
-            rows.append({"record": r.record, "method": r.method, "epochs": int(r.epochs),
-                         "C-Acc (10 ep.)": pct(base.iloc[0].test_acc) if len(base) else "–",
-                         "ASR (10 ep.)": pct(base.iloc[0].test_asr) if len(base) else "–",
+            lr = r.variant.rpartition("_lr")[2] if "_lr" in r.variant else "0.01 (paper)"
+            rows.append({"record": r.record, "method": r.method, "epochs": int(r.epochs), "lr": lr,
+                         "C-Acc (paper settings)": pct(base.iloc[0].test_acc) if len(base) else "–",
+                         "ASR (paper settings)": pct(base.iloc[0].test_asr) if len(base) else "–",
                          "C-Acc": pct(r.test_acc), "ASR": pct(r.test_asr)})
-        parts.append("### Longer tuning\n\n" + pd.DataFrame(rows).to_markdown(index=False))
+        parts.append("### Longer tuning, larger lr\n\n" + pd.DataFrame(rows).to_markdown(index=False))
     proj = df[df["variant"].str.endswith("_noproj") | df["variant"].str.endswith("_atmost")]
     if len(proj):
         rows = []
@@ -232,7 +233,7 @@ def figures(df: pd.DataFrame, root: Path, out: Path) -> list[str]:
             plt.close(fig)
             made.append(f"alpha_{record}.png")
         size = sub[sub["n_clean"].notna() & sub["method"].isin(["fst", "ft-init", "fe-tuning"])
-                   & ~sub["variant"].str.contains(r"alpha|noproj|atmost|_e\d+$")]
+                   & ~sub["variant"].str.contains(r"alpha|noproj|atmost|_e\d+$|_lr[\d.e-]+$")]
         if size["n_clean"].nunique() > 1:
             made.append(asr_acc_figure({LABELS[m]: g.sort_values("n_clean") for m, g in size.groupby("method")},
                                        "n_clean", "clean tuning images", f"{record}: tuning-set size",
@@ -325,6 +326,25 @@ def fresh_head_table(results: Path) -> str:
             + df[list(cols)].rename(columns=cols).round(3).to_markdown(index=False))
 
 
+def layers_table(results: Path) -> str:
+    """diagnostics.py --layers probes: per record, model and stage, trigger detectability and target share."""
+    rows = []
+    for f in sorted(results.glob("layers_*.json")):
+        probe = json.loads(f.read_text())
+        for model, stages in probe["models"].items():
+            row = {"record": probe["record"], "model": model}
+            for stage, v in stages.items():
+                row[f"{stage} probe"] = round(100 * v["trigger_probe_acc"], 1)
+                row[f"{stage} →target"] = round(100 * v["target_share"], 1)
+            rows.append(row)
+    if not rows:
+        return ""
+    return ("Per stage (top-level block before the head): `probe` = held-out accuracy (%) of a linear probe telling "
+            "an image from the same image with the trigger (50 = the stage does not see the trigger); `→target` = "
+            "share (%) of triggered non-target images whose pooled stage feature is nearest the target class's "
+            "clean centroid (`diagnostics.py --layers`).\n\n" + pd.DataFrame(rows).to_markdown(index=False))
+
+
 def missing_inputs(df: pd.DataFrame, root: Path, results: Path, builtins_shown: bool) -> str:
     """What the tables and figures could not show, and why: absent record folders (efficiency curves, the
     epoch-3 target, t-SNE) and BackdoorBench built-ins that were not run."""
@@ -377,6 +397,7 @@ def main(argv: list[str] | None = None) -> str:
         + detail_table(df, grid_variants),
         "## Ablations\n\n" + (ablation_tables(df) or "(none run)"),
         *(["## Fresh head on frozen features\n\n" + probe] if (probe := fresh_head_table(results)) else []),
+        *(["## Where the trigger lives (per stage)\n\n" + stages] if (stages := layers_table(results)) else []),
         "## Figures\n\n" + "\n".join(f"- [figures/{p.name}](figures/{p.name})"
                                        for p in sorted((results / "figures").glob("*.png"))),
         "## Timings and exact commands\n\n" + timings_table(results / "timings.jsonl"),

@@ -60,6 +60,7 @@ class Protocol:
     projection_methods: tuple = ("fst", "ft-init", "fe-tuning", "lp", "vanilla-ft")
     long_epochs: int = 20                   # the "longer tuning" check: does C-Acc keep recovering?
     long_methods: tuple = ("fst",)
+    ablation_lrs: tuple = (0.05,)           # the "larger lr" check (the paper's lr is defense_lr = 0.01)
     tsne_points: int = 500                  # per group (target-class clean, poisoned) in diagnostics
     notes: str = ""
 
