@@ -7,10 +7,10 @@ Writes bench_results/<protocol>/figures/tsne_<record>.png. Each panel's title gi
 plotted poisoned images and the share of them whose feature is nearest to the target class's clean-feature
 centroid (evaluate.py's ``feat_target_share``, here with centroids from ``points`` clean images per class).
 
-``--layers`` asks where in the network the trigger lives: for every stage (each top-level block before the head,
-globally average-pooled) of the backdoored model and of each defended one, how linearly detectable the trigger
-is (a probe telling an image from the same image with the trigger) and whether triggered images already sit
-in the target class's cluster (nearest clean-class centroid). Writes results/layers_<record>.json.
+``--layers`` asks where in the network the trigger lives: for every stage (each top-level block before the head)
+of the backdoored model and of each defended one, how linearly detectable the trigger is (a probe telling an
+image from the same image with the trigger) and whether triggered images already sit in the target class's
+cluster (nearest clean-class centroid). Writes results/layers_<record>.json.
 """
 from __future__ import annotations
 
@@ -177,8 +177,8 @@ def layer_probe(record_dir: Path, data_dir: Path, methods: tuple[str, ...], n_im
     pool = np.flatnonzero(sets.clean_y != TARGET)
     chosen = rng.choice(pool, size=min(n_images, len(pool)), replace=False)
     clean, triggered = sets.clean_x[chosen], trigger(sets.clean_x[chosen])
-    ref = np.concatenate([rng.choice(pool, size=min(per_class, len(pool)), replace=False)
-                          for pool in (np.flatnonzero(sets.clean_y == c) for c in np.unique(sets.clean_y))])
+    ref = np.concatenate([rng.choice(members, size=min(per_class, len(members)), replace=False)
+                          for members in (np.flatnonzero(sets.clean_y == c) for c in np.unique(sets.clean_y))])
     half = len(chosen) // 2
     rec = sets.record
     models = [("none", lambda: load_model(rec.model_name, rec.num_classes, rec.state_dict))]
