@@ -11,7 +11,10 @@
   (defense/<method>_noproj/), and with the paper's bound ‖W‖ ≤ ‖W₀‖ instead of the official code's
   ‖W‖ = ‖W₀‖ (defense/<method>_atmost/);
 * longer tuning (``--only epochs``, not in the default set): the protocol's ``long_methods`` for
-  ``long_epochs`` epochs (defense/<method>_e<epochs>/), to see whether clean accuracy keeps recovering.
+  ``long_epochs`` epochs (defense/<method>_e<epochs>/), to see whether clean accuracy keeps recovering;
+* larger learning rate (``--only lr``, not in the default set): the ``long_methods`` at each of the protocol's
+  ``ablation_lrs`` (defense/<method>_lr<lr>/), to see whether moving the early layers more removes a trigger
+  that the paper's lr 0.01 leaves in place.
 The per-epoch ASR / C-Acc curves (the efficiency figure) need no extra run: every grid defense already writes
 its per-epoch CSV; make_table.py draws them. Finished variants are skipped unless --force.
 """
@@ -62,6 +65,8 @@ def variants(record_dir: Path, data_dir: Path, protocol, only: list[str], seed: 
     if "epochs" in only:
         out += [(m, f"{m}_e{protocol.long_epochs}", ["--epochs", str(protocol.long_epochs)])
                 for m in protocol.long_methods]
+    if "lr" in only:
+        out += [(m, f"{m}_lr{lr:g}", ["--lr", str(lr)]) for m in protocol.long_methods for lr in protocol.ablation_lrs]
     if "projection" in only:
         out += [(m, f"{m}_noproj", ["--projection", "off"]) for m in protocol.projection_methods]
         # the paper's constraint ‖W‖ ≤ ‖W₀‖ instead of the official code's ‖W‖ = ‖W₀‖; a frozen head (FE-tuning)

@@ -6,6 +6,11 @@ images vs poisoned test images, for the backdoored model and after each defense.
 Writes bench_results/<protocol>/figures/tsne_<record>.png. Each panel's title gives the model's ASR on the
 plotted poisoned images and the share of them whose feature is nearest to the target class's clean-feature
 centroid (evaluate.py's ``feat_target_share``, here with centroids from ``points`` clean images per class).
+
+``--layers`` asks where in the network the trigger lives: for every stage (each top-level block before the head)
+of the backdoored model and of each defended one, how linearly detectable the trigger is (a probe telling an
+image from the same image with the trigger) and whether triggered images already sit in the target class's
+cluster (nearest clean-class centroid). Writes results/layers_<record>.json.
 """
 from __future__ import annotations
 
@@ -16,12 +21,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import nn
 
 from bench_scripts.common import (
+    DATASET,
     METHODS,
     REPO,
     TARGET,
     add_protocol_args,
+    bench_info,
+    make_trigger,
     feature_shift_measures,
     load_arrays,
     load_defended,
@@ -33,6 +43,7 @@ from bench_scripts.common import (
     setup,
 )
 from bench_scripts.evaluate import TestSets
+from fst_plugin.attacks import normalise, to_tensor_batch
 from fst_plugin.core import find_head
 from fst_plugin.io_utils import atomic_write_text
 from fst_plugin.record import load_attack_record
@@ -120,6 +131,92 @@ def fresh_head_probe(record_dir: Path, data_dir: Path, seed: int = 0) -> dict[st
             "fresh_head_cv_acc": float(scores[best_c])}
 
 
+@torch.no_grad()
+def stage_features(model: nn.Module, images: np.ndarray, num_classes: int, batch_size: int = 500) -> dict[str, np.ndarray]:
+    """Outputs of every top-level block before the head (the network's stages), average-pooled to 2×2 cells
+    (N, C, 4): a global average alone cancels a periodic trigger such as SIG's whole-period sinusoid."""
+    head = find_head(model, num_classes).modules[-1]
+    stages = [(n, m) for n, m in model.named_children() if m is not head and not isinstance(m, nn.AdaptiveAvgPool2d)]
+    captured: dict[str, list[np.ndarray]] = {n: [] for n, _ in stages}
+
+    def hook(name: str):
+        def grab(_m, _inp, out):
+            out = out.float()
+            pooled = nn.functional.adaptive_avg_pool2d(out, 2).flatten(2) if out.dim() == 4 else out[:, :, None]
+            captured[name].append(pooled.cpu().numpy())
+        return grab
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in stages]
+    model.eval()
+    data = to_tensor_batch(images)
+    try:
+        for i in range(0, len(data), batch_size):
+            model(normalise(data[i:i + batch_size], DATASET))
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: np.concatenate(v) for n, v in captured.items()}
+
+
+def layer_probe(record_dir: Path, data_dir: Path, methods: tuple[str, ...], n_images: int = 1000,
+                per_class: int = 200, seed: int = 0) -> dict:
+    """Per stage and per model: ``trigger_probe_acc`` (held-out accuracy of a logistic regression on the 2×2-pooled
+    stage output telling ``n_images`` non-target test images from the same images with the record's trigger;
+    trained on one half of the images, scored on the other, so it measures the trigger, not the image),
+    ``shift_over_spread`` (the mean trigger-induced change of the globally pooled feature over the clean
+    features' spread) and ``target_share`` (share of triggered images whose globally pooled feature is nearest,
+    by cosine, to the target class's centroid of ``per_class`` clean images per class; at the last stage this is
+    evaluate.py's feat→target)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    sets = TestSets(record_dir, data_dir)
+    info = bench_info(sets.record)
+    trigger = make_trigger(info["attack"], int(info.get("seed", 0)), info.get("blend_pattern"))
+    rng = np.random.default_rng(seed)
+    pool = np.flatnonzero(sets.clean_y != TARGET)
+    chosen = rng.choice(pool, size=min(n_images, len(pool)), replace=False)
+    clean, triggered = sets.clean_x[chosen], trigger(sets.clean_x[chosen])
+    ref = np.concatenate([rng.choice(members, size=min(per_class, len(members)), replace=False)
+                          for members in (np.flatnonzero(sets.clean_y == c) for c in np.unique(sets.clean_y))])
+    half = len(chosen) // 2
+    rec = sets.record
+    models = [("none", lambda: load_model(rec.model_name, rec.num_classes, rec.state_dict))]
+    models += [(m, lambda p=record_dir / "defense" / m / "defense_result.pt": load_defended(p))
+               for m in methods if (record_dir / "defense" / m / "defense_result.pt").is_file()]
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    out: dict = {"record": record_dir.name, "attack": info["attack"], "n_images": int(len(chosen)), "models": {}}
+    for name, build in models:
+        model = build()
+        cells_clean, cells_trig = (stage_features(model, x, rec.num_classes) for x in (clean, triggered))
+        f_ref = {k: v.mean(2) for k, v in stage_features(model, sets.clean_x[ref], rec.num_classes).items()}
+        rows = {}
+        for stage in cells_clean:
+            a, b = cells_clean[stage].mean(2), cells_trig[stage].mean(2)
+            ca, cb = cells_clean[stage].reshape(len(a), -1), cells_trig[stage].reshape(len(b), -1)
+            x_fit = np.concatenate([ca[:half], cb[:half]])
+            x_test = np.concatenate([ca[half:], cb[half:]])
+            y = np.r_[np.zeros(half), np.ones(half)]
+            y_test = np.r_[np.zeros(len(a) - half), np.ones(len(a) - half)]
+            scaler = StandardScaler().fit(x_fit)
+            probe = LogisticRegression(max_iter=2000, C=0.1).fit(scaler.transform(x_fit), y)
+            labels = sets.clean_y[ref]
+            classes = np.unique(labels)
+            centroids = unit(np.stack([f_ref[stage][labels == c].mean(0) for c in classes]))
+            nearest = classes[(unit(b) @ centroids.T).argmax(1)]
+            spread = float(np.sqrt(a.var(0).sum()))
+            rows[stage] = {"trigger_probe_acc": float(probe.score(scaler.transform(x_test), y_test)),
+                           "shift_over_spread": float(np.linalg.norm((b - a).mean(0)) / max(spread, 1e-12)),
+                           "target_share": float((nearest == TARGET).mean()),
+                           "clean_target_share": float((classes[(unit(a) @ centroids.T).argmax(1)] == TARGET).mean())}
+        out["models"][name] = rows
+        log.info("%s %s: %s", record_dir.name, name, {k: round(v["target_share"], 3) for k, v in rows.items()})
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_protocol_args(parser)
@@ -128,6 +225,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fresh-head", action="store_true",
                         help="also fit a fresh linear head on the frozen features of FST's tuning set "
                              "(results/fresh_head_<record>.json; explains re-init C-Acc costs)")
+    parser.add_argument("--layers", nargs="*", metavar="METHOD",
+                        help="also run the per-stage trigger probe on the backdoored model and these defenses' models "
+                             "(results/layers_<record>.json; default: the five modes)")
+    parser.add_argument("--no-tsne", action="store_true", help="skip the t-SNE figure")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     setup()
@@ -139,10 +240,14 @@ def main(argv: list[str] | None = None) -> None:
         probe = fresh_head_probe(record_dir, args.data, args.seed)
         atomic_write_text(results / f"fresh_head_{args.record}.json", json.dumps(probe, indent=1))
         log.info("fresh linear head on frozen features: %s", probe)
-    out = tsne_figure(record_dir, args.data, args.points or protocol.tsne_points,
-                      results / "figures" / f"tsne_{args.record}.png")
+    if args.layers is not None:
+        layers = layer_probe(record_dir, args.data, tuple(args.layers) or METHODS, seed=args.seed)
+        atomic_write_text(results / f"layers_{args.record}.json", json.dumps(layers, indent=1))
+    if not args.no_tsne:
+        out = tsne_figure(record_dir, args.data, args.points or protocol.tsne_points,
+                          results / "figures" / f"tsne_{args.record}.png")
+        log.info("wrote %s", out)
     log_timing(results, f"diagnostics {args.record}", time.time() - started)
-    log.info("wrote %s", out)
 
 
 if __name__ == "__main__":

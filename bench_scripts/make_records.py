@@ -107,6 +107,7 @@ def make_record(protocol, data_dir: Path, root: Path, attack: str, rate: float, 
 
     train_classifier(model, poisoned.images, poisoned.labels, DATASET,
                      TrainConfig(epochs=protocol.epochs, batch_size=protocol.batch_size, lr=protocol.lr,
+                                 momentum=protocol.momentum, nesterov=protocol.nesterov, schedule=protocol.schedule,
                                  weight_decay=protocol.weight_decay, label_smoothing=protocol.label_smoothing,
                                  device=device, amp=protocol.amp, seed=seed, show_progress=False),
                      on_epoch_end=on_epoch)

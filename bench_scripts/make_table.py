@@ -18,6 +18,7 @@ from typing import Optional
 
 import numpy as np
 import pandas as pd
+from dataclasses import dataclass
 
 from bench_scripts.common import (
     METHODS,
@@ -36,6 +37,23 @@ LABELS = {"none": "No defense", "lp": "LP", "vanilla-ft": "Vanilla FT", "fe-tuni
 LOW_RATE = 0.01
 
 
+@dataclass(frozen=True)
+class Targets:
+    """The targets a protocol's table is checked against (each issue set its own)."""
+    issue: str
+    max_drop: float                  # FST's average C-Acc drop over the low-rate records
+    asr_only_vs_baselines: bool      # "FST's ASR below FE-tuning's / FT-init's" without a C-Acc condition
+    n50_max_drop: Optional[float]    # the 50-image target also bounds the C-Acc drop (None: ASR only)
+
+
+CPU_TARGETS = Targets("issue #3, CPU protocol", max_drop=0.03, asr_only_vs_baselines=False, n50_max_drop=None)
+PAPER_SCALE_TARGETS = Targets("issue #10, paper scale", max_drop=0.02, asr_only_vs_baselines=True, n50_max_drop=0.10)
+
+
+def targets_for(protocol_name: str) -> Targets:
+    return PAPER_SCALE_TARGETS if protocol_name.startswith("gpu") else CPU_TARGETS
+
+
 def pct(x: float) -> str:
     return "–" if pd.isna(x) else f"{100 * x:.2f}"
 
@@ -45,8 +63,9 @@ def row_label(attack: str, rate: float, key: Optional[str] = None) -> str:
     return f"{attack}{f' ({key} key)' if isinstance(key, str) and key else ''} {100 * rate:g}%"
 
 
-def main_table(df: pd.DataFrame) -> str:
-    methods = [m for m in ("none",) + METHODS + BB_METHODS if m in set(df["variant"])]
+def main_table(df: pd.DataFrame, always: tuple[str, ...] = ()) -> str:
+    """``always``: methods given a column even where no record has a run of them (their cells stay "–")."""
+    methods = [m for m in ("none",) + METHODS + BB_METHODS if m in set(df["variant"]) or m in always]
     grid = df[df["variant"].isin(methods)]
     if "trigger_key" not in grid:  # results.csv written before image-keyed Blended records existed
         grid = grid.assign(trigger_key=None)
@@ -119,16 +138,17 @@ def ablation_tables(df: pd.DataFrame) -> str:
         table = (100 * table).round(2)
         table.columns = [f"{m} {'C-Acc' if v == 'test_acc' else 'ASR'}" for v, m in table.columns]
         parts.append("### Tuning-set size (clean images)\n\n" + table.reset_index().to_markdown(index=False))
-    longer = df[df["variant"].str.contains(r"_e\d+$")]
+    longer = df[df["variant"].str.contains(r"_e\d+$|_lr[\d.e-]+$")]
     if len(longer):
         rows = []
         for r in longer.itertuples():
             base = df[(df["record"] == r.record) & (df["variant"] == r.method)]
-            rows.append({"record": r.record, "method": r.method, "epochs": int(r.epochs),
-                         "C-Acc (10 ep.)": pct(base.iloc[0].test_acc) if len(base) else "–",
-                         "ASR (10 ep.)": pct(base.iloc[0].test_asr) if len(base) else "–",
+            lr = r.variant.rpartition("_lr")[2] if "_lr" in r.variant else "0.01 (paper)"
+            rows.append({"record": r.record, "method": r.method, "epochs": int(r.epochs), "lr": lr,
+                         "C-Acc (paper settings)": pct(base.iloc[0].test_acc) if len(base) else "–",
+                         "ASR (paper settings)": pct(base.iloc[0].test_asr) if len(base) else "–",
                          "C-Acc": pct(r.test_acc), "ASR": pct(r.test_asr)})
-        parts.append("### Longer tuning\n\n" + pd.DataFrame(rows).to_markdown(index=False))
+        parts.append("### Longer tuning, larger lr\n\n" + pd.DataFrame(rows).to_markdown(index=False))
     proj = df[df["variant"].str.endswith("_noproj") | df["variant"].str.endswith("_atmost")]
     if len(proj):
         rows = []
@@ -213,7 +233,7 @@ def figures(df: pd.DataFrame, root: Path, out: Path) -> list[str]:
             plt.close(fig)
             made.append(f"alpha_{record}.png")
         size = sub[sub["n_clean"].notna() & sub["method"].isin(["fst", "ft-init", "fe-tuning"])
-                   & ~sub["variant"].str.contains(r"alpha|noproj|atmost|_e\d+$")]
+                   & ~sub["variant"].str.contains(r"alpha|noproj|atmost|_e\d+$|_lr[\d.e-]+$")]
         if size["n_clean"].nunique() > 1:
             made.append(asr_acc_figure({LABELS[m]: g.sort_values("n_clean") for m, g in size.groupby("method")},
                                        "n_clean", "clean tuning images", f"{record}: tuning-set size",
@@ -221,8 +241,8 @@ def figures(df: pd.DataFrame, root: Path, out: Path) -> list[str]:
     return made
 
 
-def targets(df: pd.DataFrame, root: Path) -> str:
-    """The issue's CPU-protocol targets, each checked on what was measured (or said to be unmeasured)."""
+def targets(df: pd.DataFrame, root: Path, spec: Targets = CPU_TARGETS) -> str:
+    """The protocol's targets (``spec``), each checked on what was measured (or said to be unmeasured)."""
     lines = []
 
     def get(record_prefix: str, variant: str) -> Optional[pd.Series]:
@@ -237,13 +257,15 @@ def targets(df: pd.DataFrame, root: Path) -> str:
         drop = none.set_index("record").loc[recs, "test_acc"].mean() - fst.set_index("record").loc[recs, "test_acc"].mean()
         lines.append(f"- FST average ASR ≤ 2% over the low-rate records ({len(recs)}: {', '.join(recs)}): "
                      f"{100 * asr:.2f}% → {'MET' if asr <= 0.02 else 'MISSED'}")
-        lines.append(f"- FST average C-Acc drop ≤ 3 points vs no defense: {100 * drop:.2f} points → "
-                     f"{'MET' if drop <= 0.03 else 'MISSED'}")
+        lines.append(f"- FST average C-Acc drop ≤ {100 * spec.max_drop:g} points vs no defense: {100 * drop:.2f} points → "
+                     f"{'MET' if drop <= spec.max_drop else 'MISSED'}")
         for other in ("fe-tuning", "ft-init"):
             o = low[(low["variant"] == other) & low["record"].isin(recs)]
             if len(o) == len(recs):
-                ok = fst["test_asr"].mean() < o["test_asr"].mean() and fst["test_acc"].mean() >= o["test_acc"].mean()
-                lines.append(f"- FST average ASR below {other}'s at equal or better C-Acc: FST {100 * fst['test_asr'].mean():.2f}% / "
+                ok = fst["test_asr"].mean() < o["test_asr"].mean() and (
+                    spec.asr_only_vs_baselines or fst["test_acc"].mean() >= o["test_acc"].mean())
+                condition = "" if spec.asr_only_vs_baselines else " at equal or better C-Acc"
+                lines.append(f"- FST average ASR below {other}'s{condition}: FST {100 * fst['test_asr'].mean():.2f}% / "
                              f"{100 * fst['test_acc'].mean():.2f}% vs {other} {100 * o['test_asr'].mean():.2f}% / "
                              f"{100 * o['test_acc'].mean():.2f}% → {'MET' if ok else 'MISSED'}")
     for prefix in ("badnets_0.005_", "badnets_0.01_"):
@@ -253,12 +275,18 @@ def targets(df: pd.DataFrame, root: Path) -> str:
                          + (f"{pct(r.test_asr)}% → {'MET' if r.test_asr >= 0.5 else 'MISSED'}" if r is not None else "not measured"))
     r, base = get("badnets_0.01_", "fst_n50"), get("badnets_0.01_", "none")
     verdict = "not measured"
-    if r is not None:
+    if r is not None and spec.n50_max_drop is not None and base is not None:
+        drop = base.test_acc - r.test_acc
+        ok = r.test_asr <= 0.05 and drop <= spec.n50_max_drop
+        verdict = (f"{pct(r.test_asr)}% at a C-Acc drop of {100 * drop:.1f} points (bound {100 * spec.n50_max_drop:g}) → "
+                   f"{'MET' if ok else 'MISSED'}")
+    elif r is not None:
         verdict = f"{pct(r.test_asr)}% (C-Acc {pct(r.test_acc)}%) → {'MET' if r.test_asr <= 0.05 else 'MISSED'}"
         if base is not None and base.test_acc - r.test_acc > 0.10:
             verdict += (f" on ASR only: C-Acc fell {100 * (base.test_acc - r.test_acc):.1f} points, so the backdoor"
                         " went with the model's accuracy — not the paper's claim")
-    lines.append("- FST with 50 clean images brings BadNets-1% ASR ≤ 5%: " + verdict)
+    bound = f" at a C-Acc drop ≤ {100 * spec.n50_max_drop:g} points" if spec.n50_max_drop is not None else ""
+    lines.append(f"- FST with 50 clean images brings BadNets-1% ASR ≤ 5%{bound}: " + verdict)
     rec = next(iter(sorted(df[df["record"].str.startswith("badnets_0.01_")]["record"].unique())), None)
     curve = epoch_curves(root / "record" / rec, "fst") if rec else None
     if curve is not None:
@@ -298,6 +326,44 @@ def fresh_head_table(results: Path) -> str:
             + df[list(cols)].rename(columns=cols).round(3).to_markdown(index=False))
 
 
+def layers_table(results: Path) -> str:
+    """diagnostics.py --layers probes: per record, model and stage, trigger detectability and target share."""
+    rows = []
+    for f in sorted(results.glob("layers_*.json")):
+        probe = json.loads(f.read_text())
+        for model, stages in probe["models"].items():
+            row = {"record": probe["record"], "model": model}
+            for stage, v in stages.items():
+                row[f"{stage} probe"] = round(100 * v["trigger_probe_acc"], 1)
+                row[f"{stage} →target"] = round(100 * v["target_share"], 1)
+            rows.append(row)
+    if not rows:
+        return ""
+    return ("Per stage (top-level block before the head): `probe` = held-out accuracy (%) of a linear probe telling "
+            "an image from the same image with the trigger (50 = the stage does not see the trigger); `→target` = "
+            "share (%) of triggered non-target images whose pooled stage feature is nearest the target class's "
+            "clean centroid (`diagnostics.py --layers`).\n\n" + pd.DataFrame(rows).to_markdown(index=False))
+
+
+def missing_inputs(df: pd.DataFrame, root: Path, results: Path, builtins_shown: bool) -> str:
+    """What the tables and figures could not show, and why: absent record folders (efficiency curves, the
+    epoch-3 target, t-SNE) and BackdoorBench built-ins that were not run."""
+    lines = []
+    records = sorted(df["record"].unique())
+    absent = [r for r in records if not (root / "record" / r).is_dir()]
+    if absent:
+        lines.append(f"- Record folders absent (`<cache>/{root.name}/record/`: {', '.join(absent)}): no per-epoch "
+                     "efficiency figures and no epoch-3 check for them (they read the defenses' per-epoch CSVs).")
+    no_tsne = [r for r in records if not (results / "figures" / f"tsne_{r}.png").is_file()]
+    if no_tsne:
+        lines.append(f"- No t-SNE figure for {', '.join(no_tsne)} (`diagnostics.py` needs the record folder).")
+    if builtins_shown:
+        not_run = [LABELS[m] for m in BB_METHODS if m not in set(df["variant"])]
+        if not_run:
+            lines.append(f"- {', '.join(not_run)}: not run on these records; their columns are empty on purpose.")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_protocol_args(parser, data=False)
@@ -310,13 +376,19 @@ def main(argv: list[str] | None = None) -> str:
     df["variant"] = df["variant"].astype(str)
     figures(df, root, results / "figures")
     grid_variants = ["none", *METHODS, *BB_METHODS]
+    # BackdoorBench's scripts can build the model: its built-ins belong in the table, run or not
+    builtins = BB_METHODS if protocol.model == "preactresnet18" else ()
+    spec = targets_for(protocol.name)
+    missing = missing_inputs(df, root, results, bool(builtins))
     text = "\n\n".join([
         f"# Results: {protocol.name} protocol (model {protocol.model})",
-        "Generated by `python -m bench_scripts.make_table --protocol " + protocol.name + "` from results.csv "
+        f"Generated by `python -m bench_scripts.make_table --protocol {protocol.name}"
+        + (f" --results {args.results}" if args.results else "") + "` from results.csv "
         "(every number re-measured by evaluate.py on the full clean test set and the record's full poisoned "
         "test set). C-Acc / ASR in %.",
-        "## Main table\n\n" + main_table(df),
-        "## Targets (issue #3)\n\n" + targets(df, root),
+        "## Main table\n\n" + main_table(df, builtins),
+        *(["## Not shown\n\n" + missing] if missing else []),
+        f"## Targets ({spec.issue})\n\n" + targets(df, root, spec),
         "## Every grid run: RA, DER, feature shift, defense wall time\n\n"
         "feat→target: share of poisoned test images whose penultimate feature is nearest (cosine) to the target "
         "class's centroid of clean test features (a head-free feature-level ASR); feat→true: share nearest to their "
@@ -325,6 +397,7 @@ def main(argv: list[str] | None = None) -> str:
         + detail_table(df, grid_variants),
         "## Ablations\n\n" + (ablation_tables(df) or "(none run)"),
         *(["## Fresh head on frozen features\n\n" + probe] if (probe := fresh_head_table(results)) else []),
+        *(["## Where the trigger lives (per stage)\n\n" + stages] if (stages := layers_table(results)) else []),
         "## Figures\n\n" + "\n".join(f"- [figures/{p.name}](figures/{p.name})"
                                        for p in sorted((results / "figures").glob("*.png"))),
         "## Timings and exact commands\n\n" + timings_table(results / "timings.jsonl"),

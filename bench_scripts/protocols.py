@@ -5,9 +5,12 @@
   when other jobs share it), defenses with the paper's
   hyper-parameters (2% clean data, 10 epochs, lr 0.01, alpha 0.2) and per-epoch curves on a fixed seeded
   test subset (the final numbers always come from ``evaluate.py`` on the full test sets).
-* ``gpu``  — the paper's scale: PreActResNet18, BackdoorBench's CIFAR-10 attack schedule (100 epochs, batch 128,
-  lr 0.01, SGD momentum 0.9, wd 5e-4; our trainer anneals with one-cycle cosine instead of plain cosine),
-  AMP, full test sets every epoch.
+* ``gpu``  — the paper's scale: PreActResNet18 trained with BackdoorBench's CIFAR-10 attack schedule exactly
+  (``config/attack/prototype/cifar10.yaml``: 100 epochs, batch 128, SGD lr 0.01, momentum 0.9, no Nesterov,
+  wd 5e-4, CosineAnnealingLR stepped per epoch, random crop 4 + horizontal flip), AMP (BackdoorBench's
+  ``amp: False``; a precision choice, not part of the schedule), full test sets every epoch.
+* ``gpu-fast`` — the same model and defenses, attack trained 30 epochs one-cycle SGD (Nesterov) at lr 0.05: what
+  the 2026-11-25 H100 run measured (``bench_results/gpu/``), to fit the time; not BackdoorBench's schedule.
 * ``tiny`` — a few hundred images and one epoch, for the tests: proves the pipeline, measures nothing.
 """
 from __future__ import annotations
@@ -31,6 +34,9 @@ class Protocol:
     epochs: int = 12
     batch_size: int = 256
     lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    schedule: str = "onecycle"              # "onecycle", or "cosine" = BackdoorBench's CosineAnnealingLR
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
     amp: bool = False
@@ -54,6 +60,7 @@ class Protocol:
     projection_methods: tuple = ("fst", "ft-init", "fe-tuning", "lp", "vanilla-ft")
     long_epochs: int = 20                   # the "longer tuning" check: does C-Acc keep recovering?
     long_methods: tuple = ("fst",)
+    ablation_lrs: tuple = (0.05,)           # the "larger lr" check (the paper's lr is defense_lr = 0.01)
     tsne_points: int = 500                  # per group (target-class clean, poisoned) in diagnostics
     notes: str = ""
 
@@ -70,8 +77,14 @@ PROTOCOLS: dict[str, Protocol] = {
                     projection_methods=("fst", "ft-init", "fe-tuning"),
                     notes="2-core CPU; per-epoch curves on 2000+2000 seeded test images"),
     "gpu": Protocol("gpu", model="preactresnet18", device="cuda", epochs=100, batch_size=128, lr=0.01,
+                    momentum=0.9, nesterov=False, schedule="cosine", weight_decay=5e-4,
                     amp=True, num_workers=4, eval_subset=None, grid=GPU_GRID,
                     notes="paper scale; BackdoorBench's attack schedule"),
+    "gpu-fast": Protocol("gpu-fast", model="preactresnet18", device="cuda", epochs=30, batch_size=128, lr=0.05,
+                         momentum=0.9, nesterov=True, schedule="onecycle", weight_decay=5e-4,
+                         amp=True, num_workers=4, eval_subset=None, grid=GPU_GRID,
+                         notes="paper-scale model, attack shortened to 30 epochs one-cycle lr 0.05 "
+                               "(the 2026-11-25 H100 run); not BackdoorBench's schedule"),
     "tiny": Protocol("tiny", model="preactresnet_small", device="cpu", epochs=1, batch_size=64, lr=0.05,
                      train_per_class=40, test_per_class=10, defense_epochs=2, defense_ratio=0.25,
                      defense_batch_size=32, eval_subset=40, grid=(("badnets", 0.1), ("blended", 0.1)),

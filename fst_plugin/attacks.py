@@ -53,12 +53,20 @@ def blend_pattern(height: int = 32, width: int = 32, channels: int = 3, seed: in
 
 
 def blended_trigger(pattern: np.ndarray, alpha: float = 0.2) -> Trigger:
-    """Blended: ``(1 − alpha)·image + alpha·pattern`` over the whole image (BackdoorBench's alpha = 0.2)."""
-    key = pattern.astype(np.float32)
+    """Blended: ``(1 − alpha)·image + alpha·pattern`` over the whole image (BackdoorBench's alpha = 0.2).
+
+    Bit-exact with BackdoorBench's ``blendedImageAttack`` followed by its clip-and-``astype(uint8)``: the sum is
+    truncated, not rounded (rounding made 43% of pixels one level brighter), with ``alpha·key`` in float32 as
+    BackdoorBench's float32 key gives it and the rest in float64.
+    """
+    weighted_key = np.float32(alpha) * pattern.astype(np.float32)
 
     def apply(images: np.ndarray) -> np.ndarray:
-        mixed = (1.0 - alpha) * images.astype(np.float32) + alpha * key
-        return np.clip(np.round(mixed), 0, 255).astype(np.uint8)
+        out = np.empty_like(images)
+        for start in range(0, len(images), 4096):  # float64 intermediates stay small
+            mixed = (1.0 - alpha) * images[start:start + 4096].astype(np.float64) + weighted_key
+            out[start:start + 4096] = np.clip(mixed, 0, 255).astype(np.uint8)
+        return out
     return apply
 
 

@@ -34,7 +34,7 @@ def bench(tmp_path_factory):
     ablations.main(common + ["--data", str(data), "--record", "badnets_0.1_s0"])
     evaluate.main(["--protocol", "tiny", "--cache", str(root / "cache"), "--data", str(data),
                    "--out", str(root / "results" / "results.csv")])
-    diagnostics.main(common + ["--data", str(data), "--record", "badnets_0.1_s0", "--fresh-head"])
+    diagnostics.main(common + ["--data", str(data), "--record", "badnets_0.1_s0", "--fresh-head", "--layers", "fst"])
     make_table.main(["--protocol", "tiny", "--cache", str(root / "cache"), "--results", str(root / "results")])
     return root
 
@@ -74,6 +74,10 @@ def test_tables_and_figures(bench):
     probe = json.loads((bench / "results" / "fresh_head_badnets_0.1_s0.json").read_text())
     assert 0.0 <= probe["fresh_head_acc"] <= 1.0 and probe["w0_norm"] > 0 and probe["tuning_images"] == 100
     assert "## Fresh head on frozen features" in text
+    layers = json.loads((bench / "results" / "layers_badnets_0.1_s0.json").read_text())
+    assert set(layers["models"]) == {"none", "fst"} and "## Where the trigger lives (per stage)" in text
+    for stages in layers["models"].values():
+        assert all(0.0 <= v["trigger_probe_acc"] <= 1.0 and 0.0 <= v["target_share"] <= 1.0 for v in stages.values())
 
 
 def test_materialise_keeps_every_field_of_every_item():
