@@ -1,6 +1,7 @@
 """The one evaluator: every model of every record, measured the same way on the same test sets.
 
     python -m bench_scripts.evaluate --protocol cpu --data data/cifar10 [--records NAME ...] [--out results.csv]
+        [--retune [--reference NAME]]
 
 For each record: the backdoored model ("none") and every ``defense/<name>/defense_result.pt`` (ours, the
 ablation variants, BackdoorBench's built-ins alike) are loaded (safely, fst_plugin.record.load_untrusted) and
@@ -11,6 +12,12 @@ to the target class's clean-feature centroid (a head-free feature-level ASR), th
 class's, and the silhouette of target-class clean vs poisoned features (common.feature_shift_measures). The defense wall time comes from the
 defense's run_info.json. Per-model results are cached next to the model (bench_eval.json, keyed by the
 file's size and mtime), so re-running after adding defenses only evaluates the new ones.
+
+Retuning attack (issue 11, fst_plugin.retune): ``retune_acc``, ``retune_asr``, ``retune_ra`` are each model's
+numbers after the attack, measured the same way from ``defense/<variant>/retune/retune_result.pt`` wherever it
+exists; ``--retune`` runs the missing ones first (≈ 1–2 min each on the cpu protocol). The clean reference (a
+record of the same protocol and seed at rate 0, ``<attack>_0_s<seed>``, or ``--reference NAME``) then gets a row
+of its own, ``clean-reference``, measured on this record's test sets and retuned with its poisoned images.
 """
 from __future__ import annotations
 
@@ -26,11 +33,13 @@ import pandas as pd
 from torch import nn
 
 from bench_scripts.common import (
+    METHODS,
     add_protocol_args,
     protocol_from_args,
     REPO,
     TARGET,
     bench_info,
+    link_data,
     load_arrays,
     load_defended,
     load_model,
@@ -44,9 +53,11 @@ from bench_scripts.common import (
 from fst_plugin.adapter.defenses import resolve_device
 from fst_plugin.core import defense_effectiveness_rating
 from fst_plugin.record import load_attack_record
+from fst_plugin.retune import CLEAN_REFERENCE, RESULT_FILE, RetuneConfig, defense_dir, retune_dir, run_retune
 
 log = logging.getLogger("bench.evaluate")
 EVAL_VERSION = 2
+RETUNE_VARIANTS = ("none", *METHODS, "ft", "ft-sam", "anp", "i-bau", "nad", CLEAN_REFERENCE)
 
 
 class TestSets:
@@ -72,9 +83,10 @@ def measure(model: nn.Module, sets: TestSets, device: str) -> dict[str, float]:
     return out
 
 
-def cached_measure(path: Path, loader, sets: TestSets, device: str) -> dict[str, float]:
-    """``measure`` with the result kept in ``bench_eval.json`` next to ``path`` (invalidated when it changes)."""
-    cache = path.parent / "bench_eval.json"
+def cached_measure(path: Path, loader, sets: TestSets, device: str, cache: Path | None = None) -> dict[str, float]:
+    """``measure`` with the result kept in ``bench_eval.json`` next to ``path`` (or in ``cache``; invalidated
+    when ``path`` changes)."""
+    cache = cache or path.parent / "bench_eval.json"
     stat = path.stat()
     key = {"size": stat.st_size, "mtime": stat.st_mtime, "version": EVAL_VERSION, "n_clean": len(sets.clean_y),
            "n_bd": len(sets.bd_label)}
@@ -83,6 +95,7 @@ def cached_measure(path: Path, loader, sets: TestSets, device: str) -> dict[str,
         if data.get("key") == key:
             return data["metrics"]
     metrics = measure(loader(), sets, device)
+    cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps({"key": key, "metrics": metrics}, indent=1))
     return metrics
 
@@ -104,7 +117,44 @@ def variant_columns(defense_dir: Path) -> dict[str, Any]:
             "epochs": cfg.get("epochs"), "defense_wall_s": round(float(info.get("wall_time_s", float("nan"))), 1)}
 
 
-def evaluate_record(record_dir: Path, data_dir: Path, device: str) -> list[dict[str, Any]]:
+def find_reference(record_dir: Path, seed: Any, name: str | None = None) -> Path | None:
+    """The clean reference of a record: ``name``, else a record of the same seed at rate 0 (``*_0_s<seed>``)."""
+    folder = record_dir.parent
+    candidates = [folder / name] if name else sorted(folder.glob(f"*_0_s{seed}"))
+    found = [c for c in candidates if (c / "attack_result.pt").is_file() and c.resolve() != record_dir.resolve()]
+    return found[0] if found else None
+
+
+class Retune:
+    """The retuning-attack columns: measure each model's retuned result, running missing retunes if asked."""
+
+    def __init__(self, run_missing: bool, dataset_path: Path, device: str, reference: str | None,
+                 results: Path, ratio: float, variants: set[str] | None = None) -> None:
+        self.run_missing, self.dataset_path, self.device, self.reference = run_missing, dataset_path, device, reference
+        self.ratio = ratio  # the defenses' clean fraction: models without an index file draw the same subset
+        self.results, self.variants = results, variants  # variants: which ones --retune runs (None: all)
+
+    def columns(self, record_dir: Path, variant: str, sets: TestSets,
+                reference: Path | None = None) -> dict[str, float]:
+        empty = {"retune_acc": np.nan, "retune_asr": np.nan, "retune_ra": np.nan}
+        bd_train = sets.record.bd_train
+        if bd_train is None or not bd_train.images:  # a clean record (rate 0) has nothing to retune with
+            return empty
+        path = retune_dir(record_dir, variant) / RESULT_FILE
+        if not path.is_file() and self.run_missing and (self.variants is None or variant in self.variants):
+            started = time.time()
+            result = run_retune(RetuneConfig(record=record_dir, defense=variant, reference_record=reference,
+                                             dataset_path=self.dataset_path, device=self.device,
+                                             ratio=self.ratio))
+            log_timing(self.results, f"retune {variant} {record_dir.name}", time.time() - started,
+                       retune_wall_s=round(result.wall_time_s, 1))
+        if not path.is_file():
+            return empty
+        metrics = cached_measure(path, lambda: load_defended(path), sets, self.device)
+        return {"retune_acc": metrics["test_acc"], "retune_asr": metrics["test_asr"], "retune_ra": metrics["test_ra"]}
+
+
+def evaluate_record(record_dir: Path, data_dir: Path, device: str, retune: Retune | None = None) -> list[dict[str, Any]]:
     sets = TestSets(record_dir, data_dir)
     rec, info = sets.record, sets.info
     base = {"record": record_dir.name, "attack": info.get("attack"), "trigger_key": info.get("trigger_key"),
@@ -119,7 +169,32 @@ def evaluate_record(record_dir: Path, data_dir: Path, device: str) -> list[dict[
         rows.append({**base, "variant": path.parent.name, **variant_columns(path.parent), **metrics, "der": der})
         log.info("%s / %s: C-Acc %.2f ASR %.2f RA %.2f", record_dir.name, path.parent.name,
                  100 * metrics["test_acc"], 100 * metrics["test_asr"], 100 * metrics["test_ra"])
+    if retune is not None:
+        rows += retune_rows(record_dir, rows, sets, before, retune)
     return rows
+
+
+def retune_rows(record_dir: Path, rows: list[dict[str, Any]], sets: TestSets, before: dict[str, float],
+                retune: Retune) -> list[dict[str, Any]]:
+    """Fill the retune columns of ``rows`` (in place) and return the clean reference's row, if it has one."""
+    for row in rows:
+        row.update(retune.columns(record_dir, row["variant"], sets))
+    reference = find_reference(record_dir, sets.info.get("seed"), retune.reference)
+    has_bd_train = sets.record.bd_train is not None and bool(sets.record.bd_train.images)
+    if reference is None or not has_bd_train or not (
+            retune.run_missing or (retune_dir(record_dir, CLEAN_REFERENCE) / RESULT_FILE).is_file()):
+        return []
+    ref = load_attack_record(reference, check_files=False)
+    metrics = cached_measure(reference / "attack_result.pt",
+                             lambda: load_model(ref.model_name, ref.num_classes, ref.state_dict), sets, retune.device,
+                             cache=defense_dir(record_dir, CLEAN_REFERENCE) / "bench_eval.json")
+    der = defense_effectiveness_rating(before["test_acc"], before["test_asr"], metrics["test_acc"], metrics["test_asr"])
+    row = {**{k: rows[0][k] for k in ("record", "attack", "trigger_key", "rate", "seed", "model")},
+           "variant": CLEAN_REFERENCE, "method": CLEAN_REFERENCE, "source": f"reference {reference.name}", **metrics,
+           "der": der, **retune.columns(record_dir, CLEAN_REFERENCE, sets, reference)}
+    log.info("%s / clean reference %s: C-Acc %.2f ASR %.2f, retuned ASR %.2f", record_dir.name, reference.name,
+             100 * row["test_acc"], 100 * row["test_asr"], 100 * row["retune_asr"])
+    return [row]
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
@@ -127,6 +202,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     add_protocol_args(parser, results=False)
     parser.add_argument("--records", nargs="*")
     parser.add_argument("--out", type=Path, help="results CSV (default bench_results/<protocol>/results.csv)")
+    parser.add_argument("--retune", action="store_true", help="run the retuning attack where its result is missing "
+                        "(slow); without it the retune columns come from the results that exist")
+    parser.add_argument("--reference", help="clean reference record (default: <attack>_0_s<seed> of the protocol)")
+    parser.add_argument("--retune-variants", nargs="*", default=list(RETUNE_VARIANTS),
+                        help="which models --retune attacks (default: none, the five modes, BackdoorBench's built-ins "
+                             "and the clean reference; 'all' adds the ablation variants)")
     args = parser.parse_args(argv)
     setup()
     protocol = protocol_from_args(args)
@@ -134,15 +215,19 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     names = args.records or sorted(p.name for p in (root / "record").glob("*") if (p / "attack_result.pt").is_file())
     device = resolve_device(protocol.device if protocol.device != "cuda" else "auto")
     started = time.time()
-    rows = [row for name in names for row in evaluate_record(root / "record" / name, args.data, device)]
+    out = args.out or REPO / "bench_results" / protocol.name / "results.csv"
+    retune = Retune(args.retune, link_data(root, args.data) if args.retune else root / "data", device, args.reference,
+                    out.parent, protocol.defense_ratio,
+                    None if "all" in args.retune_variants else set(args.retune_variants))
+    rows = [row for name in names for row in evaluate_record(root / "record" / name, args.data, device, retune)]
     df = pd.DataFrame(rows)
     for col in ("alpha", "n_clean", "projection", "projection_bound", "epochs"):
         if col not in df:
             df[col] = np.nan
     df.insert(0, "protocol", protocol.name)
-    out = args.out or REPO / "bench_results" / protocol.name / "results.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
-    for col in ("test_acc", "test_asr", "test_ra", "der", "feat_target_share", "feat_true_share", "sep_silhouette"):
+    for col in ("test_acc", "test_asr", "test_ra", "der", "feat_target_share", "feat_true_share", "sep_silhouette",
+                "retune_acc", "retune_asr", "retune_ra"):
         df[col] = df[col].astype(float).round(5)
     df.to_csv(out, index=False)
     log_timing(out.parent, "evaluate", time.time() - started, models=len(df))

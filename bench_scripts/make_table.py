@@ -300,6 +300,84 @@ def targets(df: pd.DataFrame, root: Path, spec: Targets = CPU_TARGETS) -> str:
     return "\n".join(lines)
 
 
+# ----- the retuning attack (issue 11): its own functions, hooked into main() by two lines ------------------
+RETUNE_ORDER = ("none", *METHODS, *BB_METHODS, "clean-reference")
+LABELS_RETUNE = {**LABELS, "clean-reference": "Clean reference"}
+
+
+def _retuned(df: pd.DataFrame) -> pd.DataFrame:
+    """The grid's rows (and the clean reference's) that have a post-retuning ASR."""
+    if "retune_asr" not in df:
+        return df.iloc[0:0]
+    return df[df["variant"].isin(RETUNE_ORDER) & df["retune_asr"].notna()]
+
+
+def retune_section(df: pd.DataFrame) -> Optional[str]:
+    """Main table with the post-retuning ASR (ASR → after the retuning attack) and every retuned model's numbers."""
+    sub = _retuned(df)
+    if sub.empty:
+        return None
+    methods = [m for m in RETUNE_ORDER if m in set(sub["variant"])]
+    if "trigger_key" not in sub:
+        sub = sub.assign(trigger_key=None)
+    records = sub.drop_duplicates("record").sort_values(["attack", "trigger_key", "rate"], na_position="first")
+    lines = ["| attack, rate | " + " | ".join(f"{LABELS_RETUNE[m]} C-Acc | {LABELS_RETUNE[m]} ASR → retuned"
+                                                for m in methods) + " |",
+             "|" + "---|" * (1 + 2 * len(methods))]
+    for rec in records.itertuples():
+        cells = []
+        for m in methods:
+            hit = sub[(sub["record"] == rec.record) & (sub["variant"] == m)]
+            r = hit.iloc[0] if len(hit) else None
+            cells += [pct(r.test_acc) if r is not None else "–",
+                      f"{pct(r.test_asr)} → **{pct(r.retune_asr)}**" if r is not None else "–"]
+        lines.append(f"| {row_label(rec.attack, rec.rate, rec.trigger_key)} | " + " | ".join(cells) + " |")
+    detail = sub[["record", "variant", "test_acc", "test_asr", "test_ra", "retune_acc", "retune_asr", "retune_ra"]].copy()
+    for c in detail.columns[2:]:
+        detail[c] = (100 * detail[c]).round(2)
+    detail = detail.rename(columns={"test_acc": "C-Acc", "test_asr": "ASR", "test_ra": "RA", "retune_acc": "retuned C-Acc",
+                                    "retune_asr": "retuned ASR", "retune_ra": "retuned RA"})
+    under = sub[sub["retune_asr"] <= 0.10]
+    return ("## Does the backdoor come back? (retuning attack)\n\n"
+            "Each model fine-tuned as the FST authors' follow-up does it (`fst-plugin retune`, fine_tune/ft_poison.py's "
+            "protocol): its clean tuning subset with 5 images replaced by poisoned training images, 5 epochs of SGD, "
+            "lr 0.01, momentum 0.9, no schedule; then re-measured on the full test sets. The clean reference is the same "
+            "architecture trained on clean data only (the rate-0 record), the floor a purification should reach. "
+            "C-Acc / ASR in %.\n\n" + "\n".join(lines) + "\n\n" + detail.to_markdown(index=False)
+            + f"\n\nPost-retuning ASR ≤ 10% (the next target, from PAM): {len(under)} of {len(sub)} models"
+            + (f" ({', '.join(f'{r.record}/{r.variant}' for r in under.itertuples())})" if len(under) else "") + ".")
+
+
+def retune_figures(df: pd.DataFrame, out: Path) -> list[str]:
+    """Per record: each model's ASR before (grey) and after (red) the retuning attack, joined by an arrow."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sub, made = _retuned(df), []
+    out.mkdir(parents=True, exist_ok=True)
+    for record, group in sub.groupby("record"):
+        group = group.set_index("variant").loc[[m for m in RETUNE_ORDER if m in set(group["variant"])]]
+        fig, ax = plt.subplots(figsize=(1.1 * len(group) + 2, 4))
+        x = np.arange(len(group))
+        ax.scatter(x, 100 * group["test_asr"], color="grey", label="ASR after the defense", zorder=3)
+        ax.scatter(x, 100 * group["retune_asr"], color="tab:red", label="ASR after retuning", zorder=3)
+        for xi, (a, b) in enumerate(zip(group["test_asr"], group["retune_asr"])):
+            ax.annotate("", xy=(xi, 100 * b), xytext=(xi, 100 * a), arrowprops=dict(arrowstyle="->", color="tab:red"))
+        ax.axhline(10, color="k", linestyle=":", linewidth=1, label="10% (target)")
+        ax.set_xticks(x, [LABELS_RETUNE[m] for m in group.index], rotation=30, ha="right")
+        ax.set_ylabel("ASR (%)")
+        ax.set_ylim(-3, 103)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+        ax.set_title(f"{record}: ASR before → after retuning", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(out / f"retune_{record}.png", dpi=90)
+        plt.close(fig)
+        made.append(f"retune_{record}.png")
+    return made
+
+
 def timings_table(path: Path) -> str:
     if not path.is_file():
         return "(no timings.jsonl)"
@@ -375,6 +453,7 @@ def main(argv: list[str] | None = None) -> str:
     df = pd.read_csv(results / "results.csv")
     df["variant"] = df["variant"].astype(str)
     figures(df, root, results / "figures")
+    retune_figures(df, results / "figures")
     grid_variants = ["none", *METHODS, *BB_METHODS]
     # BackdoorBench's scripts can build the model: its built-ins belong in the table, run or not
     builtins = BB_METHODS if protocol.model == "preactresnet18" else ()
@@ -387,6 +466,7 @@ def main(argv: list[str] | None = None) -> str:
         "(every number re-measured by evaluate.py on the full clean test set and the record's full poisoned "
         "test set). C-Acc / ASR in %.",
         "## Main table\n\n" + main_table(df, builtins),
+        *([section] if (section := retune_section(df)) else []),
         *(["## Not shown\n\n" + missing] if missing else []),
         f"## Targets ({spec.issue})\n\n" + targets(df, root, spec),
         "## Every grid run: RA, DER, feature shift, defense wall time\n\n"

@@ -1,4 +1,4 @@
-"""``fst-plugin``: list, install, uninstall, run and demo.
+"""``fst-plugin``: list, install, uninstall, run, demo and retune.
 
 Exit codes: 0 success, 2 bad input (one line on stderr naming the problem and the fix; ``--debug`` adds
 the traceback), 1 an unexpected failure (a bug: please report it with the ``--debug`` output).
@@ -20,6 +20,7 @@ EPILOG = """examples:
   fst-plugin install --backdoorbench ~/BackdoorBench
   fst-plugin run fst --record record/badnet_0_1 --yaml_path defense_configs/fst/cifar10.yaml
   fst-plugin demo --data-dir data/cifar10
+  fst-plugin retune --record record/badnet_0_1 --defense fst --dataset_path ./data
 """
 
 
@@ -69,6 +70,47 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_retune(args: argparse.Namespace) -> int:
+    from fst_plugin.retune import RetuneConfig, run_retune
+
+    result = run_retune(RetuneConfig(
+        record=Path(args.record), defense=args.defense,
+        reference_record=Path(args.reference_record) if args.reference_record else None,
+        poison_num=args.poison_num, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+        random_seed=args.random_seed, device=args.device, ratio=args.ratio, dataset_path=Path(args.dataset_path),
+        num_workers=args.num_workers, trust_record=args.trust_record))
+    print(f"{result.defense}: C-Acc {100 * result.before['test_acc']:.2f} -> {100 * result.after['test_acc']:.2f}, "
+          f"ASR {100 * result.before['test_asr']:.2f} -> {100 * result.after['test_asr']:.2f}, "
+          f"RA {100 * result.before['test_ra']:.2f} -> {100 * result.after['test_ra']:.2f} "
+          f"({len(result.poisoned_indices)} poisoned + {result.n_clean} clean images); wrote {result.save_dir}")
+    return 0
+
+
+def _add_retune_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("retune", help="retuning attack: fine-tune a model on its clean tuning set with a few "
+                                      "poisoned images and measure whether the backdoor comes back")
+    p.add_argument("--record", required=True, metavar="DIR", help="the attack record folder")
+    p.add_argument("--defense", required=True, metavar="NAME",
+                   help="a folder under DIR/defense/ holding defense_result.pt, none (the attacked model) or "
+                        "clean-reference (with --reference_record)")
+    p.add_argument("--reference_record", metavar="DIR",
+                   help="record of a model trained on clean data only (e.g. make_records at rate 0)")
+    p.add_argument("--poison_num", type=int, default=5, help="poisoned training images in the tuning set")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--random_seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--ratio", type=float, default=0.02,
+                   help="clean fraction drawn when the model has no log/index.txt (none, clean-reference, "
+                        "BackdoorBench defenses that write none)")
+    p.add_argument("--dataset_path", default="./data", help="folder holding <dataset>/ (default ./data)")
+    p.add_argument("--num_workers", type=int, default=0)
+    p.add_argument("--trust-record", "--trust_record", dest="trust_record", action="store_true",
+                   help="UNSAFE: fully unpickle records from a source you trust")
+    p.set_defaults(func=_cmd_retune)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fst-plugin", description=__doc__.splitlines()[0],
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -98,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_cmd_demo)
+    _add_retune_parser(sub)
     return parser
 
 

@@ -1,0 +1,220 @@
+"""The retuning attack (issue 11): tuning-set composition, determinism, bad input, a clean model's floor, and
+records in BackdoorBench's own layout.
+
+The fixture is a tiny BackdoorBench root built once: synthetic 32x32 images (20 train / 5 test per class), a
+BadNets record whose model is untrained (composition and plumbing do not need a backdoor) with 20 poisoned
+training images, a fake ``fst`` output (that model + a shuffled ``log/index.txt``), and a clean reference
+record: ``preactresnet_small`` trained on the clean images only, the tiny protocol's model.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fst_plugin.attacks import TrainConfig, badnets_trigger, poison_indices, poisoned_test_items, train_classifier
+from fst_plugin.cli import main as cli_main
+from fst_plugin.data import get_transform
+from fst_plugin.demo import synthetic_images, write_image_folders
+from fst_plugin.models import build_model
+from fst_plugin.record import load_attack_record, load_untrusted, write_attack_record
+from fst_plugin.retune import RetuneConfig, prepare_retune, run_retune
+from robust_helpers import snapshot, state_dict_hash
+
+TARGET = 0
+MODEL = "preactresnet_small"
+
+
+@dataclass(frozen=True)
+class RetuneWorkspace:
+    root: Path            # a BackdoorBench-like root: data/cifar10/{train,test}, record/<name>/
+    attacked: Path        # record/tiny_badnet (bd_train: 20 poisoned images; defense/fst/)
+    reference: Path       # record/tiny_clean (rate 0: trained on clean images only)
+    fst_index: np.ndarray  # the fake fst defense's clean indices, in file order
+
+
+def _record(root: Path, name: str, model: torch.nn.Module, x_test, y_test, train_size: int, bd_train) -> Path:
+    return write_attack_record(root / "record" / name, model_name=MODEL, num_classes=10,
+                               state_dict=model.state_dict(), clean_data="cifar10", img_size=(32, 32, 3),
+                               test_size=len(y_test), train_size=train_size, bd_train=bd_train,
+                               bd_test=poisoned_test_items(x_test, y_test, badnets_trigger(), TARGET))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> RetuneWorkspace:
+    root = tmp_path_factory.mktemp("retune_bb")
+    rng = np.random.default_rng(0)
+    x_train, y_train = synthetic_images(20, rng)
+    x_test, y_test = synthetic_images(5, rng)
+    x_train, y_train = write_image_folders(root / "data" / "cifar10", "train", x_train, y_train)
+    x_test, y_test = write_image_folders(root / "data" / "cifar10", "test", x_test, y_test)
+    trigger = badnets_trigger()
+    chosen = poison_indices(y_train, 0.1, TARGET, rng)
+    bd_train = [(int(i), Image.fromarray(trigger(x_train[i:i + 1])[0]), TARGET, int(y_train[i])) for i in chosen]
+    torch.manual_seed(0)
+    attacked = _record(root, "tiny_badnet", build_model(MODEL, 10), x_test, y_test, len(y_train), bd_train)
+    clean = build_model(MODEL, 10)
+    train_classifier(clean, x_train, y_train, "cifar10", TrainConfig(epochs=4, batch_size=32, augment=False, seed=0))
+    reference = _record(root, "tiny_clean", clean, x_test, y_test, len(y_train), [])
+    fst = attacked / "defense" / "fst"
+    (fst / "log").mkdir(parents=True)
+    torch.save({"model_name": MODEL, "num_classes": 10, "model": load_attack_record(attacked).state_dict},
+               fst / "defense_result.pt")
+    index = rng.permutation(len(y_train))[:50]
+    np.savetxt(fst / "log" / "index.txt", index, fmt="%d")  # as BackdoorBench's ft writes it
+    return RetuneWorkspace(root, attacked, reference, index)
+
+
+@pytest.fixture()
+def ws(built: RetuneWorkspace, tmp_path: Path) -> RetuneWorkspace:
+    """A private copy (tests write retune outputs into the record)."""
+    root = tmp_path / "bb"
+    shutil.copytree(built.root, root, symlinks=True)
+    return replace(built, root=root, attacked=root / "record" / built.attacked.name,
+                   reference=root / "record" / built.reference.name)
+
+
+def tiny(ws: RetuneWorkspace, defense: str = "fst", **overrides) -> RetuneConfig:
+    """The official protocol's settings, on the tiny fixture (a tuning subset of 50 images, one batch)."""
+    values = dict(record=ws.attacked, defense=defense, dataset_path=ws.root / "data", device="cpu", ratio=0.25,
+                  epochs=2, batch_size=128)
+    values.update(overrides)
+    return RetuneConfig(**values)
+
+
+def test_the_tuning_set_is_exactly_poison_num_poisoned_images_then_the_rest_of_the_defenses_own_indices(ws):
+    plan = prepare_retune(tiny(ws, poison_num=5))
+    tuning = plan.tuning
+    record = load_attack_record(ws.attacked)
+    pool = {img.original_index: img for img in record.bd_train.images}
+    assert len(tuning.poisoned) == 5 and len({p.original_index for p in tuning.poisoned}) == 5
+    assert all(p.original_index in pool for p in tuning.poisoned)
+    np.testing.assert_array_equal(tuning.subset, ws.fst_index)
+    np.testing.assert_array_equal(tuning.clean_indices, ws.fst_index[5:])
+    assert len(tuning.images) == len(tuning.labels) == len(ws.fst_index)
+    assert tuning.labels[:5].tolist() == [TARGET] * 5
+    assert tuning.index_source.endswith("defense/fst/log/index.txt")
+    # poisoned images get the test transform (no augmentation): exactly the PNG, normalised
+    with Image.open(tuning.poisoned[0].path) as png:
+        expected = get_transform("cifar10", train=False)(png.convert("RGB"))
+    assert torch.equal(tuning.images[0], expected)
+    # and nothing was written by preparing
+    assert not (ws.attacked / "defense" / "fst" / "retune").exists()
+
+
+def test_a_model_without_index_file_gets_backdoorbenchs_seeded_draw_of_ratio_times_n_images(ws):
+    plan = prepare_retune(tiny(ws, defense="none", ratio=0.1))
+    assert len(plan.tuning.subset) == 20 and plan.tuning.index_source.startswith("drawn")
+    again = prepare_retune(tiny(ws, defense="none", ratio=0.1))
+    np.testing.assert_array_equal(plan.tuning.subset, again.tuning.subset)
+
+
+def test_a_retune_with_a_fixed_seed_is_deterministic_and_writes_backdoorbench_formats(ws):
+    first = run_retune(tiny(ws))
+    out = ws.attacked / "defense" / "fst" / "retune"
+    saved = load_untrusted(out / "retune_result.pt", "retune result")
+    assert set(saved) == {"model_name", "num_classes", "model"} and saved["model_name"] == MODEL
+    model = build_model(saved["model_name"], saved["num_classes"])
+    model.load_state_dict(saved["model"])
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["n_poisoned"] == 5 and info["poisoned_train_indices"] == list(first.poisoned_indices)
+    assert info["after"] == first.after
+    assert (out / "retune_df.csv").read_text().count("\n") == 1 + 2  # header + one row per epoch
+    hash_first = state_dict_hash(saved["model"])
+    shutil.rmtree(out)
+    second = run_retune(tiny(ws))
+    assert state_dict_hash(load_untrusted(out / "retune_result.pt", "r")["model"]) == hash_first
+    assert second.after == first.after and second.poisoned_indices == first.poisoned_indices
+    other = prepare_retune(tiny(ws, random_seed=1))
+    assert tuple(p.original_index for p in other.tuning.poisoned) != first.poisoned_indices
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--defense", "ft-sam"], "defense 'ft-sam' has no output"),
+    (["--defense", "fst", "--poison_num", "21"], "larger than the 20 poisoned training images"),
+    (["--defense", "fst", "--poison_num", "-1"], "--poison_num is -1"),
+    (["--defense", "fst", "--epochs", "0"], "--epochs is 0"),
+    (["--defense", "fst", "--lr", "-0.1"], "--lr is -0.1"),
+    (["--defense", "fst", "--lr", "nan"], "--lr is nan"),
+    (["--defense", "fst", "--batch_size", "0"], "--batch_size is 0"),
+    (["--defense", "none", "--ratio", "1.5"], "--ratio is 1.5"),
+    (["--defense", "../../x"], "not a defense folder name"),
+    (["--defense", "clean-reference"], "--reference_record goes with"),
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(ws, capsys, extra, message):
+    before = snapshot(ws.root)
+    code = cli_main(["retune", "--record", str(ws.attacked), "--dataset_path", str(ws.root / "data"),
+                     "--device", "cpu", "--ratio", "0.25", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len([line for line in err if line.startswith("error:")]) == 1 and message in err[-1]
+    assert snapshot(ws.root) == before
+
+
+def test_a_record_without_bd_train_exits_2_and_writes_nothing(ws, capsys):
+    payload = load_untrusted(ws.attacked / "attack_result.pt", "record")
+    payload["bd_train"] = None
+    torch.save(payload, ws.attacked / "attack_result.pt")
+    before = snapshot(ws.root)
+    code = cli_main(["retune", "--record", str(ws.attacked), "--defense", "fst", "--device", "cpu",
+                     "--dataset_path", str(ws.root / "data")])
+    assert code == 2 and "has no bd_train" in capsys.readouterr().err
+    assert snapshot(ws.root) == before
+
+
+def test_a_defense_folder_linked_outside_the_record_is_refused(ws, capsys, tmp_path):
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(ws.attacked / "defense" / "fst", outside)
+    (ws.attacked / "defense" / "linked").symlink_to(outside, target_is_directory=True)
+    code = cli_main(["retune", "--record", str(ws.attacked), "--defense", "linked", "--device", "cpu",
+                     "--dataset_path", str(ws.root / "data"), "--ratio", "0.25"])
+    assert code == 2 and "outside the record folder" in capsys.readouterr().err
+    assert not (outside / "retune").exists()
+
+
+def test_a_clean_reference_model_stays_near_its_pre_attack_asr(ws):
+    """Bound: ASR may rise by at most 10 points. The tiny protocol retunes with the official defaults (5 poisoned
+    images, 5 epochs, lr 0.01, batch 128) on a 50-image subset, i.e. 5 SGD steps in which a tenth of the batch is
+    poisoned: a model that never learned the trigger does not acquire a BadNets backdoor from that (measured:
+    6.7% -> 0%). 10 points is 4-5 of the 45 poisoned test images, room for the noise of a 200-image model. The
+    bound is not vacuous: the same retune with all 20 poisoned images (40% of the set) raises ASR to 40%
+    (measured), which is what a bug that trained on the poisoned pool or skipped the subset would look like.
+    """
+    result = run_retune(tiny(ws, defense="clean-reference", reference_record=ws.reference, epochs=5))
+    assert result.save_dir == ws.attacked / "defense" / "clean-reference" / "retune"
+    assert (result.save_dir / "retune_result.pt").is_file()
+    assert result.before["test_acc"] > 0.5  # a real clean model, not chance
+    assert result.after["test_asr"] <= result.before["test_asr"] + 0.10, (result.before, result.after)
+    shutil.rmtree(result.save_dir)
+    heavy = run_retune(tiny(ws, defense="clean-reference", reference_record=ws.reference, epochs=5, poison_num=20))
+    assert heavy.after["test_asr"] > result.before["test_asr"] + 0.10, (heavy.before, heavy.after)
+
+
+def test_retune_runs_on_a_record_in_backdoorbenchs_own_layout_from_its_root(ws, capsys, monkeypatch):
+    """BackdoorBench keeps bd_train paths relative to its root (./record/<name>/bd_train_dataset/<label>/<i>.png);
+    its ft writes log/index.txt, other built-ins (here an 'anp' folder) write no index file."""
+    payload = load_untrusted(ws.attacked / "attack_result.pt", "record")
+    data_dict = payload["bd_train"]["bd_data_container"]["data_dict"]
+    key, entry = next(iter(data_dict.items()))
+    assert isinstance(key, np.int64)
+    assert entry["path"] == f"./record/tiny_badnet/bd_train_dataset/{entry['other_info'][1]}/{int(key)}.png"
+    ft = ws.attacked / "defense" / "ft"
+    shutil.copytree(ws.attacked / "defense" / "fst", ft)
+    anp = ws.attacked / "defense" / "anp"
+    anp.mkdir()
+    shutil.copy(ft / "defense_result.pt", anp / "defense_result.pt")
+    monkeypatch.chdir(ws.root)
+    for defense in ("ft", "anp", "none"):
+        code = cli_main(["retune", "--record", "record/tiny_badnet", "--defense", defense, "--device", "cpu",
+                         "--epochs", "1", "--ratio", "0.25"])
+        assert code == 0, capsys.readouterr().err
+        info = json.loads((ws.attacked / "defense" / defense / "retune" / "run_info.json").read_text())
+        assert info["n_poisoned"] == 5
+        assert info["clean_index_source"].startswith("drawn") == (defense != "ft")
+    assert "ASR" in capsys.readouterr().out
