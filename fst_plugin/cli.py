@@ -1,4 +1,4 @@
-"""``fst-plugin``: list, install, uninstall, run, demo and retune.
+"""``fst-plugin``: list, install, export, uninstall, run, demo and retune.
 
 Exit codes: 0 success, 2 bad input (one line on stderr naming the problem and the fix; ``--debug`` adds
 the traceback), 1 an unexpected failure (a bug: please report it with the ``--debug`` output).
@@ -18,6 +18,7 @@ from fst_plugin.errors import FSTError
 EPILOG = """examples:
   fst-plugin list
   fst-plugin install --backdoorbench ~/BackdoorBench
+  fst-plugin export --backdoorbench ~/BackdoorBench --methods fst fe-tuning ft-init
   fst-plugin run fst --record record/badnet_0_1 --yaml_path defense_configs/fst/cifar10.yaml
   fst-plugin demo --data-dir data/cifar10
   fst-plugin retune --record record/badnet_0_1 --defense fst --dataset_path ./data
@@ -53,6 +54,17 @@ def _cmd_uninstall(args: argparse.Namespace) -> int:
         print(f"removed {path}")
     for path in kept:
         print(f"kept {path} (edited since install)")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from fst_plugin.exporter import export
+
+    written = export(Path(args.backdoorbench), methods=args.methods, force=args.force)
+    for path in written:
+        print(f"wrote {path}")
+    print(f"exported {len(written)} files (self-contained: they need BackdoorBench only); "
+          f"`fst-plugin uninstall --backdoorbench {args.backdoorbench}` removes them")
     return 0
 
 
@@ -125,6 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "install":
             p.add_argument("--force", action="store_true", help="overwrite files fst-plugin did not write")
         p.set_defaults(func=func)
+    from fst_plugin.exporter import DEFAULT_METHODS
+
+    export = sub.add_parser("export", help="write self-contained BackdoorBench defenses (no import of this "
+                                           "package) into a checkout, for an upstream pull request")
+    export.add_argument("--backdoorbench", required=True, metavar="DIR", help="root of the BackdoorBench checkout")
+    export.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
+                        help=f"tuning modes to export (default: {' '.join(DEFAULT_METHODS)})")
+    export.add_argument("--force", action="store_true", help="overwrite files fst-plugin did not write")
+    export.set_defaults(func=_cmd_export)
     run = sub.add_parser("run", help="run a defense on a record folder without BackdoorBench "
                                       "(all of the defense's BackdoorBench arguments apply; see run NAME --help)",
                          add_help=False)

@@ -94,11 +94,19 @@ def plan_install(methods: list[str]) -> InstallPlan:
 def install(root: Path, force: bool = False, methods: list[str] | None = None) -> list[Path]:
     """Write the launchers and configs; return the files written."""
     root = check_backdoorbench(root)
-    methods = methods or list(available_defenses())
+    return write_plan(root, plan_install(methods or list(available_defenses())), force)
+
+
+def write_plan(root: Path, plan: InstallPlan, force: bool = False) -> list[Path]:
+    """Write ``plan`` into ``root`` and record it in the manifest (shared by install and export): a file
+    this package did not write is never replaced unless ``force``, and nothing is written if one is in the way."""
     manifest = _read_manifest(root)
-    plan = plan_install(methods)
     for rel in plan.files:
         target = root / rel
+        blocked = next((p for p in [target, *target.parents] if p.exists() and not p.is_dir()), None)
+        if target.is_dir() or (blocked is not None and blocked != target):
+            raise InstallError(f"{blocked if blocked is not None else target} is in the way of {target}",
+                               "move it away and run the command again")
         if target.exists() and not force:
             ours = rel in manifest and _sha(target.read_text(errors="replace")) == manifest[rel]
             if not ours:

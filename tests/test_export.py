@@ -1,0 +1,194 @@
+"""``fst-plugin export``: self-contained BackdoorBench defenses rendered from the mode table and shipped yamls.
+
+The end-to-end test runs the exported script in a BackdoorBench-shaped tree whose BackdoorBench modules are the
+minimal stand-ins of ``tests/bb_standin/`` (written by us from the documented interfaces), with ``fst_plugin``
+made unimportable in that process, and checks that it ends with exactly the plugin's weights and metrics.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import fst_plugin.models.preact_resnet
+from fst_plugin.core.modes import MODES
+from fst_plugin.demo import Workspace
+from fst_plugin.errors import InstallError
+from fst_plugin.exporter import DEFAULT_METHODS, export, mode_constants, render_defense
+from fst_plugin.installer import MANIFEST, default_config, install, uninstall
+
+STANDIN = Path(__file__).with_name("bb_standin")
+FLAGS = {"REINIT_HEAD": "reinit_head", "TRAIN_HEAD": "train_head", "TRAIN_BACKBONE": "train_backbone",
+         "FEATURE_SHIFT_PENALTY": "feature_shift_penalty", "PROJECT_HEAD_NORM": "project_head_norm"}
+# Runs a script as `python script.py ...` would, with every import of fst_plugin refused.
+HIDING_RUNNER = textwrap.dedent('''
+    import os, runpy, sys
+
+    class HideFstPlugin:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "fst_plugin":
+                raise ModuleNotFoundError(f"{name} is hidden from the exported defense")
+            return None
+
+    sys.meta_path.insert(0, HideFstPlugin())
+    sys.argv = sys.argv[1:]
+    sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))
+    runpy.run_path(sys.argv[0], run_name="__main__")
+    assert not [m for m in sys.modules if m.split(".")[0] == "fst_plugin"]
+''')
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and "__pycache__" not in p.parts}
+
+
+def rendered_constants(source: str) -> dict[str, object]:
+    """The module-level constants of a rendered script, read from its syntax tree (not executed)."""
+    tree = ast.parse(source)
+    return {node.targets[0].id: ast.literal_eval(node.value) for node in tree.body
+            if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+            and node.targets[0].id in {*FLAGS, "DEFAULTS"}}
+
+
+@pytest.fixture()
+def bb_tree(tmp_path: Path) -> Path:
+    """A BackdoorBench-shaped tree: the stand-in modules, a models/ folder, BackdoorBench's own ft files."""
+    root = tmp_path / "BackdoorBench"
+    shutil.copytree(STANDIN, root, ignore=shutil.ignore_patterns("README.md", "__pycache__"))
+    (root / "models").mkdir()
+    (root / "models" / "__init__.py").write_text("")
+    shutil.copy(fst_plugin.models.preact_resnet.__file__, root / "models" / "preact_resnet.py")
+    (root / "defense" / "ft.py").write_text("# BackdoorBench's own fine-tuning defense: must never be touched\n")
+    (root / "config" / "defense" / "ft").mkdir(parents=True)
+    (root / "config" / "defense" / "ft" / "cifar10.yaml").write_text("epochs: 100\n")
+    return root
+
+
+@pytest.mark.parametrize("method", sorted(MODES))
+def test_the_rendered_mode_flags_equal_the_mode_table(method: str) -> None:
+    constants = rendered_constants(render_defense(method))
+    assert {name: constants[name] for name in FLAGS} == {name: getattr(MODES[method], flag) for name, flag in FLAGS.items()}
+    assert constants["DEFAULTS"]["projection_bound"] == "equal"
+    assert "fst_plugin" not in render_defense(method)
+
+
+def test_changing_a_mode_changes_the_exported_script(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = render_defense("fst")
+    monkeypatch.setitem(MODES, "fst", dataclasses.replace(MODES["fst"], feature_shift_penalty=False,
+                                                         summary="a changed summary"))
+    after = render_defense("fst")
+    assert rendered_constants(after)["FEATURE_SHIFT_PENALTY"] is False
+    assert "a changed summary" in after and "a changed summary" not in before
+    assert mode_constants(MODES["fst"])["feature_shift_penalty"] == "False"
+
+
+def test_export_writes_scripts_and_the_shipped_yamls_and_nothing_of_backdoorbenchs(bb_tree: Path) -> None:
+    before = snapshot(bb_tree)
+    written = export(bb_tree)
+    after = snapshot(bb_tree)
+    expected = {f"defense/{m}.py" for m in DEFAULT_METHODS} | {
+        f"config/defense/{m}/{d}.yaml" for m in DEFAULT_METHODS for d in ("config", "cifar10", "cifar100", "gtsrb", "tiny")}
+    assert set(after) - set(before) == expected | {MANIFEST}
+    assert {p.relative_to(bb_tree).as_posix() for p in written} == expected
+    assert {k: after[k] for k in before} == before
+    assert (bb_tree / "config/defense/fst/gtsrb.yaml").read_text() == default_config("fst", "gtsrb")
+    assert (bb_tree / "defense/fe-tuning.py").read_text() == render_defense("fe-tuning")
+    export(bb_tree)  # exporting over our own files again is fine
+    assert snapshot(bb_tree) == after
+
+
+def test_export_replaces_installed_launchers_and_uninstall_removes_either_form(bb_tree: Path) -> None:
+    pristine = snapshot(bb_tree)
+    install(bb_tree)
+    assert "from fst_plugin" in (bb_tree / "defense/fst.py").read_text()
+    export(bb_tree, ["fst"])
+    assert (bb_tree / "defense/fst.py").read_text() == render_defense("fst")
+    assert "from fst_plugin" in (bb_tree / "defense/lp.py").read_text()  # not exported: still the launcher
+    removed, kept = uninstall(bb_tree)
+    assert not kept and snapshot(bb_tree) == pristine
+    export(bb_tree, ["ft-init"])
+    uninstall(bb_tree)
+    assert snapshot(bb_tree) == pristine
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fst_plugin.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_export_refuses_bad_input_with_one_line_and_exit_2(bb_tree: Path, tmp_path: Path) -> None:
+    (bb_tree / "defense" / "ft-init.py").write_text("# somebody else's ft-init\n")
+    before = snapshot(bb_tree)
+    cases = {
+        "not a BackdoorBench checkout": ["--backdoorbench", str(tmp_path / "nowhere")],
+        "unknown method 'ft'": ["--backdoorbench", str(bb_tree), "--methods", "fst", "ft"],
+        "was not written by fst-plugin": ["--backdoorbench", str(bb_tree)],
+    }
+    for message, argv in cases.items():
+        proc = cli("export", *argv)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+        assert snapshot(bb_tree) == before
+    (bb_tree / "config" / "defense" / "fst").mkdir(parents=True)
+    (bb_tree / "config" / "defense" / "fst" / "cifar10.yaml").mkdir()
+    with pytest.raises(InstallError, match="in the way"):
+        export(bb_tree, ["fst"], force=True)
+    assert cli("export", "--backdoorbench", str(bb_tree), "--methods", "fe-tuning", "ft-init", "--force").returncode == 0
+    assert (bb_tree / "defense" / "ft-init.py").read_text() == render_defense("ft-init")
+
+
+@pytest.mark.parametrize("method", ["fst", "fe-tuning"])
+def test_the_exported_defense_runs_without_this_package_and_ends_with_the_plugins_weights(
+        method: str, bb_tree: Path, workspace: Workspace, tmp_path: Path) -> None:
+    shutil.copytree(workspace.root / "data", bb_tree / "data")
+    name = workspace.record_dir.name  # the record's image paths name its folder
+    shutil.copytree(workspace.record_dir, bb_tree / "record" / name)
+    export(bb_tree, [method])
+    runner = tmp_path / "run_hidden.py"
+    runner.write_text(HIDING_RUNNER)
+    args = ["--result_file", name, "--yaml_path", f"./config/defense/{method}/cifar10.yaml", "--dataset", "cifar10",
+            "--device", "cpu", "--num_workers", "0", "--epochs", "2", "--ratio", "0.5", "--random_seed", "3"]
+    exported = subprocess.run([sys.executable, "-I", str(runner), f"defense/{method}.py", *args],
+                              cwd=bb_tree, capture_output=True, text=True, timeout=600)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    out = bb_tree / "record" / name / "defense" / method
+    assert {"defense_result.pt", f"{method}_df.csv", f"{method}_df_summary.csv", "loss_metric_plots.png",
+            "acc_like_metric_plots.png"} <= {p.name for p in out.iterdir()}
+    assert (out / "log" / "index.txt").is_file() and list((out / "log").glob("*.log"))
+    out = out.rename(out.with_name(f"{method}_exported"))
+
+    plugin = subprocess.run([sys.executable, "-m", "fst_plugin.cli", "run", method, *args],
+                            cwd=bb_tree, capture_output=True, text=True, timeout=600)
+    assert plugin.returncode == 0, plugin.stderr[-3000:]
+    assert "models, transforms and data from: backdoorbench" in plugin.stderr  # the same stand-in loaders
+    ours = bb_tree / "record" / name / "defense" / method
+
+    theirs_result = torch.load(out / "defense_result.pt", weights_only=True)
+    ours_result = torch.load(ours / "defense_result.pt", weights_only=True)
+    assert theirs_result["model_name"] == ours_result["model_name"] == "preactresnet_small"
+    assert theirs_result["num_classes"] == ours_result["num_classes"] == 10
+    assert theirs_result["model"].keys() == ours_result["model"].keys()
+    changed = [k for k in ours_result["model"] if not torch.equal(theirs_result["model"][k], ours_result["model"][k])]
+    assert not changed, f"weights differ: {changed[:5]}"
+    assert not torch.equal(theirs_result["model"]["linear.weight"], workspace_weights(workspace)["linear.weight"])
+    theirs_df, ours_df = pd.read_csv(out / f"{method}_df.csv"), pd.read_csv(ours / f"{method}_df.csv")
+    columns = ["epoch", "batch", "train_epoch_loss_avg_over_batch", "train_acc", "clean_test_loss_avg_over_batch",
+               "bd_test_loss_avg_over_batch", "test_acc", "test_asr", "test_ra"]
+    assert list(theirs_df.columns[1:]) == columns
+    pd.testing.assert_frame_equal(theirs_df[columns], ours_df[columns], rtol=1e-6)
+    summary = pd.read_csv(out / f"{method}_df_summary.csv", index_col=0)
+    assert list(summary.index) == ["last", "valid_max", "exist_nan_value"]
+    assert (out / "log" / "index.txt").read_text() == (ours / "log" / "index.txt").read_text()
+
+
+def workspace_weights(workspace: Workspace) -> dict[str, torch.Tensor]:
+    return torch.load(workspace.record_dir / "attack_result.pt", weights_only=False)["model"]
