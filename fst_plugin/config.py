@@ -162,6 +162,36 @@ def build_config(values: Mapping[str, Any]) -> DefenseConfig:
     return DefenseConfig(**clean)
 
 
+def shipped_configs_dir() -> Path:
+    """The folder of the shipped defense yamls (``<method>/<dataset>.yaml``): the one place that knows it.
+
+    ``fst_plugin/defense_configs`` is a symlink to the repository's top-level ``defense_configs/`` (the
+    folder the design keeps at the top). One path then serves every install mode: an editable install and
+    any run from the repository root (where the repository's ``fst_plugin/`` shadows an installed one) read
+    the top-level folder through the link, and a wheel holds real copies, because setuptools follows the
+    link when it collects package data. The fallback is for a checkout whose file system has no symlinks
+    (git then writes the link as a small text file): the top-level folder next to the package.
+    """
+    package = Path(__file__).resolve().parent
+    for folder in (package / "defense_configs", package.parent / "defense_configs"):
+        if folder.is_dir():
+            return folder
+    raise ConfigError("the shipped defense configs are missing (no fst_plugin/defense_configs/)",
+                      "reinstall backdoorbench-fst")
+
+
+def shipped_config(method: str, dataset: str) -> Path:
+    """Path of the yaml shipped for ``method`` on ``dataset`` (``config`` and unknown datasets: cifar10's)."""
+    folder = shipped_configs_dir() / method
+    source = folder / f"{'cifar10' if dataset == 'config' else dataset}.yaml"
+    if not source.is_file():
+        source = folder / "cifar10.yaml"
+    if not source.is_file():
+        raise ConfigError(f"no shipped config for defense {method!r}",
+                          "pass --yaml_path with a yaml of your own (this package ships configs only for its own defenses)")
+    return source
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a defense yaml: a mapping (an empty file is an empty mapping)."""
     path = Path(path)
