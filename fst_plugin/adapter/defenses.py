@@ -25,13 +25,13 @@ from typing import Any, ClassVar, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from fst_plugin.adapter.toolkit import backdoorbench_root, make_toolkit
-from fst_plugin.config import DefenseConfig, build_config, merge, read_yaml
+from fst_plugin.config import DefenseConfig, add_arguments as add_config_arguments, build_config, merge, read_yaml, resume_values
 from fst_plugin.core import TuningConfig, TuningState, evaluate_backdoor, find_head, get_mode, tune
 from fst_plugin.core.tuning import seed_everything
-from fst_plugin.data import PoisonedTestSet, TransformedDataset, dataset_info
+from fst_plugin.data import PoisonedTestSet, TransformedDataset, dataset_info, materialise
 from fst_plugin.errors import ConfigError, DataError, RecordError
 from fst_plugin.io_utils import atomic_torch_save, atomic_write_text
 from fst_plugin.models.registry import load_weights
@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 LOG_FORMAT = "%(asctime)s [%(levelname)-8s] [%(filename)s:%(lineno)d] %(message)s"
 LOG_DATEFMT = "%Y-%m-%d:%H:%M:%S"
 CHECKPOINT_NAME = "last.pt"
+EVAL_SUBSET_BATCH = 256
 
 
 class DefenseBase:
@@ -69,10 +70,6 @@ def _defense_base() -> type:
         except ImportError:
             pass
     return DefenseBase
-
-
-def _bool_arg(text: str) -> bool:
-    return str(text) in ("True", "true", "1")
 
 
 def resolve_device(requested: str) -> str:
@@ -131,45 +128,8 @@ class TuningDefense(_defense_base()):  # type: ignore[misc]
     # ----- BackdoorBench life cycle -----------------------------------------------------------------
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        """BackdoorBench ft's arguments (same names) plus FST's; every default is None so the yaml rules."""
-        parser.add_argument("--device", type=str, help="auto (cuda when present, else cpu), cpu, cuda, cuda:N")
-        parser.add_argument("-pm", "--pin_memory", type=_bool_arg, help="dataloader pin_memory")
-        parser.add_argument("-nb", "--non_blocking", type=_bool_arg, help=".to(), non_blocking")
-        parser.add_argument("-pf", "--prefetch", type=_bool_arg, help="accepted for BackdoorBench compatibility")
-        parser.add_argument("--amp", type=_bool_arg, help="mixed precision (CUDA only)")
-        parser.add_argument("--checkpoint_load", type=str, help="accepted for BackdoorBench compatibility")
-        parser.add_argument("--checkpoint_save", type=str, help="folder of the per-epoch resume checkpoint")
-        parser.add_argument("--log", type=str, help="folder of the log and index.txt")
-        parser.add_argument("--dataset_path", type=str, help="folder holding <dataset>/ (default ./data)")
-        parser.add_argument("--dataset", type=str, help="mnist, cifar10, cifar100, gtsrb, tiny")
-        parser.add_argument("--result_file", type=str, help="attack record name: record/<result_file>")
-        parser.add_argument("--epochs", type=int)
-        parser.add_argument("--batch_size", type=int)
-        parser.add_argument("--num_workers", type=int)
-        parser.add_argument("--lr", type=float)
-        parser.add_argument("--lr_scheduler", type=str, help="CosineAnnealingLR")
-        parser.add_argument("--model", type=str, help="informational; the record's model_name is used")
-        parser.add_argument("--client_optimizer", type=str, help="sgd")
-        parser.add_argument("--sgd_momentum", type=float)
-        parser.add_argument("--wd", type=float, help="weight decay of sgd")
-        parser.add_argument("--frequency_save", type=int, help="accepted for BackdoorBench compatibility")
-        parser.add_argument("--random_seed", type=int, help="random seed")
-        parser.add_argument("--yaml_path", type=str, help="the defense yaml")
-        parser.add_argument("--ratio", type=float, help="fraction of the clean training set used for tuning")
-        parser.add_argument("--index", type=str, help="file of clean training indices (overrides --ratio)")
-        parser.add_argument("--alpha", type=float, help="weight of the feature-shift penalty alpha*<W, W0>")
-        parser.add_argument("--head", type=str, help="dotted name of the classifier layer (default: found)")
-        parser.add_argument("--projection", type=str, choices=["auto", "on", "off"],
-                            help="rescale the head to ||W0|| after every step (auto: the mode's default, on)")
-        parser.add_argument("--projection_bound", type=str, choices=["equal", "at_most"],
-                            help="equal: ||W|| = ||W0|| after every step (official code, default); "
-                                 "at_most: ||W|| <= ||W0|| (the paper's constraint)")
-        parser.add_argument("--whole_classifier", type=_bool_arg, help="treat every Linear of the head's block as head")
-        parser.add_argument("--trust-record", "--trust_record", dest="trust_record", action="store_const", const=True,
-                            help="UNSAFE: fully unpickle records/checkpoints from a source you trust")
-        parser.add_argument("--resume", action="store_const", const=True,
-                            help="continue from the last complete epoch checkpoint")
-        parser.add_argument("--record", type=str, help="attack record folder (standalone alternative to --result_file)")
+        """BackdoorBench ft's arguments (same names) plus FST's, one per config key (see fst_plugin.config)."""
+        add_config_arguments(parser)
 
     def __init__(self, args: argparse.Namespace) -> None:
         yaml_values = read_yaml(args.yaml_path) if getattr(args, "yaml_path", None) else {}
@@ -203,7 +163,7 @@ class TuningDefense(_defense_base()):  # type: ignore[misc]
         if self.result is not None and self.result.record_dir == record_dir:
             return
         self.result = load_attack_record(record_dir, trust=self.config.trust_record)
-        save_path = record_dir / "defense" / self.method
+        save_path = record_dir / "defense" / (self.config.save_name or self.method)
         self.args.save_path = str(save_path)
         self.args.checkpoint_save = self.config.checkpoint_save or str(save_path / "checkpoint")
         self.args.log = self.config.log or str(save_path / "log")
@@ -304,6 +264,7 @@ class TuningDefense(_defense_base()):  # type: ignore[misc]
         resume = self._load_checkpoint(checkpoint, resume_key) if cfg.resume else None
         test_transform = toolkit.transform(cfg.dataset, train=False)
         pin = cfg.pin_memory and device.startswith("cuda")
+        self._eval_rng = np.random.default_rng(cfg.random_seed)  # one generator: clean subset, then poisoned
         loader_args = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, pin_memory=pin)
         return {
             "device": device,
@@ -315,10 +276,20 @@ class TuningDefense(_defense_base()):  # type: ignore[misc]
             "resume": resume,
             "train_loader": DataLoader(TransformedDataset(train_raw, toolkit.transform(cfg.dataset, train=True), indices),
                                        shuffle=True, **loader_args),
-            "clean_loader": DataLoader(TransformedDataset(test_raw, test_transform), shuffle=False, **loader_args),
-            "bd_loader": DataLoader(PoisonedTestSet(record.bd_test.images, info.channels, test_transform),
-                                    shuffle=False, **loader_args),
+            "clean_loader": self._test_loader(TransformedDataset(test_raw, test_transform), loader_args),
+            "bd_loader": self._test_loader(PoisonedTestSet(record.bd_test.images, info.channels, test_transform),
+                                           loader_args),
         }
+
+    def _test_loader(self, dataset: Dataset, loader_args: dict[str, Any]) -> DataLoader:
+        """The full test set, or with ``eval_subset`` a subset drawn with ``random_seed`` and decoded once (the
+        test transform is deterministic, so each epoch's evaluation then costs forward passes only)."""
+        size = self.config.eval_subset
+        if not size:
+            return DataLoader(dataset, shuffle=False, **loader_args)
+        rng = self._eval_rng
+        keep = np.sort(rng.choice(len(dataset), size=min(size, len(dataset)), replace=False)).tolist()
+        return DataLoader(materialise(Subset(dataset, keep)), batch_size=EVAL_SUBSET_BATCH, shuffle=False)
 
     def tuning_config(self, device: str) -> TuningConfig:
         cfg = self.config
@@ -328,9 +299,7 @@ class TuningDefense(_defense_base()):  # type: ignore[misc]
                             seed=cfg.random_seed)
 
     def _resume_key(self, indices: np.ndarray) -> str:
-        relevant = {k: v for k, v in self.config.to_dict().items()
-                    if k not in ("resume", "terminal_info", "trust_record", "device", "num_workers", "log",
-                                 "checkpoint_save", "yaml_path", "result_file", "record", "pin_memory")}
+        relevant = resume_values(self.config)
         relevant["method"] = self.method
         relevant["indices"] = hashlib.sha256(np.ascontiguousarray(indices).tobytes()).hexdigest()
         return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()
