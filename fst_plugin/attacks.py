@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fst_plugin.core.tuning import progress
+from fst_plugin.runtime import progress
 from fst_plugin.data.transforms import dataset_info
 
 log = logging.getLogger(__name__)

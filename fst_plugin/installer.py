@@ -17,7 +17,7 @@ from pathlib import Path
 from fst_plugin.config import shipped_config, shipped_configs_dir
 from fst_plugin.errors import InstallError
 from fst_plugin.io_utils import atomic_write_text
-from fst_plugin.registry import available_defenses
+from fst_plugin.plugins import available_defenses
 
 MANIFEST = ".fst_plugin_manifest.json"
 CONFIG_NAMES = ("config", "cifar10", "cifar100", "gtsrb", "tiny")

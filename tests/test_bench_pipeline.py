@@ -13,7 +13,8 @@ import torch
 pytest.importorskip("sklearn")
 
 from bench_scripts import ablations, diagnostics, evaluate, make_records, make_table, run_defenses
-from bench_scripts.common import METHODS, make_trigger, materialise
+from bench_scripts.common import METHODS, make_trigger
+from fst_plugin.data import materialise
 from fst_plugin.demo import synthetic_images, write_image_folders
 from fst_plugin.record import load_attack_record
 

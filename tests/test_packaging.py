@@ -29,11 +29,12 @@ def _run(cmd: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``python -m build --wheel`` of this repository (uv as the installer when this environment has no pip)."""
+    """``python -m build`` of this repository: the sdist, then the wheel built from it (so no stale build/ folder
+    of the checkout can leak into it); uv is the installer when this environment has no pip."""
     if importlib.util.find_spec("build") is None:
         pytest.skip("the build package is not installed (pip install -e '.[test]')")
     out = tmp_path_factory.mktemp("dist")
-    cmd = [sys.executable, "-m", "build", "--wheel", "--outdir", str(out), str(REPO)]
+    cmd = [sys.executable, "-m", "build", "--outdir", str(out), str(REPO)]
     if importlib.util.find_spec("pip") is None and shutil.which("uv"):
         cmd[3:3] = ["--installer", "uv"]
     _run(cmd, cwd=REPO)

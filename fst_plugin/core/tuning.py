@@ -14,18 +14,16 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
-import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from fst_plugin.core.head import ClassifierHead
 from fst_plugin.core.modes import TuningMode
 from fst_plugin.errors import TrainingDiverged
+from fst_plugin.runtime import capture_rng, progress, restore_rng, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -79,28 +77,6 @@ class TuningState:
         return cls(**data)
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def capture_rng() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 @torch.no_grad()
 def reinit_head(head: ClassifierHead) -> None:
     """Draw every head weight and bias from U(−1/√d, 1/√d), d = in_features (the paper's re-init)."""
@@ -141,11 +117,6 @@ def _train_mode(model: nn.Module, head: ClassifierHead, mode: TuningMode) -> Non
     model.train(mode.train_backbone)
     for layer in head.modules:
         layer.train(mode.train_head)
-
-
-def progress(iterable: Iterable, show: Optional[bool], desc: str) -> Iterable:
-    """A tqdm bar over ``iterable``; ``show=None`` shows it only on a terminal (no bars in log files)."""
-    return tqdm(iterable, desc=desc, leave=False, disable=None if show is None else not show, dynamic_ncols=True)
 
 
 def tune(
