@@ -38,6 +38,7 @@ from bench_scripts.common import (
 )
 from fst_plugin.core import get_mode
 from fst_plugin.data import load_clean_split
+from fst_plugin.record.layout import DefenseLayout
 
 log = logging.getLogger("bench.ablations")
 
@@ -53,25 +54,25 @@ def index_file(record_dir: Path, data_dir: Path, n: int, seed: int) -> Path:
     return path
 
 
-def variants(record_dir: Path, data_dir: Path, protocol, only: list[str], seed: int) -> list[tuple[str, str, list[str]]]:
-    """(method, save name, extra command-line arguments) of every ablation run."""
-    out: list[tuple[str, str, list[str]]] = []
+def variants(record_dir: Path, data_dir: Path, protocol, only: list[str], seed: int) -> list[tuple[str, str, dict]]:
+    """(method, save name, config overrides) of every ablation run."""
+    out: list[tuple[str, str, dict]] = []
     if "alpha" in only:
-        out += [("fst", f"fst_alpha{a:g}", ["--alpha", str(a)]) for a in protocol.alphas if a != protocol.alpha]
+        out += [("fst", f"fst_alpha{a:g}", {"alpha": a}) for a in protocol.alphas if a != protocol.alpha]
     if "size" in only:
         for n in protocol.tuning_sizes:
             path = index_file(record_dir, data_dir, n, seed)
-            out += [(m, f"{m}_n{n}", ["--index", str(path.resolve())]) for m in protocol.size_methods]
+            out += [(m, f"{m}_n{n}", {"index": str(path.resolve())}) for m in protocol.size_methods]
     if "epochs" in only:
-        out += [(m, f"{m}_e{protocol.long_epochs}", ["--epochs", str(protocol.long_epochs)])
+        out += [(m, f"{m}_e{protocol.long_epochs}", {"epochs": protocol.long_epochs})
                 for m in protocol.long_methods]
     if "lr" in only:
         out += [(m, f"{m}_lr{lr:g}", ["--lr", str(lr)]) for m in protocol.long_methods for lr in protocol.ablation_lrs]
     if "projection" in only:
-        out += [(m, f"{m}_noproj", ["--projection", "off"]) for m in protocol.projection_methods]
+        out += [(m, f"{m}_noproj", {"projection": "off"}) for m in protocol.projection_methods]
         # the paper's constraint ‖W‖ ≤ ‖W₀‖ instead of the official code's ‖W‖ = ‖W₀‖; a frozen head (FE-tuning)
         # keeps its fresh, smaller norm under that bound, i.e. it is the "off" run again
-        out += [(m, f"{m}_atmost", ["--projection_bound", "at_most"]) for m in protocol.projection_methods
+        out += [(m, f"{m}_atmost", {"projection_bound": "at_most"}) for m in protocol.projection_methods
                 if get_mode(m).train_head]
     return out
 
@@ -91,13 +92,13 @@ def main(argv: list[str] | None = None) -> None:
     results = args.results or REPO / "bench_results" / protocol.name
     record_dir = root / "record" / args.record
     for method, name, extra in variants(record_dir, args.data, protocol, args.only, args.seed):
-        if (record_dir / "defense" / name / "defense_result.pt").is_file() and not args.force:
+        if DefenseLayout.of(record_dir, name, method).finished and not args.force:
             continue
         started = time.time()
         result = run_defense(record_dir, method, protocol, data_root, save_name=name, extra=extra, seed=args.seed,
                              eval_subset=protocol.ablation_eval_subset)
         log_timing(results, f"ablation {name} {record_dir.name}", time.time() - started,
-                   defense_wall_s=round(result["wall_time_s"], 1))
+                   defense_wall_s=round(result.wall_time_s, 1))
 
 
 if __name__ == "__main__":

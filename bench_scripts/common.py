@@ -15,13 +15,12 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate
 
 from fst_plugin.attacks import (
     Trigger,
@@ -33,10 +32,12 @@ from fst_plugin.attacks import (
     to_tensor_batch,
     wanet_trigger,
 )
+from fst_plugin import api
+from fst_plugin.adapter.defenses import DefenseResult
 from fst_plugin.core import find_head
 from fst_plugin.data import load_clean_split
 from fst_plugin.models import build_model
-from fst_plugin.models.registry import load_weights
+from fst_plugin.models.factory import load_weights
 from fst_plugin.record import AttackRecord, load_untrusted
 
 log = logging.getLogger("bench")
@@ -150,66 +151,23 @@ def log_timing(results_dir: Path, step: str, wall_s: float, **details: Any) -> N
 
 
 # ----- running the package's defenses -----------------------------------------------------------------
-def materialise(dataset: Dataset) -> TensorDataset:
-    """Decode and transform every item once. The test transforms are deterministic, so the per-epoch curve
-    then costs forward passes only instead of PNG decoding and PIL transforms after every epoch."""
-    return TensorDataset(*default_collate([dataset[i] for i in range(len(dataset))]))
-
-
-def bench_defense_class(method: str, save_name: Optional[str] = None, eval_subset: Optional[int] = None,
-                        subset_seed: int = 0) -> type:
-    """The registered defense ``method``, writing to ``defense/<save_name>/`` (ablation variants must not
-    overwrite the grid's results) and, with ``eval_subset``, computing its per-epoch curve on a fixed seeded
-    subset of the clean and poisoned test sets (that evaluation otherwise dominates CPU time; final numbers
-    come from evaluate.py on the full sets)."""
-    from fst_plugin.registry import load_defense
-
-    base = load_defense(method)
-
-    class BenchDefense(base):  # type: ignore[misc, valid-type]
-        def set_result(self, result_file: Optional[str]) -> None:
-            super().set_result(result_file)
-            if save_name:
-                save = Path(self.args.save_path).parent / save_name
-                self.args.save_path, self.args.checkpoint_save, self.args.log = \
-                    str(save), str(save / "checkpoint"), str(save / "log")
-
-        def prepare(self) -> dict[str, Any]:
-            plan = super().prepare()
-            if eval_subset:
-                rng = np.random.default_rng(subset_seed)
-                for key in ("clean_loader", "bd_loader"):
-                    loader: DataLoader = plan[key]
-                    n = len(loader.dataset)
-                    keep = np.sort(rng.choice(n, size=min(eval_subset, n), replace=False)).tolist()
-                    plan[key] = DataLoader(materialise(Subset(loader.dataset, keep)), batch_size=256, shuffle=False)
-            return plan
-
-    BenchDefense.method = method
-    BenchDefense.__name__ = f"Bench_{base.__name__}"
-    return BenchDefense
-
-
 def run_defense(record_dir: Path, method: str, protocol: Any, data_root: Path, save_name: Optional[str] = None,
-                extra: Sequence[str] = (), seed: int = 0, eval_subset: Optional[int] = None) -> dict[str, Any]:
-    """Run one defense on one record through its BackdoorBench life cycle; return its result dict.
+                extra: Optional[dict[str, Any]] = None, seed: int = 0,
+                eval_subset: Optional[int] = None) -> DefenseResult:
+    """Run one defense on one record with the protocol's settings (``extra``: more config overrides).
 
-    ``eval_subset`` (default: the protocol's) sizes the per-epoch evaluation subset."""
-    from fst_plugin.installer import shipped_config
-
-    cls = bench_defense_class(method, save_name, eval_subset or protocol.eval_subset, seed)
-    parser = argparse.ArgumentParser()
-    cls.add_arguments(parser)
-    argv = ["--record", str(record_dir), "--dataset_path", str(data_root), "--dataset", DATASET,
-            "--yaml_path", str(shipped_config(method, DATASET)), "--device", protocol.device,
-            "--num_workers", str(protocol.num_workers), "--epochs", str(protocol.defense_epochs),
-            "--ratio", str(protocol.defense_ratio), "--lr", str(protocol.defense_lr),
-            "--batch_size", str(protocol.defense_batch_size), "--random_seed", str(seed),
-            "--amp", str(protocol.amp)]
+    ``save_name`` writes to ``defense/<save_name>/`` (ablation variants must not overwrite the grid's results);
+    ``eval_subset`` (default: the protocol's) computes the per-epoch curve on a seeded subset of the clean and
+    poisoned test sets (that evaluation otherwise dominates CPU time; final numbers come from evaluate.py on the
+    full sets)."""
+    overrides: dict[str, Any] = dict(
+        dataset_path=str(data_root), dataset=DATASET, device=protocol.device, num_workers=protocol.num_workers,
+        epochs=protocol.defense_epochs, ratio=protocol.defense_ratio, lr=protocol.defense_lr,
+        batch_size=protocol.defense_batch_size, random_seed=seed, amp=protocol.amp, save_name=save_name,
+        eval_subset=eval_subset or protocol.eval_subset)
     if method == "fst":
-        argv += ["--alpha", str(protocol.alpha)]
-    args = parser.parse_args(argv + list(extra))
-    return cls(args).defense(None)
+        overrides["alpha"] = protocol.alpha
+    return api.run_defense(method, record_dir, **{**overrides, **(extra or {})})
 
 
 # ----- evaluation helpers ----------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from fst_plugin.attacks import normalise, to_tensor_batch
 from fst_plugin.core import find_head
 from fst_plugin.io_utils import atomic_write_text
 from fst_plugin.record import load_attack_record
+from fst_plugin.record.layout import DefenseLayout
 
 log = logging.getLogger("bench.diagnostics")
 
@@ -66,8 +67,8 @@ def tsne_figure(record_dir: Path, data_dir: Path, points: int, out: Path, method
     bd_idx = rng.choice(len(sets.bd_label), size=min(points, len(sets.bd_label)), replace=False)
     rec = sets.record
     models = [("no defense", lambda: load_model(rec.model_name, rec.num_classes, rec.state_dict))]
-    models += [(m, lambda p=record_dir / "defense" / m / "defense_result.pt": load_defended(p))
-               for m in methods if (record_dir / "defense" / m / "defense_result.pt").is_file()]
+    models += [(m, lambda p=DefenseLayout.of(record_dir, m).result: load_defended(p))
+               for m in methods if DefenseLayout.of(record_dir, m).finished]
     cols = 3
     rows = int(np.ceil(len(models) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4 * rows), squeeze=False)
@@ -108,7 +109,7 @@ def fresh_head_probe(record_dir: Path, data_dir: Path, seed: int = 0) -> dict[st
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import cross_val_score
 
-    index_file = record_dir / "defense" / "fst" / "log" / "index.txt"
+    index_file = DefenseLayout.of(record_dir, "fst").index
     if not index_file.is_file():
         raise SystemExit(f"{index_file} is missing: run the fst defense on {record_dir.name} first")
     rec = load_attack_record(record_dir)

@@ -50,10 +50,11 @@ from bench_scripts.common import (
     feature_shift_measures,
     setup,
 )
-from fst_plugin.adapter.defenses import resolve_device
 from fst_plugin.core import defense_effectiveness_rating
 from fst_plugin.record import load_attack_record
+from fst_plugin.record.layout import DefenseLayout, defense_results
 from fst_plugin.retune import CLEAN_REFERENCE, RESULT_FILE, RetuneConfig, defense_dir, retune_dir, run_retune
+from fst_plugin.runtime import resolve_device
 
 log = logging.getLogger("bench.evaluate")
 EVAL_VERSION = 2
@@ -102,15 +103,15 @@ def cached_measure(path: Path, loader, sets: TestSets, device: str, cache: Path 
 
 def variant_columns(defense_dir: Path) -> dict[str, Any]:
     """Method, alpha, tuning-set size, projection, epochs and wall time from the defense's run_info.json."""
-    info_path = defense_dir / "run_info.json"
+    layout = DefenseLayout(defense_dir, defense_dir.name)
+    info_path = layout.run_info
     if not info_path.is_file():  # a BackdoorBench built-in
         return {"method": defense_dir.name, "source": "backdoorbench"}
     info = json.loads(info_path.read_text())
     cfg = info.get("config", {})
     index = cfg.get("index")
     n_clean = (sum(1 for _ in open(index)) if index and Path(index).is_file()
-               else (defense_dir / "log" / "index.txt").read_text().count("\n")
-               if (defense_dir / "log" / "index.txt").is_file() else None)
+               else layout.index.read_text().count("\n") if layout.index.is_file() else None)
     return {"method": info.get("method", defense_dir.name), "source": "fst_plugin", "alpha": cfg.get("alpha"),
             "n_clean": n_clean, "projection": {None: "auto", True: "on", False: "off"}.get(cfg.get("projection")),
             "projection_bound": cfg.get("projection_bound", "equal"),
@@ -163,7 +164,7 @@ def evaluate_record(record_dir: Path, data_dir: Path, device: str, retune: Retun
                             lambda: load_model(rec.model_name, rec.num_classes, rec.state_dict), sets, device)
     rows = [{**base, "variant": "none", "method": "none", "source": "attack", **before, "der": float("nan"),
              "defense_wall_s": 0.0, "attack_train_s": info.get("train_s")}]
-    for path in sorted((record_dir / "defense").glob("*/defense_result.pt")):
+    for path in defense_results(record_dir):
         metrics = cached_measure(path, lambda p=path: load_defended(p), sets, device)
         der = defense_effectiveness_rating(before["test_acc"], before["test_asr"], metrics["test_acc"], metrics["test_asr"])
         rows.append({**base, "variant": path.parent.name, **variant_columns(path.parent), **metrics, "der": der})

@@ -43,19 +43,10 @@ from bench_scripts.common import (
     setup,
     trigger_key,
 )
-from fst_plugin.attacks import (
-    TrainConfig,
-    accuracy_and_asr,
-    class_balanced_subset,
-    poison_indices,
-    poison_split,
-    poisoned_test_items,
-    train_classifier,
-)
-from fst_plugin.adapter.defenses import resolve_device
+from fst_plugin.attacks import TrainConfig, class_balanced_subset, poison_indices
+from fst_plugin.backdoor import Attack, BackdooredModel, Split, backdoor_and_record
 from fst_plugin.errors import FSTError
-from fst_plugin.models import build_model
-from fst_plugin.record import write_attack_record
+from fst_plugin.runtime import resolve_device
 
 log = logging.getLogger("bench.make_records")
 
@@ -92,12 +83,10 @@ def make_record(protocol, data_dir: Path, root: Path, attack: str, rate: float, 
     trigger = make_trigger(attack, seed, blend_pattern)
     clean_label = attack in CLEAN_LABEL
     chosen = poison_indices(y_train, rate, TARGET, rng, clean_label=clean_label)
-    poisoned = poison_split(x_train, y_train, trigger, chosen, TARGET, relabel=not clean_label)
     log.info("%s %.3g%%: %d of %d training images poisoned (%s), model %s, %d epochs on %s",
              attack, 100 * rate, len(chosen), len(y_train), "clean-label" if clean_label else "relabelled",
              protocol.model, protocol.epochs, device)
 
-    model = build_model(protocol.model, 10)
     epochs: list[dict] = []
     t0 = time.time()
 
@@ -105,31 +94,27 @@ def make_record(protocol, data_dir: Path, root: Path, attack: str, rate: float, 
         epochs.append({"epoch": epoch + 1, "loss": round(loss, 4), "elapsed_s": round(time.time() - t0, 1)})
         log.info("epoch %d/%d loss %.4f (%.0f s)", epoch + 1, protocol.epochs, loss, time.time() - t0)
 
-    train_classifier(model, poisoned.images, poisoned.labels, DATASET,
-                     TrainConfig(epochs=protocol.epochs, batch_size=protocol.batch_size, lr=protocol.lr,
+    def describe(result: BackdooredModel) -> dict:
+        info = {"attack": attack, "rate": rate, "target": TARGET, "seed": seed, "clean_label": clean_label,
+                "protocol": protocol.name, "model": protocol.model, "n_poisoned": int(len(chosen)),
+                "train_size": int(len(y_train)), "train_s": round(result.train_s, 1), "epochs": epochs,
+                "fast_eval": {"test_acc": result.test_acc, "test_asr": result.test_asr},
+                "blend_pattern": blend_pattern if key else None, "trigger_key": key,
+                "test_indices": test_idx.tolist(),
+                "train_indices": train_idx.tolist() if protocol.train_per_class else None}
+        return {"attack": attack, "pratio": rate, "bench_json": json.dumps(info)}
+
+    # BackdoorBench's bd_test: every non-target test image with the trigger, indexed in the full test split.
+    result = backdoor_and_record(
+        record_dir, model_name=protocol.model, dataset=DATASET,
+        train=Split(x_train, y_train, train_idx, train_size), test=Split(x_test, y_test, test_idx, test_size),
+        attack=Attack(trigger, chosen, TARGET, relabel=not clean_label),
+        train_config=TrainConfig(epochs=protocol.epochs, batch_size=protocol.batch_size, lr=protocol.lr,
                                  momentum=protocol.momentum, nesterov=protocol.nesterov, schedule=protocol.schedule,
                                  weight_decay=protocol.weight_decay, label_smoothing=protocol.label_smoothing,
                                  device=device, amp=protocol.amp, seed=seed, show_progress=False),
-                     on_epoch_end=on_epoch)
-    train_s = time.time() - t0
-    acc, asr = accuracy_and_asr(model, x_test, y_test, trigger, TARGET, DATASET, device)
-    log.info("%s: C-Acc %.2f%% ASR %.2f%% after %.0f s of training", record_dir.name, 100 * acc, 100 * asr, train_s)
-
-    # BackdoorBench's bd_test: every non-target test image with the trigger, indexed in the full test split.
-    bd_test = [(int(test_idx[i]), img, bd, orig) for i, img, bd, orig in poisoned_test_items(x_test, y_test, trigger, TARGET)]
-    from PIL import Image
-    bd_train = [(int(train_idx[i]), Image.fromarray(poisoned.images[i]), int(poisoned.labels[i]), int(y_train[i]))
-                for i in chosen]
-    info = {"attack": attack, "rate": rate, "target": TARGET, "seed": seed, "clean_label": clean_label,
-            "protocol": protocol.name, "model": protocol.model, "n_poisoned": int(len(chosen)),
-            "train_size": int(len(y_train)), "train_s": round(train_s, 1), "epochs": epochs,
-            "fast_eval": {"test_acc": acc, "test_asr": asr},
-            "blend_pattern": blend_pattern if key else None, "trigger_key": key, "test_indices": test_idx.tolist(),
-            "train_indices": train_idx.tolist() if protocol.train_per_class else None}
-    write_attack_record(record_dir, model_name=protocol.model, num_classes=10, state_dict=model.state_dict(),
-                        clean_data=DATASET, img_size=(32, 32, 3), test_size=test_size, bd_test=bd_test,
-                        train_size=train_size, bd_train=bd_train, attack=attack, pratio=rate,
-                        bench_json=json.dumps(info))
+        keep_bd_train=True, on_epoch_end=on_epoch, record_extra=describe)
+    train_s, acc, asr = result.train_s, result.test_acc, result.test_asr
     wall = time.time() - started
     if results_dir is not None:
         log_timing(results_dir, f"make_record {record_dir.name}", wall, train_s=round(train_s, 1),

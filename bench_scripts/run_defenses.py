@@ -3,7 +3,7 @@
     python -m bench_scripts.run_defenses --protocol cpu --data data/cifar10 [--records badnets_0.01_s0 ...]
         [--methods lp vanilla-ft fe-tuning ft-init fst] [--backdoorbench ~/BackdoorBench --bb-defenses ft ft-sam anp i-bau nad]
 
-Each defense runs through its BackdoorBench life cycle (the registered class from fst_plugin.registry) with the
+Each defense runs through its BackdoorBench life cycle (the registered class from fst_plugin.plugins) with the
 protocol's settings (paper defaults: 2% clean data, 10 epochs, lr 0.01, alpha 0.2, seed 0) and writes
 ``record/<name>/defense/<method>/`` (defense_result.pt, per-epoch CSV, run_info.json with the wall time). A
 finished defense (defense_result.pt present) is skipped unless --force. Numbers for the tables come from
@@ -38,6 +38,7 @@ from bench_scripts.common import (
     run_defense,
     setup,
 )
+from fst_plugin.record.layout import DefenseLayout
 
 log = logging.getLogger("bench.run_defenses")
 BB_DEFENSES = ("ft", "ft-sam", "anp", "i-bau", "nad")
@@ -56,14 +57,14 @@ def run_ours(records: list[Path], methods: list[str], protocol, data_root: Path,
              force: bool) -> None:
     for record_dir in records:
         for method in methods:
-            out = record_dir / "defense" / method / "defense_result.pt"
-            if out.is_file() and not force:
-                log.info("done already: %s", out)
+            layout = DefenseLayout.of(record_dir, method)
+            if layout.finished and not force:
+                log.info("done already: %s", layout.result)
                 continue
             started = time.time()
             result = run_defense(record_dir, method, protocol, data_root, seed=seed)
             log_timing(results, f"defense {method} {record_dir.name}", time.time() - started,
-                       defense_wall_s=round(result["wall_time_s"], 1))
+                       defense_wall_s=round(result.wall_time_s, 1))
 
 
 def run_backdoorbench(records: list[Path], defenses: list[str], bb_root: Path, protocol, results: Path,
@@ -86,7 +87,7 @@ def run_backdoorbench(records: list[Path], defenses: list[str], bb_root: Path, p
             raise SystemExit(f"{link} exists and is not this record ({record_dir}); move it away or run the other "
                              "protocol's records from another BackdoorBench checkout")
         for defense in defenses:
-            if (record_dir / "defense" / defense / "defense_result.pt").is_file() and not force:
+            if DefenseLayout.of(record_dir, defense).finished and not force:
                 continue
             cmd = [sys.executable, f"./defense/{defense}.py", "--result_file", name, "--dataset", "cifar10",
                    "--yaml_path", f"./config/defense/{defense}/cifar10.yaml", "--device", device,

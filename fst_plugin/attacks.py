@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fst_plugin.core.tuning import progress
 from fst_plugin.data.tensor_data import TensorBatches, TensorImages
 from fst_plugin.data.tensor_transforms import CROP_PADDING, horizontal_flip, normalize_for, random_crop
 from fst_plugin.errors import ConfigError, TrainingDiverged
+from fst_plugin.runtime import progress
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ EPILOG = """examples:
 
 def _cmd_list(args: argparse.Namespace) -> int:
     from fst_plugin.core.modes import MODES
-    from fst_plugin.registry import available_defenses
+    from fst_plugin.plugins import available_defenses
 
     for name, ep in available_defenses().items():
         summary = MODES[name].summary if name in MODES else ep.value

@@ -6,10 +6,11 @@ the fix, before anything is written.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Collection, Mapping, Optional, Sequence
 
 import yaml
 
@@ -19,67 +20,119 @@ from fst_plugin.errors import ConfigError
 PROJECTION_CHOICES = {"auto": None, "on": True, "off": False, True: True, False: False, None: None}
 
 
+def setting(default: Any = None, help: str = "", *, choices: Optional[Collection[str]] = None,
+            check: Optional[tuple[str, Callable[[Any], bool]]] = None, resume: bool = True, in_yaml: bool = True,
+            flags: Sequence[str] = (), switch: bool = False, default_factory: Optional[Callable[[], Any]] = None) -> Any:
+    """A config key: its default, ``help`` (the ``--help`` text), ``choices`` or a range ``check`` (text, test),
+    whether it ``resume``-s (its value joins the checkpoint's key, so a resume with another value is refused),
+    whether every shipped yaml holds it (``in_yaml``), extra command-line ``flags`` and whether it is a value-less
+    ``switch``. The type is the field's annotation. Everything else (argparse, validation, the resume key,
+    the yaml check) is derived from these fields, so adding a key is this one line plus the yamls."""
+    metadata = {"help": help, "choices": tuple(choices) if choices else None, "check": check, "resume": resume,
+                "in_yaml": in_yaml, "flags": tuple(flags), "switch": switch}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class DefenseConfig:
-    """Every setting a tuning defense reads (yaml key = field name)."""
+    """Every setting a tuning defense reads (yaml key = field name = command-line flag)."""
 
     # BackdoorBench's shared defense keys
-    device: str = "auto"
-    amp: bool = False
-    pin_memory: bool = False
-    non_blocking: bool = False
-    prefetch: bool = False
-    checkpoint_load: Optional[str] = None
-    checkpoint_save: Optional[str] = None
-    log: Optional[str] = None
-    dataset_path: str = "./data"
-    dataset: str = "cifar10"
-    epochs: int = 10
-    batch_size: int = 128
-    num_workers: int = 0
-    lr: float = 0.01
-    lr_scheduler: str = "CosineAnnealingLR"
-    model: Optional[str] = None
-    client_optimizer: str = "sgd"
-    sgd_momentum: float = 0.9
-    wd: float = 0.0
-    frequency_save: int = 0
-    random_seed: int = 0
-    ratio: float = 0.02
-    index: Optional[str] = None
+    device: str = setting("auto", "auto (cuda when present, else cpu), cpu, cuda, cuda:N", resume=False)
+    amp: bool = setting(False, "mixed precision (CUDA only)")
+    pin_memory: bool = setting(False, "dataloader pin_memory", flags=("-pm",), resume=False)
+    non_blocking: bool = setting(False, ".to(), non_blocking", flags=("-nb",))
+    prefetch: bool = setting(False, "accepted for BackdoorBench compatibility", flags=("-pf",))
+    checkpoint_load: Optional[str] = setting(None, "accepted for BackdoorBench compatibility")
+    checkpoint_save: Optional[str] = setting(None, "folder of the per-epoch resume checkpoint", resume=False)
+    log: Optional[str] = setting(None, "folder of the log and index.txt", resume=False)
+    dataset_path: str = setting("./data", "folder holding <dataset>/ (default ./data)")
+    dataset: str = setting("cifar10", "mnist, cifar10, cifar100, gtsrb, tiny")
+    epochs: int = setting(10, "tuning epochs", check=("> 0", lambda v: v > 0))
+    batch_size: int = setting(128, "tuning batch size", check=("> 0", lambda v: v > 0))
+    num_workers: int = setting(0, "dataloader workers", check=(">= 0", lambda v: v >= 0), resume=False)
+    lr: float = setting(0.01, "learning rate of sgd", check=("> 0", lambda v: v > 0))
+    lr_scheduler: str = setting("CosineAnnealingLR", "learning-rate schedule", choices=("CosineAnnealingLR",))
+    model: Optional[str] = setting(None, "informational; the record's model_name is used")
+    client_optimizer: str = setting("sgd", "optimiser", choices=("sgd",))
+    sgd_momentum: float = setting(0.9, "momentum of sgd", check=("in [0, 1)", lambda v: 0 <= v < 1))
+    wd: float = setting(0.0, "weight decay of sgd", check=(">= 0", lambda v: v >= 0))
+    frequency_save: int = setting(0, "accepted for BackdoorBench compatibility", check=(">= 0", lambda v: v >= 0))
+    # what numpy and BackdoorBench's fix_random accept
+    random_seed: int = setting(0, "random seed (tuning subset, re-initialisation, shuffling, evaluation subset)",
+                               check=("in [0, 2**32)", lambda v: 0 <= v < 2**32))
+    ratio: float = setting(0.02, "fraction of the clean training set used for tuning",
+                           check=("in (0, 1]", lambda v: 0 < v <= 1))
+    index: Optional[str] = setting(None, "file of clean training indices (overrides --ratio)")
     # ours
-    alpha: float = 0.2
-    head: Optional[str] = None
-    projection: Optional[bool] = None
-    projection_bound: str = "equal"
-    whole_classifier: bool = False
-    trust_record: bool = False
-    resume: bool = False
+    alpha: float = setting(0.2, "weight of the feature-shift penalty alpha*<W, W0>",
+                           check=(">= 0", lambda v: v >= 0))
+    head: Optional[str] = setting(None, "dotted name of the classifier layer (default: found)")
+    projection: Optional[bool] = setting(None, "rescale the head to ||W0|| after every step (auto: the mode's "
+                                               "default, on)", choices=("auto", "on", "off"))
+    projection_bound: str = setting("equal", "equal: ||W|| = ||W0|| after every step (official code, default); "
+                                             "at_most: ||W|| <= ||W0|| (the paper's constraint)",
+                                    choices=PROJECTION_BOUNDS)
+    whole_classifier: bool = setting(False, "treat every Linear of the head's block as head")
+    save_name: Optional[str] = setting(None, "write to defense/<save_name>/ instead of defense/<method>/ "
+                                             "(variants of one defense side by side)", resume=False)
+    eval_subset: Optional[int] = setting(None, "evaluate each epoch on this many clean and poisoned test images "
+                                               "(a subset seeded by random_seed; default: the full test sets)",
+                                         check=("> 0", lambda v: v > 0))
+    trust_record: bool = setting(False, "UNSAFE: fully unpickle records/checkpoints from a source you trust",
+                                 flags=("--trust-record",), switch=True, resume=False, in_yaml=False)
+    resume: bool = setting(False, "continue from the last complete epoch checkpoint", switch=True, resume=False,
+                           in_yaml=False)
     # where things are (set by the command line)
-    result_file: Optional[str] = None
-    record: Optional[str] = None
-    yaml_path: Optional[str] = None
-    terminal_info: list = field(default_factory=list)
+    result_file: Optional[str] = setting(None, "attack record name: record/<result_file>", resume=False, in_yaml=False)
+    record: Optional[str] = setting(None, "attack record folder (standalone alternative to --result_file)",
+                                    resume=False, in_yaml=False)
+    yaml_path: Optional[str] = setting(None, "the defense yaml", resume=False, in_yaml=False)
+    terminal_info: list = setting(None, "", default_factory=list, resume=False, in_yaml=False)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-_FIELD_TYPES = {f.name: f.type for f in fields(DefenseConfig)}
-_CHOICES = {"lr_scheduler": {"CosineAnnealingLR"}, "client_optimizer": {"sgd"},
-            "projection_bound": set(PROJECTION_BOUNDS)}
-_RANGES: dict[str, tuple[str, Any]] = {
-    "epochs": ("> 0", lambda v: v > 0),
-    "batch_size": ("> 0", lambda v: v > 0),
-    "num_workers": (">= 0", lambda v: v >= 0),
-    "lr": ("> 0", lambda v: v > 0),
-    "sgd_momentum": ("in [0, 1)", lambda v: 0 <= v < 1),
-    "wd": (">= 0", lambda v: v >= 0),
-    "frequency_save": (">= 0", lambda v: v >= 0),
-    "ratio": ("in (0, 1]", lambda v: 0 < v <= 1),
-    "alpha": (">= 0", lambda v: v >= 0),
-    "random_seed": ("in [0, 2**32)", lambda v: 0 <= v < 2**32),  # what numpy and BackdoorBench's fix_random accept
-}
+KEYS: dict[str, dataclasses.Field] = {f.name: f for f in fields(DefenseConfig)}
+_FIELD_TYPES = {name: f.type for name, f in KEYS.items()}
+_CHOICES = {name: set(f.metadata["choices"]) for name, f in KEYS.items()
+            if f.metadata["choices"] and name != "projection"}  # projection's words map to values (PROJECTION_CHOICES)
+_RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {name: f.metadata["check"] for name, f in KEYS.items()
+                                                        if f.metadata["check"]}
+YAML_KEYS = tuple(name for name, f in KEYS.items() if f.metadata["in_yaml"])
+RESUME_KEYS = tuple(name for name, f in KEYS.items() if f.metadata["resume"])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per config key (``--<key>`` plus BackdoorBench's short aliases), every default None so the yaml
+    rules. Values are read as text and validated by :func:`build_config`, like yaml values: a wrong one is one
+    line naming the key and the fix (``--amp yes`` included), never a silent False."""
+    for name, f in KEYS.items():
+        if f.name == "terminal_info":
+            continue
+        meta = f.metadata
+        flags = [flag for flag in meta["flags"] if not flag.startswith("--")] + [f"--{name}"] + \
+                [flag for flag in meta["flags"] if flag.startswith("--")]
+        if meta["switch"]:
+            parser.add_argument(*flags, dest=name, action="store_const", const=True, help=meta["help"])
+        else:
+            kind = _FIELD_TYPES[name].replace("Optional[", "").rstrip("]")
+            metavar = "{" + ",".join(meta["choices"]) + "}" if meta["choices"] else kind.upper()
+            parser.add_argument(*flags, dest=name, type=str, metavar=metavar, help=meta["help"])
+
+
+def missing_yaml_keys(values: Mapping[str, Any]) -> list[str]:
+    """The config keys a defense yaml should hold and does not (every shipped yaml holds all of them)."""
+    return [key for key in YAML_KEYS if key not in values]
+
+
+def resume_values(config: DefenseConfig) -> dict[str, Any]:
+    """The settings a checkpoint is only valid for (a resume with any other value is refused)."""
+    values = config.to_dict()
+    return {key: values[key] for key in RESUME_KEYS}
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -104,7 +157,7 @@ def _coerce(key: str, value: Any) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
             return value.lower() in ("true", "1")
-        raise wrong
+        raise ConfigError(wrong.problem, f"set {key} to True or False (or true, false, 1, 0)")
     if base == "int":
         if isinstance(value, bool):
             raise wrong
@@ -160,6 +213,36 @@ def build_config(values: Mapping[str, Any]) -> DefenseConfig:
                               f"use {' or '.join(sorted(_CHOICES[key]))}"
                               + (" (the only one this defense implements)" if len(_CHOICES[key]) == 1 else ""))
     return DefenseConfig(**clean)
+
+
+def shipped_configs_dir() -> Path:
+    """The folder of the shipped defense yamls (``<method>/<dataset>.yaml``): the one place that knows it.
+
+    ``fst_plugin/defense_configs`` is a symlink to the repository's top-level ``defense_configs/`` (the
+    folder the design keeps at the top). One path then serves every install mode: an editable install and
+    any run from the repository root (where the repository's ``fst_plugin/`` shadows an installed one) read
+    the top-level folder through the link, and a wheel holds real copies, because setuptools follows the
+    link when it collects package data. The fallback is for a checkout whose file system has no symlinks
+    (git then writes the link as a small text file): the top-level folder next to the package.
+    """
+    package = Path(__file__).resolve().parent
+    for folder in (package / "defense_configs", package.parent / "defense_configs"):
+        if folder.is_dir():
+            return folder
+    raise ConfigError("the shipped defense configs are missing (no fst_plugin/defense_configs/)",
+                      "reinstall backdoorbench-fst")
+
+
+def shipped_config(method: str, dataset: str) -> Path:
+    """Path of the yaml shipped for ``method`` on ``dataset`` (``config`` and unknown datasets: cifar10's)."""
+    folder = shipped_configs_dir() / method
+    source = folder / f"{'cifar10' if dataset == 'config' else dataset}.yaml"
+    if not source.is_file():
+        source = folder / "cifar10.yaml"
+    if not source.is_file():
+        raise ConfigError(f"no shipped config for defense {method!r}",
+                          "pass --yaml_path with a yaml of your own (this package ships configs only for its own defenses)")
+    return source
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

@@ -7,9 +7,7 @@ Sizes default to what runs in a few minutes on two CPU cores.
 """
 from __future__ import annotations
 
-import argparse
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -18,20 +16,12 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from fst_plugin.attacks import (
-    TrainConfig,
-    accuracy_and_asr,
-    badnets_trigger,
-    class_balanced_subset,
-    poison_indices,
-    poison_split,
-    poisoned_test_items,
-    train_classifier,
-)
+from fst_plugin.api import run_defense
+from fst_plugin.attacks import TrainConfig, badnets_trigger, class_balanced_subset, poison_indices
+from fst_plugin.backdoor import Attack, Split, backdoor_and_record
 from fst_plugin.core.modes import MODES
 from fst_plugin.data import load_clean_split
-from fst_plugin.models import build_model
-from fst_plugin.record import write_attack_record
+from fst_plugin.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -121,57 +111,38 @@ class Workspace:
 
 def prepare_workspace(config: DemoConfig, record_name: str = "demo_badnet") -> Workspace:
     """Write the data folders, train a BadNets-backdoored model and write its record under ``config.out``."""
-    from fst_plugin.adapter.defenses import resolve_device
-
     rng = np.random.default_rng(config.seed)
     device = resolve_device(config.device)
     source, (x_train, y_train), (x_test, y_test) = load_source(config, rng)
     data_root = config.out / "data" / "cifar10"
     x_train, y_train = write_image_folders(data_root, "train", x_train, y_train)
     x_test, y_test = write_image_folders(data_root, "test", x_test, y_test)
-    trigger = badnets_trigger()
-    poisoned = poison_split(x_train, y_train, trigger, poison_indices(y_train, config.poison_rate, config.target, rng),
-                            config.target)
+    attack = Attack(badnets_trigger(), poison_indices(y_train, config.poison_rate, config.target, rng), config.target)
     log.info("training a BadNets-backdoored %s on %d images (%d poisoned)", config.model, len(y_train),
-             len(poisoned.poisoned))
-    model = build_model(config.model, 10)
-    started = time.time()
-    if config.attack_epochs > 0:
-        # Small batches and no augmentation: with a few thousand images a backdoor then implants within
-        # minutes on a CPU (with crop + flip the 3x3 patch is often cropped away and needs far more steps).
-        train_classifier(model, poisoned.images, poisoned.labels, "cifar10",
-                         TrainConfig(epochs=config.attack_epochs, batch_size=32, augment=False, device=device,
-                                     seed=config.seed))
-    acc, asr = accuracy_and_asr(model, x_test, y_test, trigger, config.target, "cifar10", device)
-    log.info("backdoored model: C-Acc %.2f%%, ASR %.2f%% (%.0f s)", 100 * acc, 100 * asr, time.time() - started)
-    record_dir = config.out / "record" / record_name
-    write_attack_record(record_dir, model_name=config.model, num_classes=10, state_dict=model.state_dict(),
-                        clean_data="cifar10", img_size=(32, 32, 3), test_size=len(y_test),
-                        bd_test=poisoned_test_items(x_test, y_test, trigger, config.target))
-    return Workspace(config.out, record_dir, source, len(y_train), len(y_test), (acc, asr))
+             len(attack.poisoned))
+    # Small batches and no augmentation: with a few thousand images a backdoor then implants within
+    # minutes on a CPU (with crop + flip the 3x3 patch is often cropped away and needs far more steps).
+    result = backdoor_and_record(
+        config.out / "record" / record_name, model_name=config.model, dataset="cifar10",
+        train=Split(x_train, y_train), test=Split(x_test, y_test), attack=attack,
+        train_config=TrainConfig(epochs=config.attack_epochs, batch_size=32, augment=False, device=device,
+                                 seed=config.seed))
+    return Workspace(config.out, result.record_dir, source, len(y_train), len(y_test),
+                     (result.test_acc, result.test_asr))
 
 
 def run_demo(config: DemoConfig) -> pd.DataFrame:
-    from fst_plugin.adapter.defenses import resolve_device
-    from fst_plugin.installer import shipped_config
-    from fst_plugin.registry import load_defense
-
     workspace = prepare_workspace(config)
     device = resolve_device(config.device)
     rows = []
     for method in MODES:
-        defense_cls = load_defense(method)
-        parser = argparse.ArgumentParser()
-        defense_cls.add_arguments(parser)
-        args = parser.parse_args(["--record", str(workspace.record_dir), "--dataset_path", str(config.out / "data"),
-                                  "--yaml_path", str(shipped_config(method, "cifar10")),
-                                  "--device", device, "--num_workers", "0", "--epochs", str(config.defense_epochs),
-                                  "--ratio", str(config.ratio), "--random_seed", str(config.seed)])
-        result = defense_cls(args).defense(None)
-        rows.append({"defense": method, "C-Acc": 100 * result["after"]["test_acc"],
-                     "ASR": 100 * result["after"]["test_asr"], "RA": 100 * result["after"]["test_ra"],
-                     "time_s": result["wall_time_s"]})
-        before = result["before"]
+        result = run_defense(method, workspace.record_dir, dataset_path=str(config.out / "data"), device=device,
+                             num_workers=0, epochs=config.defense_epochs, ratio=config.ratio,
+                             random_seed=config.seed)
+        rows.append({"defense": method, "C-Acc": 100 * result.after["test_acc"],
+                     "ASR": 100 * result.after["test_asr"], "RA": 100 * result.after["test_ra"],
+                     "time_s": result.wall_time_s})
+        before = result.before
     rows.insert(0, {"defense": "no defense", "C-Acc": 100 * before["test_acc"], "ASR": 100 * before["test_asr"],
                     "RA": 100 * before["test_ra"], "time_s": 0.0})
     table = pd.DataFrame(rows).set_index("defense")

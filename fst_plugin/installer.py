@@ -12,12 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
+from fst_plugin.config import shipped_config, shipped_configs_dir
 from fst_plugin.errors import InstallError
 from fst_plugin.io_utils import atomic_write_text
-from fst_plugin.registry import available_defenses
+from fst_plugin.plugins import available_defenses
 
 MANIFEST = ".fst_plugin_manifest.json"
 CONFIG_NAMES = ("config", "cifar10", "cifar100", "gtsrb", "tiny")
@@ -43,18 +43,6 @@ def check_backdoorbench(root: Path) -> Path:
     return root.resolve()
 
 
-def shipped_config(method: str, dataset: str) -> Path:
-    """Path of the yaml shipped for ``method`` on ``dataset`` (``config`` and unknown datasets: cifar10's)."""
-    folder = resources.files("fst_plugin.defense_configs") / method
-    source = folder / f"{'cifar10' if dataset == 'config' else dataset}.yaml"
-    if not source.is_file():
-        source = folder / "cifar10.yaml"
-    if not source.is_file():
-        raise InstallError(f"no shipped config for defense {method!r}",
-                           "reinstall backdoorbench-fst (its defense_configs/ are missing)")
-    return Path(str(source))
-
-
 def default_config(method: str, dataset: str) -> str:
     return shipped_config(method, dataset).read_text()
 
@@ -76,7 +64,7 @@ class InstallPlan:
 
 
 def has_shipped_config(method: str) -> bool:
-    return (resources.files("fst_plugin.defense_configs") / method / "cifar10.yaml").is_file()
+    return (shipped_configs_dir() / method / "cifar10.yaml").is_file()
 
 
 def plan_install(methods: list[str]) -> InstallPlan:

@@ -52,16 +52,17 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from fst_plugin.adapter.defenses import choose_clean_indices, resolve_device
+from fst_plugin.adapter.defenses import choose_clean_indices
 from fst_plugin.core import evaluate_backdoor
-from fst_plugin.core.tuning import progress, seed_everything
 from fst_plugin.data import PoisonedTestSet, TransformedDataset, dataset_info, get_transform, load_clean_split
 from fst_plugin.errors import ConfigError, DataError, RecordError, TrainingDiverged
 from fst_plugin.io_utils import atomic_torch_save, atomic_write_text
 from fst_plugin.models import build_model
-from fst_plugin.models.registry import load_weights
+from fst_plugin.models.factory import load_weights
 from fst_plugin.record import AttackRecord, PoisonedImage, load_attack_record, load_untrusted
 from fst_plugin.record.defense_output import CSV_COLUMNS, environment_versions
+from fst_plugin.record.layout import DefenseLayout
+from fst_plugin.runtime import progress, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -70,23 +71,23 @@ CLEAN_REFERENCE = "clean-reference"   # a model trained on clean data only (--re
 RESULT_FILE = "retune_result.pt"
 
 
-# ----- where things are (the one place that knows the record layout; see the layout module on merge) -----
+# ----- where things are (spelled by fst_plugin.record.layout) ---------------------------------------------
 def defense_dir(record_dir: Path, defense: str) -> Path:
     """``record/<name>/defense/<defense>/``: a defense's outputs (for none / clean-reference: only ``retune/``)."""
-    return record_dir / "defense" / defense
+    return DefenseLayout.of(record_dir, defense).folder
 
 
 def defense_result_path(record_dir: Path, defense: str) -> Path:
-    return defense_dir(record_dir, defense) / "defense_result.pt"
+    return DefenseLayout.of(record_dir, defense).result
 
 
 def defense_index_path(record_dir: Path, defense: str) -> Path:
     """The clean training indices a defense tuned on (our defenses and BackdoorBench's ft write it)."""
-    return defense_dir(record_dir, defense) / "log" / "index.txt"
+    return DefenseLayout.of(record_dir, defense).index
 
 
 def retune_dir(record_dir: Path, defense: str) -> Path:
-    return defense_dir(record_dir, defense) / "retune"
+    return DefenseLayout.of(record_dir, defense).retune_dir
 
 
 # ----- configuration and result ---------------------------------------------------------------------------

@@ -1,15 +1,12 @@
 """The benchmark's feature-shift numbers (bench_scripts.common.feature_shift_measures) on features whose answer is
 known: poisoned features inside the target cluster, then moved to their own classes."""
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 pytest.importorskip("sklearn")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench_scripts/ lives at the repository root
 
-from bench_scripts.common import feature_shift_measures  # noqa: E402
+from bench_scripts.common import feature_shift_measures
 
 
 def _clusters(seed: int = 0, classes: int = 4, per_class: int = 50, dim: int = 16):

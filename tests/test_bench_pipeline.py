@@ -4,8 +4,6 @@ with each other; measures nothing about FST."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,12 +11,12 @@ import pytest
 import torch
 
 pytest.importorskip("sklearn")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench_scripts/ lives at the repository root
 
-from bench_scripts import ablations, diagnostics, evaluate, make_records, make_table, run_defenses  # noqa: E402
-from bench_scripts.common import METHODS, make_trigger, materialise  # noqa: E402
-from fst_plugin.demo import synthetic_images, write_image_folders  # noqa: E402
-from fst_plugin.record import load_attack_record  # noqa: E402
+from bench_scripts import ablations, diagnostics, evaluate, make_records, make_table, run_defenses
+from bench_scripts.common import METHODS, make_trigger
+from fst_plugin.data import materialise
+from fst_plugin.demo import synthetic_images, write_image_folders
+from fst_plugin.record import load_attack_record
 
 
 @pytest.fixture(scope="module")

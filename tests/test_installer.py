@@ -15,7 +15,7 @@ from fst_plugin.demo import Workspace
 from fst_plugin.errors import InstallError
 from fst_plugin.installer import MANIFEST, install, plan_install, uninstall
 from fst_plugin.record import load_untrusted
-from fst_plugin.registry import available_defenses, load_defense
+from fst_plugin.plugins import available_defenses, load_defense
 
 METHODS = ["fe-tuning", "fst", "ft-init", "lp", "vanilla-ft"]
 

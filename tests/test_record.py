@@ -61,7 +61,7 @@ def test_fst_defends_a_record_end_to_end(fresh_workspace: Workspace) -> None:
                         "--epochs", "2", "--ratio", "0.5")
     result = FST(args).defense(None)
     out = ws.record_dir / "defense" / "fst"
-    assert result["save_path"] == str(out)
+    assert result.save_path == out
     names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     log_files = {n for n in names if n.startswith("log/") and n.endswith(".log")}
     assert len(log_files) == 1
@@ -77,7 +77,7 @@ def test_fst_defends_a_record_end_to_end(fresh_workspace: Workspace) -> None:
     summary = pd.read_csv(out / "fst_df_summary.csv", index_col=0)
     assert list(summary.index) == ["last", "valid_max", "exist_nan_value"]
     assert float(summary.loc["last", "test_asr"]) == pytest.approx(df["test_asr"].iloc[-1])
-    assert result["after"]["test_asr"] == pytest.approx(df["test_asr"].iloc[-1])
+    assert result.after["test_asr"] == pytest.approx(df["test_asr"].iloc[-1])
     indices = np.loadtxt(out / "log" / "index.txt", dtype=int)
     assert len(indices) == ws.n_train // 2 and len(set(indices)) == len(indices)
     assert indices.min() >= 0 and indices.max() < ws.n_train
@@ -117,7 +117,7 @@ def test_clean_subset_is_the_one_backdoorbench_ft_picks() -> None:
     """Same seed, same n, same ratio → the same indices BackdoorBench's ft wrote to its index.txt
     (observed in a real BackdoorBench run: seed 0, 5000 images, ratio 0.05 starts 3155, 3445, 331)."""
     from fst_plugin.adapter.defenses import choose_clean_indices
-    from fst_plugin.core.tuning import seed_everything
+    from fst_plugin.runtime import seed_everything
 
     seed_everything(0)
     indices = choose_clean_indices(5000, 0.05, None)

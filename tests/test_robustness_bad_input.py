@@ -589,7 +589,7 @@ def test_installer_left_the_foreign_file_alone(tmp_path: Path, fx: h.Fixture) ->
 @pytest.mark.parametrize("requested", ["cuda:3", "cuda:1"])
 def test_cuda_index_beyond_the_visible_gpus(monkeypatch: pytest.MonkeyPatch, requested: str) -> None:
     """With CUDA present, a GPU index that does not exist is a ConfigError too (not a CUDA error mid-run)."""
-    from fst_plugin.adapter.defenses import resolve_device
+    from fst_plugin.runtime import resolve_device
     from fst_plugin.errors import ConfigError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -197,7 +197,7 @@ def test_malformed_checkpoint_with_the_right_key_is_a_clear_error(fx: h.Fixture,
     FST.add_arguments(parser)
     args = parser.parse_args(h.defense_argv(fx, reference["record"], reference["yaml"])[2:])
     defense = FST(args)
-    key = defense._resume_key(defense.prepare()["indices"])
+    key = defense._resume_key(defense.prepare().indices)
     folder = tmp_path / "ckpt"
     folder.mkdir()
     torch.save({"resume_key": key, "state": {"epochs_done": "three"}}, folder / "last.pt")

@@ -19,29 +19,61 @@ import logging.handlers
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from pprint import pformat
 from typing import Any, ClassVar, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
 
-from fst_plugin.adapter.toolkit import backdoorbench_root, make_toolkit
-from fst_plugin.config import DefenseConfig, build_config, merge, read_yaml
-from fst_plugin.core import TuningConfig, TuningState, evaluate_backdoor, find_head, get_mode, tune
-from fst_plugin.core.tuning import seed_everything
-from fst_plugin.data import PoisonedTestSet, TransformedDataset, dataset_info
+from fst_plugin.adapter.backend import backdoorbench_root, make_backend
+from fst_plugin.config import DefenseConfig, add_arguments as add_config_arguments, build_config, merge, read_yaml, resume_values
+from fst_plugin.core import ClassifierHead, TuningConfig, TuningState, evaluate_backdoor, find_head, get_mode, tune
+from fst_plugin.data import PoisonedTestSet, TransformedDataset, dataset_info, materialise
 from fst_plugin.errors import ConfigError, DataError, RecordError
 from fst_plugin.io_utils import atomic_torch_save, atomic_write_text
-from fst_plugin.models.registry import load_weights
+from fst_plugin.models.factory import load_weights
 from fst_plugin.record import AttackRecord, load_attack_record, load_untrusted
 from fst_plugin.record.defense_output import write_defense_outputs
+from fst_plugin.record.layout import DefenseLayout, checkpoint_file, index_file
+from fst_plugin.runtime import resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 LOG_FORMAT = "%(asctime)s [%(levelname)-8s] [%(filename)s:%(lineno)d] %(message)s"
 LOG_DATEFMT = "%Y-%m-%d:%H:%M:%S"
-CHECKPOINT_NAME = "last.pt"
+EVAL_SUBSET_BATCH = 256
+
+
+@dataclass
+class DefensePlan:
+    """A validated run, built by :meth:`TuningDefense.prepare` (which writes nothing) and carried out by ``run``."""
+
+    device: str
+    model: nn.Module
+    head: ClassifierHead
+    indices: np.ndarray              # the clean tuning subset (indices into the clean training set)
+    checkpoint: Path                 # the per-epoch resume state
+    resume_key: str                  # the settings the checkpoint is valid for (fst_plugin.config.resume_values)
+    resume: Optional[TuningState]    # the state to continue from (--resume), else None
+    train_loader: DataLoader
+    clean_loader: DataLoader
+    bd_loader: DataLoader
+
+
+@dataclass
+class DefenseResult:
+    """What a finished run returns; its files are in ``save_path`` (see fst_plugin.record.layout)."""
+
+    method: str
+    model: nn.Module
+    history: list[dict[str, Any]]    # one row per epoch, the columns of <method>_df.csv
+    before: dict[str, float]         # test_acc, test_asr, test_ra (and losses) of the backdoored model
+    after: dict[str, float]          # test_acc, test_asr, test_ra after the last epoch
+    save_path: Path
+    wall_time_s: float
 
 
 class DefenseBase:
@@ -69,31 +101,6 @@ def _defense_base() -> type:
         except ImportError:
             pass
     return DefenseBase
-
-
-def _bool_arg(text: str) -> bool:
-    return str(text) in ("True", "true", "1")
-
-
-def resolve_device(requested: str) -> str:
-    """``auto`` → cuda when present, else cpu; an explicit cuda without CUDA is an error."""
-    if requested == "auto":
-        chosen = "cuda" if torch.cuda.is_available() else "cpu"
-        log.info("device: auto -> %s (%s)", chosen, "CUDA available" if chosen == "cuda" else "no CUDA found")
-        return chosen
-    try:
-        device = torch.device(requested)
-    except RuntimeError:
-        raise ConfigError(f"device {requested!r} is not a torch device", "use auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device {requested!r} is not supported by this defense", "use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {requested!r} requested but CUDA is not available here",
-                          "pass --device cpu (or auto)")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ConfigError(f"device {requested!r} requested but only {torch.cuda.device_count()} GPU(s) are visible",
-                          "pass --device cuda (or cuda:N with N below the GPU count)")
-    return requested
 
 
 def choose_clean_indices(n: int, ratio: float, index_file: Optional[str]) -> np.ndarray:
@@ -131,45 +138,8 @@ class TuningDefense(_defense_base()):  # type: ignore[misc]
     # ----- BackdoorBench life cycle -----------------------------------------------------------------
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        """BackdoorBench ft's arguments (same names) plus FST's; every default is None so the yaml rules."""
-        parser.add_argument("--device", type=str, help="auto (cuda when present, else cpu), cpu, cuda, cuda:N")
-        parser.add_argument("-pm", "--pin_memory", type=_bool_arg, help="dataloader pin_memory")
-        parser.add_argument("-nb", "--non_blocking", type=_bool_arg, help=".to(), non_blocking")
-        parser.add_argument("-pf", "--prefetch", type=_bool_arg, help="accepted for BackdoorBench compatibility")
-        parser.add_argument("--amp", type=_bool_arg, help="mixed precision (CUDA only)")
-        parser.add_argument("--checkpoint_load", type=str, help="accepted for BackdoorBench compatibility")
-        parser.add_argument("--checkpoint_save", type=str, help="folder of the per-epoch resume checkpoint")
-        parser.add_argument("--log", type=str, help="folder of the log and index.txt")
-        parser.add_argument("--dataset_path", type=str, help="folder holding <dataset>/ (default ./data)")
-        parser.add_argument("--dataset", type=str, help="mnist, cifar10, cifar100, gtsrb, tiny")
-        parser.add_argument("--result_file", type=str, help="attack record name: record/<result_file>")
-        parser.add_argument("--epochs", type=int)
-        parser.add_argument("--batch_size", type=int)
-        parser.add_argument("--num_workers", type=int)
-        parser.add_argument("--lr", type=float)
-        parser.add_argument("--lr_scheduler", type=str, help="CosineAnnealingLR")
-        parser.add_argument("--model", type=str, help="informational; the record's model_name is used")
-        parser.add_argument("--client_optimizer", type=str, help="sgd")
-        parser.add_argument("--sgd_momentum", type=float)
-        parser.add_argument("--wd", type=float, help="weight decay of sgd")
-        parser.add_argument("--frequency_save", type=int, help="accepted for BackdoorBench compatibility")
-        parser.add_argument("--random_seed", type=int, help="random seed")
-        parser.add_argument("--yaml_path", type=str, help="the defense yaml")
-        parser.add_argument("--ratio", type=float, help="fraction of the clean training set used for tuning")
-        parser.add_argument("--index", type=str, help="file of clean training indices (overrides --ratio)")
-        parser.add_argument("--alpha", type=float, help="weight of the feature-shift penalty alpha*<W, W0>")
-        parser.add_argument("--head", type=str, help="dotted name of the classifier layer (default: found)")
-        parser.add_argument("--projection", type=str, choices=["auto", "on", "off"],
-                            help="rescale the head to ||W0|| after every step (auto: the mode's default, on)")
-        parser.add_argument("--projection_bound", type=str, choices=["equal", "at_most"],
-                            help="equal: ||W|| = ||W0|| after every step (official code, default); "
-                                 "at_most: ||W|| <= ||W0|| (the paper's constraint)")
-        parser.add_argument("--whole_classifier", type=_bool_arg, help="treat every Linear of the head's block as head")
-        parser.add_argument("--trust-record", "--trust_record", dest="trust_record", action="store_const", const=True,
-                            help="UNSAFE: fully unpickle records/checkpoints from a source you trust")
-        parser.add_argument("--resume", action="store_const", const=True,
-                            help="continue from the last complete epoch checkpoint")
-        parser.add_argument("--record", type=str, help="attack record folder (standalone alternative to --result_file)")
+        """BackdoorBench ft's arguments (same names) plus FST's, one per config key (see fst_plugin.config)."""
+        add_config_arguments(parser)
 
     def __init__(self, args: argparse.Namespace) -> None:
         yaml_values = read_yaml(args.yaml_path) if getattr(args, "yaml_path", None) else {}
@@ -203,10 +173,10 @@ class TuningDefense(_defense_base()):  # type: ignore[misc]
         if self.result is not None and self.result.record_dir == record_dir:
             return
         self.result = load_attack_record(record_dir, trust=self.config.trust_record)
-        save_path = record_dir / "defense" / self.method
-        self.args.save_path = str(save_path)
-        self.args.checkpoint_save = self.config.checkpoint_save or str(save_path / "checkpoint")
-        self.args.log = self.config.log or str(save_path / "log")
+        self.layout = DefenseLayout.of(record_dir, self.config.save_name or self.method, self.method)
+        self.args.save_path = str(self.layout.folder)
+        self.args.checkpoint_save = self.config.checkpoint_save or str(self.layout.checkpoint_dir)
+        self.args.log = self.config.log or str(self.layout.log_dir)
 
     def set_logger(self) -> None:
         """BackdoorBench's log format on the console; the log file opens once outputs may be written."""
@@ -237,12 +207,12 @@ class TuningDefense(_defense_base()):  # type: ignore[misc]
         logging.getLogger().addHandler(handler)
         self._log_file = handler
 
-    def defense(self, result_file: Optional[str] = None) -> dict[str, Any]:
+    def defense(self, result_file: Optional[str] = None) -> DefenseResult:
         self.set_result(result_file)
         self.set_logger()
         return self.mitigation()
 
-    def mitigation(self) -> dict[str, Any]:
+    def mitigation(self) -> DefenseResult:
         try:
             return self.run(self.prepare())
         finally:
@@ -272,7 +242,7 @@ class TuningDefense(_defense_base()):  # type: ignore[misc]
                         f"pass --dataset_path pointing at the folder that holds {cfg.dataset}/"
                         + (" (create it with make_cifar10.py DEST --batches-py)" if cfg.dataset == "cifar10" else ""))
 
-    def prepare(self) -> dict[str, Any]:
+    def prepare(self) -> DefensePlan:
         """Validate everything and build model, head and data; writes nothing."""
         cfg, record = self.config, self.result
         if record is None:
@@ -286,39 +256,43 @@ class TuningDefense(_defense_base()):  # type: ignore[misc]
                               "check the record's dataset, or re-run the attack")
         device = resolve_device(cfg.device)
         seed_everything(cfg.random_seed)
-        toolkit = make_toolkit()
-        log.info("models, transforms and data from: %s", toolkit.name)
+        backend = make_backend()
+        log.info("models, transforms and data from: %s", backend.name)
         if cfg.model and cfg.model != record.model_name:
             log.warning("yaml/CLI model %r differs from the record's %r; using the record's", cfg.model, record.model_name)
-        model = toolkit.build_model(record.model_name, record.num_classes)
+        model = backend.build_model(record.model_name, record.num_classes)
         load_weights(model, record.state_dict, record.model_name)
         head = find_head(model, record.num_classes, cfg.head, cfg.whole_classifier)
         log.info("classifier head: %s", ", ".join(head.names))
         data_root = self._data_root(record)
-        train_raw = toolkit.clean_split(cfg.dataset, data_root, train=True)
-        test_raw = toolkit.clean_split(cfg.dataset, data_root, train=False)
+        train_raw = backend.clean_split(cfg.dataset, data_root, train=True)
+        test_raw = backend.clean_split(cfg.dataset, data_root, train=False)
         indices = choose_clean_indices(len(train_raw), cfg.ratio, cfg.index)
         log.info("clean tuning set: %d of %d training images", len(indices), len(train_raw))
         resume_key = self._resume_key(indices)
-        checkpoint = Path(self.args.checkpoint_save) / CHECKPOINT_NAME
+        checkpoint = checkpoint_file(Path(self.args.checkpoint_save))
         resume = self._load_checkpoint(checkpoint, resume_key) if cfg.resume else None
-        test_transform = toolkit.transform(cfg.dataset, train=False)
+        test_transform = backend.transform(cfg.dataset, train=False)
         pin = cfg.pin_memory and device.startswith("cuda")
+        eval_rng = np.random.default_rng(cfg.random_seed)  # one generator: the clean subset, then the poisoned one
         loader_args = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, pin_memory=pin)
-        return {
-            "device": device,
-            "model": model,
-            "head": head,
-            "indices": indices,
-            "checkpoint": checkpoint,
-            "resume_key": resume_key,
-            "resume": resume,
-            "train_loader": DataLoader(TransformedDataset(train_raw, toolkit.transform(cfg.dataset, train=True), indices),
-                                       shuffle=True, **loader_args),
-            "clean_loader": DataLoader(TransformedDataset(test_raw, test_transform), shuffle=False, **loader_args),
-            "bd_loader": DataLoader(PoisonedTestSet(record.bd_test.images, info.channels, test_transform),
-                                    shuffle=False, **loader_args),
-        }
+        train_set = TransformedDataset(train_raw, backend.transform(cfg.dataset, train=True), indices)
+        clean_loader = self._test_loader(TransformedDataset(test_raw, test_transform), loader_args, eval_rng)
+        bd_loader = self._test_loader(PoisonedTestSet(record.bd_test.images, info.channels, test_transform),
+                                      loader_args, eval_rng)
+        return DefensePlan(device=device, model=model, head=head, indices=indices, checkpoint=checkpoint,
+                           resume_key=resume_key, resume=resume,
+                           train_loader=DataLoader(train_set, shuffle=True, **loader_args),
+                           clean_loader=clean_loader, bd_loader=bd_loader)
+
+    def _test_loader(self, dataset: Dataset, loader_args: dict[str, Any], rng: np.random.Generator) -> DataLoader:
+        """The full test set, or with ``eval_subset`` a subset drawn with ``random_seed`` and decoded once (the
+        test transform is deterministic, so each epoch's evaluation then costs forward passes only)."""
+        size = self.config.eval_subset
+        if not size:
+            return DataLoader(dataset, shuffle=False, **loader_args)
+        keep = np.sort(rng.choice(len(dataset), size=min(size, len(dataset)), replace=False)).tolist()
+        return DataLoader(materialise(Subset(dataset, keep)), batch_size=EVAL_SUBSET_BATCH, shuffle=False)
 
     def tuning_config(self, device: str) -> TuningConfig:
         cfg = self.config
@@ -328,9 +302,7 @@ class TuningDefense(_defense_base()):  # type: ignore[misc]
                             seed=cfg.random_seed)
 
     def _resume_key(self, indices: np.ndarray) -> str:
-        relevant = {k: v for k, v in self.config.to_dict().items()
-                    if k not in ("resume", "terminal_info", "trust_record", "device", "num_workers", "log",
-                                 "checkpoint_save", "yaml_path", "result_file", "record", "pin_memory")}
+        relevant = resume_values(self.config)
         relevant["method"] = self.method
         relevant["indices"] = hashlib.sha256(np.ascontiguousarray(indices).tobytes()).hexdigest()
         return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()
@@ -348,40 +320,40 @@ class TuningDefense(_defense_base()):  # type: ignore[misc]
         except TypeError:  # not a mapping of exactly TuningState's fields
             raise RecordError(f"checkpoint {path} does not hold a tuning state", "delete it to start afresh") from None
 
-    def run(self, plan: dict[str, Any]) -> dict[str, Any]:
+    def run(self, plan: DefensePlan) -> DefenseResult:
+        """Tune as planned and write the outputs (the first write happens here, after every check)."""
         cfg, record = self.config, self.result
         assert record is not None
         mode = get_mode(self.method)
-        save_dir, log_dir = Path(self.args.save_path), Path(self.args.log)
-        checkpoint, key = plan["checkpoint"], plan["resume_key"]
+        log_dir = Path(self.args.log)
         self._open_log_file(log_dir)
-        atomic_write_text(log_dir / "index.txt", "".join(f"{i}\n" for i in plan["indices"].tolist()))
-        device, model = plan["device"], plan["model"]
+        atomic_write_text(index_file(log_dir), "".join(f"{i}\n" for i in plan.indices.tolist()))
+        device, model = plan.device, plan.model
         model.to(device)
 
         def evaluate(m: torch.nn.Module) -> dict[str, float]:
-            return evaluate_backdoor(m, plan["clean_loader"], plan["bd_loader"], device).as_dict()
+            return evaluate_backdoor(m, plan.clean_loader, plan.bd_loader, device).as_dict()
 
         started = time.time()
         before = evaluate(model)
         log.info("before %s: %s", self.method, before)
 
         def save_checkpoint(state: TuningState) -> None:
-            atomic_torch_save({"resume_key": key, "state": state.to_dict()}, checkpoint)
+            atomic_torch_save({"resume_key": plan.resume_key, "state": state.to_dict()}, plan.checkpoint)
 
-        history = tune(model, plan["head"], mode, plan["train_loader"], self.tuning_config(device),
-                       evaluate=evaluate, on_epoch_end=save_checkpoint, resume=plan["resume"])
+        history = tune(model, plan.head, mode, plan.train_loader, self.tuning_config(device),
+                       evaluate=evaluate, on_epoch_end=save_checkpoint, resume=plan.resume)
         wall = time.time() - started
         after = {k: history[-1][k] for k in ("test_acc", "test_asr", "test_ra")}
-        write_defense_outputs(save_dir, self.method, record.model_name, record.num_classes, model.state_dict(),
+        write_defense_outputs(self.layout, record.model_name, record.num_classes, model.state_dict(),
                               history, {"method": self.method, "mode": mode.__dict__, "record": str(record.record_dir),
                                         "seed": cfg.random_seed, "device": device, "wall_time_s": wall,
                                         "before": before, "after": after, "config": cfg.to_dict()})
-        checkpoint.unlink(missing_ok=True)  # only an unfinished run needs it (--resume)
+        plan.checkpoint.unlink(missing_ok=True)  # only an unfinished run needs it (--resume)
         log.info("%s done in %.1f s: C-Acc %.4f ASR %.4f RA %.4f -> %s", self.method, wall,
-                 after["test_acc"], after["test_asr"], after["test_ra"], save_dir)
-        return {"model": model, "history": history, "before": before, "after": after, "save_path": str(save_dir),
-                "wall_time_s": wall}
+                 after["test_acc"], after["test_asr"], after["test_ra"], self.layout.folder)
+        return DefenseResult(method=self.method, model=model, history=history, before=before, after=after,
+                             save_path=self.layout.folder, wall_time_s=wall)
 
 
 class FST(TuningDefense):

@@ -27,7 +27,7 @@ def main(method: str, argv: Optional[Sequence[str]] = None, prog: Optional[str] 
     """Run defense ``method`` with BackdoorBench's command line; return the exit code."""
     if os.getcwd() not in sys.path:  # BackdoorBench's scripts import utils/ and defense/ from the cwd
         sys.path.append(os.getcwd())
-    from fst_plugin.registry import load_defense
+    from fst_plugin.plugins import load_defense
 
     parser = argparse.ArgumentParser(prog=prog or f"defense/{method}.py",
                                      description=f"{method}: backdoor purification by tuning (backdoorbench-fst)")

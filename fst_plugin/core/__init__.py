@@ -7,6 +7,7 @@ from fst_plugin.core.metrics import BackdoorMetrics, defense_effectiveness_ratin
 from fst_plugin.core.modes import MODES, TuningMode, get_mode
 from fst_plugin.core.tuning import (
     TuningConfig,
+    TuningRun,
     TuningState,
     feature_shift_penalty,
     project_head_norm,
@@ -20,6 +21,7 @@ __all__ = [
     "MODES",
     "TuningConfig",
     "TuningMode",
+    "TuningRun",
     "TuningState",
     "defense_effectiveness_rating",
     "evaluate_backdoor",

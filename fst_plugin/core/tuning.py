@@ -14,18 +14,16 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
-import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from fst_plugin.core.head import ClassifierHead
 from fst_plugin.core.modes import TuningMode
 from fst_plugin.errors import TrainingDiverged
+from fst_plugin.runtime import capture_rng, progress, restore_rng, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -79,28 +77,6 @@ class TuningState:
         return cls(**data)
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def capture_rng() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 @torch.no_grad()
 def reinit_head(head: ClassifierHead) -> None:
     """Draw every head weight and bias from U(−1/√d, 1/√d), d = in_features (the paper's re-init)."""
@@ -143,9 +119,107 @@ def _train_mode(model: nn.Module, head: ClassifierHead, mode: TuningMode) -> Non
         layer.train(mode.train_head)
 
 
-def progress(iterable: Iterable, show: Optional[bool], desc: str) -> Iterable:
-    """A tqdm bar over ``iterable``; ``show=None`` shows it only on a terminal (no bars in log files)."""
-    return tqdm(iterable, desc=desc, leave=False, disable=None if show is None else not show, dynamic_ncols=True)
+class TuningRun:
+    """One run of the tuning loop, in named steps (Lightning-style): ``__init__`` sets up (seed, W₀, re-init,
+    freeze, optimiser, schedule), ``restore`` resumes, ``training_step`` is one batch, ``train_epoch`` one epoch,
+    ``snapshot`` the resumable state and ``finish`` hands the model back. :func:`tune` runs them in order; a
+    distributed or otherwise customised loop can wrap the same steps."""
+
+    def __init__(self, model: nn.Module, head: ClassifierHead, mode: TuningMode, config: TuningConfig) -> None:
+        self.model, self.head, self.mode, self.config = model, head, mode, config
+        self.device = torch.device(config.device)
+        seed_everything(config.seed)
+        model.to(self.device)
+        self.initial_weights = [layer.weight.detach().clone() for layer in head.modules]
+        if mode.reinit_head:
+            reinit_head(head)
+        self.projection = config.projection_for(mode)
+        trainable = _set_trainable(model, head, mode)
+        if not trainable:
+            raise ValueError(f"mode {mode.name} leaves no parameter to train")
+        self.optimizer = torch.optim.SGD(trainable, lr=config.lr, momentum=config.momentum,
+                                         weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=config.epochs)
+        self.history: list[dict[str, Any]] = []
+        self.start_epoch = 0
+        self.use_amp = config.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.criterion = nn.CrossEntropyLoss()
+
+    def restore(self, state: Optional[TuningState]) -> None:
+        """Continue after ``state.epochs_done`` epochs (nothing to do for a fresh run), then fix W₀ on the device
+        and, for a fresh run with projection, bring the (re-initialised) head to ‖W₀‖ before the first step."""
+        if state is not None:
+            self.model.load_state_dict(state.model)
+            self.optimizer.load_state_dict(state.optimizer)
+            self.scheduler.load_state_dict(state.scheduler)
+            self.initial_weights = list(state.initial_head_weights)
+            self.history = list(state.history)
+            self.start_epoch = state.epochs_done
+            restore_rng(state.rng)
+            log.info("resuming %s from epoch %d of %d", self.mode.name, self.start_epoch, self.config.epochs)
+        self.initial_weights = [w.to(self.device) for w in self.initial_weights]
+        self.target_norms = [w.norm() for w in self.initial_weights]
+        if self.projection and self.start_epoch == 0:
+            self.project()
+
+    def project(self) -> None:
+        project_head_norm(self.head, self.target_norms, self.config.projection_bound == "at_most")
+
+    def training_step(self, batch: Any, epoch: int, batch_index: int) -> tuple[float, int, int]:
+        """One optimiser step on ``batch``; returns (loss, correct predictions, images)."""
+        config, mode = self.config, self.mode
+        inputs, targets = batch[0].to(self.device), batch[1].to(self.device)
+        with torch.autocast(self.device.type, enabled=self.use_amp):
+            logits = self.model(inputs)
+            loss = self.criterion(logits, targets)
+            if mode.feature_shift_penalty and config.alpha:
+                loss = loss + config.alpha * feature_shift_penalty(self.head, self.initial_weights)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"the loss became {loss.item()} in epoch {epoch + 1} (batch {batch_index + 1}) of {mode.name}",
+                f"lower the learning rate (lr={config.lr}) or alpha (alpha={config.alpha}); no model was kept",
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.projection:
+            self.project()
+        return loss.item(), (logits.argmax(1) == targets).sum().item(), targets.numel()
+
+    def train_epoch(self, train_loader: Iterable, epoch: int) -> dict[str, Any]:
+        """One pass over ``train_loader`` and a scheduler step; returns the epoch's training row."""
+        _train_mode(self.model, self.head, self.mode)
+        loss_sum, correct, seen, n_batches = 0.0, 0, 0, 0
+        for batch in progress(train_loader, self.config.show_progress,
+                              f"{self.mode.name} epoch {epoch + 1}/{self.config.epochs}"):
+            loss, right, count = self.training_step(batch, epoch, n_batches)
+            loss_sum += loss
+            correct += right
+            seen += count
+            n_batches += 1
+        self.scheduler.step()
+        return {"epoch": epoch, "batch": n_batches, "train_epoch_loss_avg_over_batch": loss_sum / max(n_batches, 1),
+                "train_acc": correct / max(seen, 1)}
+
+    def snapshot(self, epochs_done: int) -> TuningState:
+        """The resumable state after ``epochs_done`` complete epochs (copies: training goes on in place)."""
+        return TuningState(
+            epochs_done=epochs_done,
+            model={k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            optimizer=copy.deepcopy(self.optimizer.state_dict()),  # momentum buffers change in place
+            scheduler=copy.deepcopy(self.scheduler.state_dict()),
+            initial_head_weights=[w.detach().cpu() for w in self.initial_weights],
+            history=list(self.history),
+            rng=capture_rng(),
+        )
+
+    def finish(self) -> None:
+        """Every parameter trainable again and the model in eval mode, as it came in (plus the tuning)."""
+        for param in self.model.parameters():
+            param.requires_grad_(True)
+        self.model.eval()
 
 
 def tune(
@@ -163,88 +237,16 @@ def tune(
     ``evaluate(model)`` is called after every epoch and its metrics join that epoch's row.
     ``on_epoch_end(state)`` receives the resumable state after each complete epoch.
     """
-    device = torch.device(config.device)
-    seed_everything(config.seed)
-    model.to(device)
-    initial_weights = [layer.weight.detach().clone() for layer in head.modules]
-    if mode.reinit_head:
-        reinit_head(head)
-    projection = config.projection_for(mode)
-    trainable = _set_trainable(model, head, mode)
-    if not trainable:
-        raise ValueError(f"mode {mode.name} leaves no parameter to train")
-    optimizer = torch.optim.SGD(trainable, lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
-    history: list[dict[str, Any]] = []
-    start_epoch = 0
-    if resume is not None:
-        model.load_state_dict(resume.model)
-        optimizer.load_state_dict(resume.optimizer)
-        scheduler.load_state_dict(resume.scheduler)
-        initial_weights = [w.to(device) for w in resume.initial_head_weights]
-        history = list(resume.history)
-        start_epoch = resume.epochs_done
-        restore_rng(resume.rng)
-        log.info("resuming %s from epoch %d of %d", mode.name, start_epoch, config.epochs)
-    initial_weights = [w.to(device) for w in initial_weights]
-    target_norms = [w.norm() for w in initial_weights]
-    at_most = config.projection_bound == "at_most"
-    if projection and start_epoch == 0:
-        project_head_norm(head, target_norms, at_most)
-    use_amp = config.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    criterion = nn.CrossEntropyLoss()
-
-    for epoch in range(start_epoch, config.epochs):
-        _train_mode(model, head, mode)
-        loss_sum, correct, seen, n_batches = 0.0, 0, 0, 0
-        for batch in progress(train_loader, config.show_progress, f"{mode.name} epoch {epoch + 1}/{config.epochs}"):
-            inputs, targets = batch[0].to(device), batch[1].to(device)
-            with torch.autocast(device.type, enabled=use_amp):
-                logits = model(inputs)
-                loss = criterion(logits, targets)
-                if mode.feature_shift_penalty and config.alpha:
-                    loss = loss + config.alpha * feature_shift_penalty(head, initial_weights)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"the loss became {loss.item()} in epoch {epoch + 1} (batch {n_batches + 1}) of {mode.name}",
-                    f"lower the learning rate (lr={config.lr}) or alpha (alpha={config.alpha}); "
-                    "no model was kept",
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            if projection:
-                project_head_norm(head, target_norms, at_most)
-            loss_sum += loss.item()
-            correct += (logits.argmax(1) == targets).sum().item()
-            seen += targets.numel()
-            n_batches += 1
-        scheduler.step()
-        row: dict[str, Any] = {
-            "epoch": epoch,
-            "batch": n_batches,
-            "train_epoch_loss_avg_over_batch": loss_sum / max(n_batches, 1),
-            "train_acc": correct / max(seen, 1),
-        }
+    run = TuningRun(model, head, mode, config)
+    run.restore(resume)
+    for epoch in range(run.start_epoch, config.epochs):
+        row = run.train_epoch(train_loader, epoch)
         if evaluate is not None:
             row.update(evaluate(model))
-        history.append(row)
+        run.history.append(row)
         log.info("%s epoch %d/%d: %s", mode.name, epoch + 1, config.epochs,
                  ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         if on_epoch_end is not None:
-            on_epoch_end(TuningState(
-                epochs_done=epoch + 1,
-                model={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                optimizer=copy.deepcopy(optimizer.state_dict()),  # momentum buffers change in place
-                scheduler=copy.deepcopy(scheduler.state_dict()),
-                initial_head_weights=[w.detach().cpu() for w in initial_weights],
-                history=list(history),
-                rng=capture_rng(),
-            ))
-    for param in model.parameters():
-        param.requires_grad_(True)
-    model.eval()
-    return history
+            on_epoch_end(run.snapshot(epoch + 1))
+    run.finish()
+    return run.history

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset, default_collate
 from torchvision import datasets as tv_datasets
 
 from fst_plugin.data.transforms import dataset_info
@@ -204,3 +204,9 @@ class TransformedDataset(Dataset):
         item = self.base[self.indices[index] if self.indices is not None else index]
         image = self.transform(item[0]) if self.transform is not None else item[0]
         return (image, *item[1:])
+
+
+def materialise(dataset: Dataset) -> TensorDataset:
+    """Decode and transform every item once (for deterministic test transforms): evaluating on it again costs
+    forward passes only, not PNG decoding and PIL transforms."""
+    return TensorDataset(*default_collate([dataset[i] for i in range(len(dataset))]))

@@ -166,7 +166,7 @@ def decode(dataset: Dataset, name: str, indices: Optional[Sequence[int]] = None,
            show_progress: Optional[bool] = None) -> TensorImages:
     """Decode ``dataset`` (items ``(PIL image, int, ...)``), restricted to ``indices``, into ``TensorImages``,
     resizing each image to ``name``'s size exactly as BackdoorBench's transform does."""
-    from fst_plugin.core.tuning import progress  # the project's tqdm helper
+    from fst_plugin.runtime import progress  # the project's tqdm helper
 
     info = dataset_info(name)
     base, idx = _unwrap(dataset, indices)

@@ -1,4 +1,5 @@
-"""What a defense leaves in ``record/<name>/defense/<method>/``, in BackdoorBench's names and formats.
+"""What a defense leaves in ``record/<name>/defense/<method>/`` (paths: :mod:`fst_plugin.record.layout`), in
+BackdoorBench's names and formats.
 
 * ``defense_result.pt``: {'model_name', 'num_classes', 'model': CPU state_dict} (BackdoorBench's
   ``save_defense_result``), loadable with ``generate_cls_model`` + ``load_state_dict``;
@@ -23,6 +24,7 @@ import pandas as pd
 import torch
 
 from fst_plugin.io_utils import atomic_torch_save, atomic_write, atomic_write_text
+from fst_plugin.record.layout import PLOT_NAMES, DefenseLayout
 
 CSV_COLUMNS = ["epoch", "batch", "train_epoch_loss_avg_over_batch", "train_acc",
                "clean_test_loss_avg_over_batch", "bd_test_loss_avg_over_batch", "test_acc", "test_asr", "test_ra"]
@@ -45,17 +47,17 @@ def _save_figure(fig: Any, path: Path) -> None:
         fh.write(buffer.getvalue())
 
 
-def save_plots(df: pd.DataFrame, folder: Path, title: str) -> None:
+def save_plots(df: pd.DataFrame, layout: DefenseLayout, title: str) -> None:
     """BackdoorBench's two figures: losses per epoch, and train acc / C-Acc / ASR / RA per epoch."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     for name, columns, ylabel in (
-        ("loss_metric_plots", {"train_epoch_loss_avg_over_batch": "Train Loss",
+        (PLOT_NAMES[0], {"train_epoch_loss_avg_over_batch": "Train Loss",
                                "clean_test_loss_avg_over_batch": "Test Clean Loss",
                                "bd_test_loss_avg_over_batch": "Test Backdoor Loss"}, "Loss"),
-        ("acc_like_metric_plots", {"train_acc": "Train Acc", "test_acc": "Test C-Acc",
+        (PLOT_NAMES[1], {"train_acc": "Train Acc", "test_acc": "Test C-Acc",
                                    "test_asr": "Test ASR", "test_ra": "Test RA"}, "Rate"),
     ):
         fig, ax = plt.subplots(figsize=(8, 6))
@@ -67,7 +69,7 @@ def save_plots(df: pd.DataFrame, folder: Path, title: str) -> None:
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
         ax.legend()
-        _save_figure(fig, folder / f"{name}.png")
+        _save_figure(fig, layout.plot(name))
         plt.close(fig)
 
 
@@ -80,8 +82,7 @@ def environment_versions() -> dict[str, str]:
 
 
 def write_defense_outputs(
-    save_dir: Path,
-    method: str,
+    layout: DefenseLayout,
     model_name: str,
     num_classes: int,
     state_dict: Mapping[str, torch.Tensor],
@@ -89,15 +90,15 @@ def write_defense_outputs(
     run_info: Mapping[str, Any],
 ) -> None:
     """Write every result file of a finished defense run (``defense_result.pt`` last)."""
-    save_dir.mkdir(parents=True, exist_ok=True)
+    layout.folder.mkdir(parents=True, exist_ok=True)
     df = pd.DataFrame(list(history))
     ordered = [c for c in CSV_COLUMNS if c in df] + [c for c in df if c not in CSV_COLUMNS]
     df = df[ordered]
-    atomic_write_text(save_dir / f"{method}_df.csv", df.to_csv())  # with the index column, as BackdoorBench
-    atomic_write_text(save_dir / f"{method}_df_summary.csv", summarise(df).to_csv())
-    save_plots(df, save_dir, f"{method} on {save_dir.parent.parent.name}")
-    atomic_write_text(save_dir / "run_info.json", json.dumps(
+    atomic_write_text(layout.csv, df.to_csv())  # with the index column, as BackdoorBench
+    atomic_write_text(layout.summary_csv, summarise(df).to_csv())
+    save_plots(df, layout, f"{layout.method} on {layout.folder.parent.parent.name}")
+    atomic_write_text(layout.run_info, json.dumps(
         {**run_info, "versions": environment_versions()}, indent=2, default=str))
     atomic_torch_save({"model_name": model_name, "num_classes": int(num_classes),
                        "model": {k: v.detach().cpu() for k, v in state_dict.items()}},
-                      save_dir / "defense_result.pt")
+                      layout.result)

@@ -1,6 +1,6 @@
 """Defenses registered under the entry-point group ``backdoorbench.defenses``.
 
-This package registers its five; any installed package can add its own by declaring, in its setup.py,
+This package registers its five; any installed package can add its own by declaring, in its pyproject.toml or setup.py,
 ``entry_points={"backdoorbench.defenses": ["mydef = mypkg.module:MyDefense"]}``. The installer and the CLI
 see every registered defense through :func:`available_defenses`.
 """

@@ -30,7 +30,7 @@ def backdoorbench_root(folder: Optional[Path] = None) -> Optional[Path]:
     return None
 
 
-class StandaloneToolkit:
+class StandaloneBackend:
     """This package's models, transforms and dataset readers."""
 
     name = "standalone"
@@ -45,7 +45,7 @@ class StandaloneToolkit:
         return load_clean_split(dataset, root, train)
 
 
-class BackdoorBenchToolkit(StandaloneToolkit):
+class BackdoorBenchBackend(StandaloneBackend):
     """BackdoorBench's own model factory, transforms and dataset loaders."""
 
     name = "backdoorbench"
@@ -62,7 +62,11 @@ class BackdoorBenchToolkit(StandaloneToolkit):
     def build_model(self, model_name: str, num_classes: int) -> nn.Module:
         try:
             return self._generate_cls_model(model_name, num_classes)
-        except Exception:  # BackdoorBench knows no such model: ours may (preactresnet_small, torchvision names)
+        except SystemError as exc:
+            # BackdoorBench knows no such model (its factory raises SystemError('NO valid model match ...')): ours may
+            # (preactresnet_small, resnet9_cpu, torchvision names). Anything else is a real failure and propagates.
+            log.warning("BackdoorBench's generate_cls_model cannot build %r (%s: %s); using this package's factory",
+                        model_name, type(exc).__name__, str(exc).splitlines()[0][:160] if str(exc) else "")
             return build_model(model_name, num_classes)
 
     def transform(self, dataset: str, train: bool) -> Callable:
@@ -83,12 +87,12 @@ class BackdoorBenchToolkit(StandaloneToolkit):
         return self._splits[key][0 if train else 1]
 
 
-def make_toolkit(inside_backdoorbench: Optional[bool] = None) -> StandaloneToolkit:
+def make_backend(inside_backdoorbench: Optional[bool] = None) -> StandaloneBackend:
     root = backdoorbench_root()
     if inside_backdoorbench is False or root is None:
-        return StandaloneToolkit()
+        return StandaloneBackend()
     try:
-        return BackdoorBenchToolkit(root)
+        return BackdoorBenchBackend(root)
     except ImportError as exc:
         log.warning("BackdoorBench's utils could not be imported (%s); using this package's loaders", exc)
-        return StandaloneToolkit()
+        return StandaloneBackend()

@@ -1,0 +1,93 @@
+"""Where a defense's outputs live in a BackdoorBench record: the one module that spells these paths.
+
+``record/<record>/defense/<name>/`` holds, in BackdoorBench's names, ``defense_result.pt``, ``<method>_df.csv``,
+``<method>_df_summary.csv``, the two plots, ``run_info.json``, ``checkpoint/last.pt`` (while a run is
+unfinished), ``log/<timestamp>.log`` and ``log/index.txt``; ``retune/`` is kept for re-tuning runs. ``<name>`` is
+the method, or a variant's own name (an ablation) so variants never overwrite each other.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+DEFENSE_FOLDER = "defense"
+RESULT_NAME = "defense_result.pt"
+RUN_INFO_NAME = "run_info.json"
+CHECKPOINT_FOLDER, CHECKPOINT_NAME = "checkpoint", "last.pt"
+LOG_FOLDER, INDEX_NAME = "log", "index.txt"
+RETUNE_FOLDER = "retune"
+PLOT_NAMES = ("loss_metric_plots", "acc_like_metric_plots")
+
+
+def defenses_dir(record_dir: Path) -> Path:
+    """``record/<record>/defense/``: every defense's outputs, ours and BackdoorBench's built-ins."""
+    return Path(record_dir) / DEFENSE_FOLDER
+
+
+def defense_results(record_dir: Path) -> list[Path]:
+    """Every finished defense's ``defense_result.pt`` in the record, sorted by defense name."""
+    return sorted(defenses_dir(record_dir).glob(f"*/{RESULT_NAME}"))
+
+
+@dataclass(frozen=True)
+class DefenseLayout:
+    """The files of one defense run: ``folder`` = ``record/<record>/defense/<name>/``; ``method`` names the CSVs."""
+
+    folder: Path
+    method: str
+
+    @classmethod
+    def of(cls, record_dir: Path, name: str, method: Optional[str] = None) -> "DefenseLayout":
+        """The layout of defense ``name`` in ``record_dir`` (``method``, when a variant's name differs from it)."""
+        return cls(defenses_dir(record_dir) / name, method or name)
+
+    @property
+    def result(self) -> Path:
+        return self.folder / RESULT_NAME
+
+    @property
+    def finished(self) -> bool:
+        """``defense_result.pt`` is written last, so its presence means the run finished."""
+        return self.result.is_file()
+
+    @property
+    def csv(self) -> Path:
+        return self.folder / f"{self.method}_df.csv"
+
+    @property
+    def summary_csv(self) -> Path:
+        return self.folder / f"{self.method}_df_summary.csv"
+
+    def plot(self, name: str) -> Path:
+        return self.folder / f"{name}.png"
+
+    @property
+    def run_info(self) -> Path:
+        return self.folder / RUN_INFO_NAME
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.folder / CHECKPOINT_FOLDER
+
+    @property
+    def log_dir(self) -> Path:
+        return self.folder / LOG_FOLDER
+
+    @property
+    def index(self) -> Path:
+        return index_file(self.log_dir)
+
+    @property
+    def retune_dir(self) -> Path:
+        return self.folder / RETUNE_FOLDER
+
+
+def checkpoint_file(checkpoint_dir: Path) -> Path:
+    """The resumable state in a checkpoint folder (the default one, or ``--checkpoint_save``)."""
+    return Path(checkpoint_dir) / CHECKPOINT_NAME
+
+
+def index_file(log_dir: Path) -> Path:
+    """The clean training indices a run used, in its log folder (the default one, or ``--log``)."""
+    return Path(log_dir) / INDEX_NAME

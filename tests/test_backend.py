@@ -1,0 +1,34 @@
+"""fst_plugin.adapter.backend: BackdoorBench's model factory first, ours only for a model it does not know."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from fst_plugin.adapter.backend import BackdoorBenchBackend
+
+
+def _backend(generate) -> BackdoorBenchBackend:
+    backend = BackdoorBenchBackend.__new__(BackdoorBenchBackend)  # no checkout needed for the model path
+    backend._generate_cls_model = generate
+    return backend
+
+
+def test_a_model_backdoorbench_does_not_know_comes_from_our_factory_and_says_so(caplog) -> None:
+    def unknown(name, num_classes):
+        raise SystemError("NO valid model match in function generate_cls_model!")
+
+    with caplog.at_level(logging.WARNING, logger="fst_plugin.adapter.backend"):
+        model = _backend(unknown).build_model("resnet9_cpu", 10)
+    assert isinstance(model, nn.Module) and model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert "cannot build 'resnet9_cpu'" in caplog.text and "NO valid model match" in caplog.text
+
+
+def test_any_other_failure_of_backdoorbench_s_factory_is_not_swallowed() -> None:
+    def broken(name, num_classes):
+        raise RuntimeError("CUDA out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        _backend(broken).build_model("preactresnet18", 10)
