@@ -16,7 +16,7 @@ LAYERS = [
     {"models", "data", "record"},                          # formats and building blocks
     {"config", "attacks", "plugins"},
     {"adapter", "backdoor"},
-    {"api", "installer"},
+    {"api", "installer", "exporter", "retune"},
     {"demo", "cli"},
 ]
 CORE_MAY_IMPORT = {"core", "errors", "runtime"}

@@ -181,10 +181,11 @@ def test_a_defense_folder_linked_outside_the_record_is_refused(ws, capsys, tmp_p
 def test_a_clean_reference_model_stays_near_its_pre_attack_asr(ws):
     """Bound: ASR may rise by at most 10 points. The tiny protocol retunes with the official defaults (5 poisoned
     images, 5 epochs, lr 0.01, batch 128) on a 50-image subset, i.e. 5 SGD steps in which a tenth of the batch is
-    poisoned: a model that never learned the trigger does not acquire a BadNets backdoor from that (measured:
-    6.7% -> 0%). 10 points is 4-5 of the 45 poisoned test images, room for the noise of a 200-image model. The
-    bound is not vacuous: the same retune with all 20 poisoned images (40% of the set) raises ASR to 40%
-    (measured), which is what a bug that trained on the poisoned pool or skipped the subset would look like.
+    poisoned: a model that never learned the trigger does not acquire a BadNets backdoor from that. 10 points is
+    4-5 of the 45 poisoned test images, room for the noise of a 200-image model. The bound is not vacuous: a
+    retune with all 20 poisoned images (40% of the set) for 20 epochs raises ASR from 22% to 40% (measured after
+    the tensor-path trainer landed; 5 epochs of it were too few to move this reference model), which is what a
+    bug that trained on the poisoned pool or skipped the subset would look like.
     """
     result = run_retune(tiny(ws, defense="clean-reference", reference_record=ws.reference, epochs=5))
     assert result.save_dir == ws.attacked / "defense" / "clean-reference" / "retune"
@@ -192,7 +193,7 @@ def test_a_clean_reference_model_stays_near_its_pre_attack_asr(ws):
     assert result.before["test_acc"] > 0.5  # a real clean model, not chance
     assert result.after["test_asr"] <= result.before["test_asr"] + 0.10, (result.before, result.after)
     shutil.rmtree(result.save_dir)
-    heavy = run_retune(tiny(ws, defense="clean-reference", reference_record=ws.reference, epochs=5, poison_num=20))
+    heavy = run_retune(tiny(ws, defense="clean-reference", reference_record=ws.reference, epochs=20, poison_num=20))
     assert heavy.after["test_asr"] > result.before["test_asr"] + 0.10, (heavy.before, heavy.after)
 
 
