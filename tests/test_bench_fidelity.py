@@ -2,17 +2,13 @@
 fields reaching the trainer, and the triggers' arithmetic (formula, clipping, uint8 conversion)."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench_scripts/ lives at the repository root
-
-from bench_scripts import make_records  # noqa: E402
-from bench_scripts.protocols import get_protocol  # noqa: E402
-from fst_plugin.attacks import blended_trigger, sig_trigger  # noqa: E402
+from bench_scripts import make_records
+from bench_scripts.protocols import get_protocol
+from fst_plugin import backdoor
+from fst_plugin.attacks import blended_trigger, sig_trigger
 
 
 def test_gpu_protocol_is_backdoorbenchs_cifar10_attack_schedule():
@@ -43,7 +39,7 @@ def test_make_record_hands_the_protocols_schedule_to_the_trainer(monkeypatch, tm
         seen["config"] = config
         raise Stop
 
-    monkeypatch.setattr(make_records, "train_classifier", fake_train)
+    monkeypatch.setattr(backdoor, "train_classifier", fake_train)  # make_record trains through backdoor_and_record
     monkeypatch.setattr(make_records, "load_arrays", lambda data_dir, train: (
         np.zeros((20, 32, 32, 3), np.uint8), np.arange(20) % 10))
     protocol = get_protocol("gpu", device="cpu", model="preactresnet_small")
