@@ -396,7 +396,21 @@ def write_csv(path: Path, rows: list[Row]) -> None:
     tmp.replace(path)
 
 
+def read_csv(path: Path) -> list[Row]:
+    """The rows of a CSV this script wrote (for ``--report``)."""
+    numbers = {"repeat": int, "epochs": int, "n_tune": int, "n_eval": int}
+    with open(path, newline="") as fh:
+        return [Row(**{k: numbers.get(k, float)(v) if k in numbers or k.endswith(("_s", "_mb")) else v
+                       for k, v in row.items()}) for row in csv.DictReader(fh)]
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--report"]:  # the ratio table of CSVs already written
+        for path in argv[1:]:
+            print(f"{path}\n\n{ratio_table(read_csv(Path(path)))}\n")
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--record", type=Path, required=True, help="attack record folder (never written to)")
     parser.add_argument("--dataset_path", type=Path, required=True, help="folder holding <dataset>/")
@@ -422,7 +436,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for noisy in ("fst_plugin", "fst_plugin.core.tuning"):
         logging.getLogger(noisy).setLevel(logging.INFO)
 
-    command = "python " + " ".join(shlex.quote(a) for a in (sys.argv if argv is None else ["bench_scripts/speed.py", *argv]))
+    command = "python " + " ".join(shlex.quote(a) for a in ["bench_scripts/speed.py", *argv])
     device = resolve_device(args.device)
     record = args.record.resolve()
     dataset_path = args.dataset_path.resolve()
