@@ -448,7 +448,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         settings["eval_subset"] = args.eval_subset
     rows: list[Row] = []
     name = device_name(device)
-    csv_path = args.out / (args.csv_name or f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name).strip('_')}.csv")
+    csv_path = (args.out / (args.csv_name or f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name).strip('_')}.csv")).resolve()
     with tempfile.TemporaryDirectory(prefix="fst_speed_") as tmp:
         mirror = mirror_record(record, Path(tmp) / "record")
         setup = Setup(record=mirror, source=record, method=args.method, settings=settings, device=device)
@@ -459,22 +459,22 @@ def main(argv: Optional[list[str]] = None) -> int:
             os.chdir(bb_root)  # the defenses then use BackdoorBench's loaders (make_backend looks at the cwd)
         try:
             for repeat in range(args.repeats):
+                measures = []
                 if "limit" not in args.skip:
-                    rows.append(measure_limit(setup, repeat))
+                    measures.append(lambda: [measure_limit(setup, repeat)])
                 for data_path in ("tensor", "backdoorbench"):
                     if data_path not in args.skip:
-                        rows.append(measure_defense(setup, data_path, repeat))
+                        measures.append(lambda data_path=data_path: [measure_defense(setup, data_path, repeat)])
                 if bb_root is not None:
-                    rows.append(measure_bb_ft(setup, bb_root, args.bb_python, repeat))
+                    measures.append(lambda: [measure_bb_ft(setup, bb_root, args.bb_python, repeat)])
                 if "attack" not in args.skip:
-                    rows += measure_attack(setup, dataset_path / args.dataset, args.dataset, args.attack_images,
-                                           repeat)
-                for row in rows[-6:]:
-                    log.info("speed: %s", row)
-                os.chdir(cwd)
-                write_csv(csv_path, rows)
-                if bb_root is not None:
-                    os.chdir(bb_root)
+                    measures.append(lambda: measure_attack(setup, dataset_path / args.dataset, args.dataset,
+                                                           args.attack_images, repeat))
+                for measure in measures:
+                    for row in measure():
+                        log.info("speed: %s", row)
+                        rows.append(row)
+                    write_csv(csv_path, rows)  # after every measurement: a cut-off run keeps its rows
         finally:
             os.chdir(cwd)
     write_csv(csv_path, rows)
