@@ -17,7 +17,7 @@ Per epoch means: from the end of the defense's "before" evaluation to the end of
 the per-epoch evaluation), divided by the epochs; for BackdoorBench's ft, from its "All setting done" log line
 to its last epoch's log line (its log has 1 s resolution). Setup (record loading, decoding) is reported apart.
 Peak RSS is sampled every 20 ms during each measurement (a measurement's peak includes what the process holds
-from earlier ones); BackdoorBench's ft reports its own process's peak. Peak GPU memory on CUDA.
+from earlier ones); Peak GPU memory on CUDA. BackdoorBench's ft: not measured (a forked child's RSS counts the parent's pages).
 
 Defense outputs never land in the given record: the record is mirrored (symbolic links) into a temporary
 folder, whose ``defense/speed_<path>/`` receives them; BackdoorBench's ft runs on a mirrored record
@@ -33,7 +33,6 @@ import logging
 import os
 import platform
 import re
-import resource
 import shlex
 import shutil
 import subprocess
@@ -328,6 +327,14 @@ def _stamp(line: str) -> Optional[float]:
     return datetime.strptime(match.group(1), "%Y-%m-%d:%H:%M:%S").timestamp() if match else None
 
 
+def bb_epoch_times(lines: list[str]) -> tuple[Optional[float], list[float]]:
+    """From BackdoorBench's ft log: when training starts (its trainer's "epoch_now:0" line) and when each epoch's
+    test metrics are logged (the "{'batch': ..." dict its trainer logs once per epoch, after the evaluation)."""
+    start = next((_stamp(line) for line in lines if "epoch_now:0" in line), None)
+    ends = [_stamp(line) for line in lines if "{'batch':" in line]
+    return start, [t for t in ends if t is not None]
+
+
 def measure_bb_ft(setup: Setup, bb_root: Path, bb_python: str, repeat: int) -> Row:
     """(d): BackdoorBench's own defense/ft.py on a mirror of the record inside the checkout."""
     name = f"{setup.record.name}__speed"
@@ -350,17 +357,15 @@ def measure_bb_ft(setup: Setup, bb_root: Path, bb_python: str, repeat: int) -> R
             raise RuntimeError(f"BackdoorBench's ft failed ({proc.returncode}):\n{output[-3000:]}")
         log_files = sorted((mirror / "defense" / "ft" / "log").glob("*.log"))
         lines = log_files[-1].read_text().splitlines() if log_files else output.splitlines()
-        start = next((_stamp(l) for l in lines if "All setting done" in l), None)
-        ends = [_stamp(l) for l in lines if "train_with_test_each_epoch" in l and "epoch:" in l]
-        ends = [t for t in ends if t is not None]
+        start, ends = bb_epoch_times(lines)
         epochs = len(ends)
         per_epoch = (ends[-1] - start) / epochs if epochs and start is not None else float("nan")
     finally:
         shutil.rmtree(mirror, ignore_errors=True)
-    peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest child so far
+    peak_rss = float("nan")  # not measured: RUSAGE_CHILDREN counts the forked child's copy of this process
     return Row(**setup.info, measure="bb_ft", repeat=repeat, epochs=epochs, n_tune=0, n_eval=0, per_epoch_s=per_epoch,
                total_s=total, peak_rss_mb=peak_rss, load_avg=load_average(),
-               note="BackdoorBench defense/ft.py (subprocess; peak RSS: largest child process)")
+               note="BackdoorBench defense/ft.py (subprocess)")
 
 
 def ratio_table(rows: list[Row]) -> str:
