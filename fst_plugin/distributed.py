@@ -179,7 +179,9 @@ def shard_train_loader(loader: DataLoader, world: World, seed: int) -> DataLoade
 
 class RankSlices:
     """This rank's part of each global batch of ``batches`` (``TensorBatches`` or any iterable of tuples of
-    tensors). A last global batch smaller than the world is dropped (a rank would have no image), with a log."""
+    tensors). Each epoch starts from rank 0's torch generator state, so every rank draws the same global batches
+    (shuffle and augmentation) as one process would. A last global batch smaller than the world is dropped (a
+    rank would have no image), with a log."""
 
     def __init__(self, batches: Iterable, world: World) -> None:
         self.batches, self.world = batches, world
@@ -188,6 +190,10 @@ class RankSlices:
         return len(self.batches)  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        if current_world().enabled:  # the batches draw shuffle and augmentation from torch's generator: rank 0's
+            state = [torch.get_rng_state()]
+            dist.broadcast_object_list(state, src=0)
+            torch.set_rng_state(state[0])
         for batch in self.batches:
             if len(batch[0]) < self.world.size:
                 log.info("dropped a last batch of %d image(s): fewer than the %d processes", len(batch[0]),
