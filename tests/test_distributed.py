@@ -156,3 +156,80 @@ def test_the_world_comes_from_torchruns_environment(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("RANK", "4")
     with pytest.raises(ConfigError):
         world_from_env()
+
+
+# ----- the command: torchrun --nproc_per_node 2 -m fst_plugin run ... ------------------------------------------
+RECORDS_WRITES = '''
+import os
+_replace = os.replace
+def _logged_replace(src, dst, *args, **kwargs):
+    _replace(src, dst, *args, **kwargs)
+    with open(os.environ["FST_WRITE_LOG"], "a") as fh:
+        fh.write(f"{os.environ.get('RANK', '-')} {dst}\\n")
+os.replace = _logged_replace
+'''
+
+
+def _launch(fixture, tmp: Path, name: str, method: str, data_path: str, processes: int) -> dict:
+    """``fst-plugin run`` in a fresh interpreter (1 process) or under torchrun; every atomic write (the final
+    ``os.replace``) is recorded with the writer's RANK by a sitecustomize on the PYTHONPATH."""
+    from robust_helpers import _child_env, copy_record, write_yaml
+
+    hooks = tmp / "hooks"
+    hooks.mkdir(exist_ok=True)
+    (hooks / "sitecustomize.py").write_text(RECORDS_WRITES)
+    record = copy_record(fixture, name, root=tmp)
+    yaml_path = write_yaml(tmp / f"{name}.yaml")
+    argv = ["run", method, "--record", str(record), "--yaml_path", str(yaml_path), "--dataset_path",
+            str(fixture.data), "--epochs", "3", "--ratio", "0.25", "--device", "cpu", "--random_seed", "7",
+            "--data_path", data_path]
+    launcher = ([sys.executable, "-m", "fst_plugin"] if processes == 1 else
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+                 "-m", "fst_plugin"])
+    env = _child_env({"FST_WRITE_LOG": str(tmp / f"{name}.writes")})
+    env["PYTHONPATH"] = os.pathsep.join([str(hooks), env["PYTHONPATH"]])
+    proc = subprocess.run(launcher + argv, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = record / "defense" / method
+    writes = [line.split(" ", 1) for line in (tmp / f"{name}.writes").read_text().splitlines()]
+    return {"out": out, "stderr": proc.stderr, "writes": writes,
+            "files": sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()),
+            "csv": __import__("pandas").read_csv(out / f"{method}_df.csv"),
+            "run_info": json.loads((out / "run_info.json").read_text()),
+            "model": torch.load(out / "defense_result.pt")["model"],
+            "log": "".join(p.read_text() for p in (out / "log").glob("*.log"))}
+
+
+@pytest.mark.parametrize("method, data_path", [("lp", "tensor"), ("fst", "backdoorbench")])
+def test_torchrun_with_two_processes_writes_one_process_files_once_from_rank_zero(
+        tmp_path: Path, method: str, data_path: str) -> None:
+    from robust_helpers import assert_outputs_complete, shared_fixture
+
+    fixture = shared_fixture()
+    one = _launch(fixture, tmp_path, "one", method, data_path, 1)
+    two = _launch(fixture, tmp_path, "two", method, data_path, 2)
+    # the same files, each written (renamed into place) as often as by one process, and only by rank 0
+    assert [f for f in two["files"] if not f.endswith(".log")] == [f for f in one["files"] if not f.endswith(".log")]
+    assert sum(f.endswith(".log") for f in two["files"]) == 1
+    assert {rank for rank, _ in two["writes"]} == {"0"}
+    relative = lambda run: sorted(str(Path(p).relative_to(run["out"])) for _, p in run["writes"])  # noqa: E731
+    assert "defense_result.pt" in relative(one) and relative(two) == relative(one)
+    assert_outputs_complete(two["out"])
+    assert (two["out"] / "log" / "index.txt").read_text() == (one["out"] / "log" / "index.txt").read_text()
+    # the log is rank 0's alone and names the world size
+    assert two["log"].count("world size 2 (torchrun): global batch 16, 8 per process") == 1
+    assert two["log"].count(f"before {method}:") == 1
+    assert two["run_info"]["world_size"] == 2 and one["run_info"]["world_size"] == 1
+    # the evaluation before tuning is sharded and summed: one process's numbers
+    for key, value in one["run_info"]["before"].items():
+        assert two["run_info"]["before"][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    if method == "lp":  # frozen BatchNorm, same global batches (tensor path): the same run up to float rounding
+        for key, value in one["model"].items():
+            assert torch.allclose(two["model"][key].float(), value.float(), atol=1e-5, rtol=0), key
+        for column in ("train_acc", "test_acc", "test_asr", "test_ra"):
+            assert two["csv"][column].tolist() == pytest.approx(one["csv"][column].tolist(), abs=1e-9), column
+        for column in ("train_epoch_loss_avg_over_batch", "clean_test_loss_avg_over_batch",
+                       "bd_test_loss_avg_over_batch"):
+            assert two["csv"][column].tolist() == pytest.approx(one["csv"][column].tolist(), rel=1e-5), column
+    else:  # per-rank BatchNorm and the DistributedSampler's order: another valid run, not the same one
+        assert two["csv"]["test_acc"].notna().all() and len(two["csv"]) == 3
