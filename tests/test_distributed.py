@@ -233,3 +233,18 @@ def test_torchrun_with_two_processes_writes_one_process_files_once_from_rank_zer
             assert two["csv"][column].tolist() == pytest.approx(one["csv"][column].tolist(), rel=1e-5), column
     else:  # per-rank BatchNorm and the DistributedSampler's order: another valid run, not the same one
         assert two["csv"]["test_acc"].notna().all() and len(two["csv"]) == 3
+
+
+def test_a_bad_value_under_torchrun_stops_every_rank_before_anything_is_written(tmp_path: Path) -> None:
+    from robust_helpers import _child_env, copy_record, shared_fixture, write_yaml
+
+    fixture = shared_fixture()
+    record = copy_record(fixture, "bad", root=tmp_path)
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fst_plugin",
+            "run", "fst", "--record", str(record), "--yaml_path", str(write_yaml(tmp_path / "bad.yaml")),
+            "--dataset_path", str(fixture.data), "--batch_size", "15"]
+    proc = subprocess.run(argv, cwd=tmp_path, env=_child_env(None), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: batch_size 15 is the global batch")]
+    assert len(errors) == 2  # each rank refused it on its own, before the process group existed
+    assert not (record / "defense").exists()

@@ -365,7 +365,8 @@ class TuningDefense(_defense_base()):  # type: ignore[misc]
         return TuningConfig(epochs=cfg.epochs, lr=cfg.lr, momentum=cfg.sgd_momentum, weight_decay=cfg.wd,
                             alpha=cfg.alpha, projection=cfg.projection,
                             projection_bound=cfg.projection_bound, device=device, amp=cfg.amp,
-                            seed=cfg.random_seed)
+                            seed=cfg.random_seed,
+                            show_progress=None if world_from_env().is_main else False)  # one bar under torchrun
 
     def _resume_key(self, indices: np.ndarray) -> str:
         relevant = resume_values(self.config)
