@@ -11,15 +11,15 @@ import fst_plugin
 PACKAGE = Path(fst_plugin.__file__).resolve().parent
 # lowest first; a module may import its own layer and the layers below it
 LAYERS = [
-    {"fst_plugin", "errors", "io_utils", "runtime"},        # fst_plugin = __init__ (the version only)
+    {"fst_plugin", "errors", "io_utils", "runtime", "distributed"},  # fst_plugin = __init__ (the version only)
     {"core"},                                              # pure PyTorch
     {"models", "data", "record"},                          # formats and building blocks
     {"config", "attacks", "plugins"},
     {"adapter", "backdoor"},
     {"api", "installer", "exporter", "retune"},
-    {"demo", "cli"},
+    {"demo", "cli", "__main__"},
 ]
-CORE_MAY_IMPORT = {"core", "errors", "runtime"}
+CORE_MAY_IMPORT = {"core", "errors", "runtime", "distributed"}
 
 
 def _modules() -> dict[str, Path]:

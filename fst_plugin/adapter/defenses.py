@@ -34,6 +34,8 @@ from fst_plugin.config import DefenseConfig, add_arguments as add_config_argumen
 from fst_plugin.core import ClassifierHead, TuningConfig, TuningState, evaluate_backdoor, find_head, get_mode, tune
 from fst_plugin.data import PoisonedTestSet, TransformedDataset, dataset_info, materialise
 from fst_plugin.data.tensor_data import TensorBatches, decode, fits_tensor_path, nonstandard_transform
+from fst_plugin.distributed import (World, check_batch_size, rank_device, session, shard_eval_loader, shard_train,
+                                    world_from_env)
 from fst_plugin.errors import ConfigError, DataError, RecordError
 from fst_plugin.io_utils import atomic_torch_save, atomic_write_text
 from fst_plugin.models.factory import load_weights
@@ -66,6 +68,7 @@ class DefensePlan:
     data_path: str = "backdoorbench"  # the path the tuning set took: "tensor" or "backdoorbench"
     channels_last: bool = False      # tensor path on CUDA: the model runs in channels_last
     eval_amp: bool = False           # tensor path on CUDA with amp: evaluation under autocast
+    world: World = World()           # this process among torchrun's (size 1 without torchrun)
 
 
 @dataclass
@@ -191,6 +194,8 @@ class TuningDefense(_defense_base()):  # type: ignore[misc]
         if not any(type(h) is logging.StreamHandler for h in root.handlers):
             console = logging.StreamHandler()
             console.setFormatter(formatter)
+            if not world_from_env().is_main:  # under torchrun only rank 0 tells the story (warnings still show)
+                console.setLevel(logging.WARNING)
             root.addHandler(console)
         if self._memory_log is None:
             self._memory_log = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)
@@ -259,7 +264,9 @@ class TuningDefense(_defense_base()):  # type: ignore[misc]
         if record.num_classes != info.num_classes:
             raise RecordError(f"the record says num_classes={record.num_classes} but {cfg.dataset} has {info.num_classes}",
                               "check the record's dataset, or re-run the attack")
-        device = resolve_device(cfg.device)
+        world = world_from_env()
+        device = rank_device(resolve_device(cfg.device), world)
+        check_batch_size(cfg.batch_size, world)
         seed_everything(cfg.random_seed)
         backend = make_backend()
         log.info("models, transforms and data from: %s", backend.name)
@@ -286,7 +293,7 @@ class TuningDefense(_defense_base()):  # type: ignore[misc]
         else:
             plan_data = self._per_image_data(backend, device, train_raw, test_raw, poisoned, indices, eval_rng)
         return DefensePlan(device=device, model=model, head=head, indices=indices, checkpoint=checkpoint,
-                           resume_key=resume_key, resume=resume, **plan_data)
+                           resume_key=resume_key, resume=resume, world=world, **plan_data)
 
     def _tensor_path_ok(self, backend: Any, n_train: int, n_test: int, n_poisoned: int) -> bool:
         """Whether the tensor path reproduces this run's data: the backend's transforms are the standard ones and
@@ -358,7 +365,8 @@ class TuningDefense(_defense_base()):  # type: ignore[misc]
         return TuningConfig(epochs=cfg.epochs, lr=cfg.lr, momentum=cfg.sgd_momentum, weight_decay=cfg.wd,
                             alpha=cfg.alpha, projection=cfg.projection,
                             projection_bound=cfg.projection_bound, device=device, amp=cfg.amp,
-                            seed=cfg.random_seed)
+                            seed=cfg.random_seed,
+                            show_progress=None if world_from_env().is_main else False)  # one bar under torchrun
 
     def _resume_key(self, indices: np.ndarray) -> str:
         relevant = resume_values(self.config)
@@ -380,13 +388,28 @@ class TuningDefense(_defense_base()):  # type: ignore[misc]
             raise RecordError(f"checkpoint {path} does not hold a tuning state", "delete it to start afresh") from None
 
     def run(self, plan: DefensePlan) -> DefenseResult:
-        """Tune as planned and write the outputs (the first write happens here, after every check)."""
-        cfg, record = self.config, self.result
+        """Tune as planned and write the outputs (the first write happens here, after every check). Under
+        torchrun every rank tunes its shard in one process group and only rank 0 writes."""
+        with session(plan.world, plan.device):
+            if plan.world.enabled:
+                plan.train_loader = shard_train(plan.train_loader, plan.world, self.config.random_seed)
+                plan.clean_loader = shard_eval_loader(plan.clean_loader, plan.world)
+                plan.bd_loader = shard_eval_loader(plan.bd_loader, plan.world)
+            return self._tune_and_write(plan)
+
+    def _tune_and_write(self, plan: DefensePlan) -> DefenseResult:
+        cfg, record, writes = self.config, self.result, plan.world.is_main
         assert record is not None
         mode = get_mode(self.method)
         log_dir = Path(self.args.log)
-        self._open_log_file(log_dir)
-        atomic_write_text(index_file(log_dir), "".join(f"{i}\n" for i in plan.indices.tolist()))
+        if writes:
+            self._open_log_file(log_dir)
+            atomic_write_text(index_file(log_dir), "".join(f"{i}\n" for i in plan.indices.tolist()))
+        else:
+            self._close_logs()  # the buffered log of a rank that writes nothing
+        log.info("world size %d (%s): global batch %d, %d per process", plan.world.size,
+                 "torchrun" if plan.world.enabled else "one process", cfg.batch_size,
+                 cfg.batch_size // plan.world.size)
         device, model = plan.device, plan.model
         model.to(device, memory_format=torch.channels_last) if plan.channels_last else model.to(device)
 
@@ -399,15 +422,20 @@ class TuningDefense(_defense_base()):  # type: ignore[misc]
         log.info("before %s: %s", self.method, before)
 
         def save_checkpoint(state: TuningState) -> None:
-            atomic_torch_save({"resume_key": plan.resume_key, "state": state.to_dict()}, plan.checkpoint)
+            if writes:
+                atomic_torch_save({"resume_key": plan.resume_key, "state": state.to_dict()}, plan.checkpoint)
 
         history = tune(model, plan.head, mode, plan.train_loader, self.tuning_config(device),
                        evaluate=evaluate, on_epoch_end=save_checkpoint, resume=plan.resume)
         wall = time.time() - started
         after = {k: history[-1][k] for k in ("test_acc", "test_asr", "test_ra")}
+        if not writes:
+            return DefenseResult(method=self.method, model=model, history=history, before=before, after=after,
+                                 save_path=self.layout.folder, wall_time_s=wall)
         write_defense_outputs(self.layout, record.model_name, record.num_classes, model.state_dict(),
                               history, {"method": self.method, "mode": mode.__dict__, "record": str(record.record_dir),
                                         "seed": cfg.random_seed, "device": device, "wall_time_s": wall,
+                                        "world_size": plan.world.size,
                                         "before": before, "after": after, "config": cfg.to_dict()})
         plan.checkpoint.unlink(missing_ok=True)  # only an unfinished run needs it (--resume)
         log.info("%s done in %.1f s: C-Acc %.4f ASR %.4f RA %.4f -> %s", self.method, wall,

@@ -7,6 +7,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from fst_plugin.distributed import EvalShard, all_reduce_sum
+
 
 @dataclass(frozen=True)
 class BackdoorMetrics:
@@ -25,6 +27,8 @@ class BackdoorMetrics:
 @torch.no_grad()
 def _accuracy(model: nn.Module, loader: Iterable, device: torch.device) -> tuple[float, float, float]:
     """Return (mean batch loss, accuracy w.r.t. item[1], accuracy w.r.t. item[4] if present)."""
+    if isinstance(loader, EvalShard):
+        return _sharded_accuracy(model, loader, device)
     criterion = nn.CrossEntropyLoss()
     loss_sum, hits, hits_original, seen, batches = 0.0, 0, 0, 0, 0
     for batch in loader:
@@ -40,6 +44,28 @@ def _accuracy(model: nn.Module, loader: Iterable, device: torch.device) -> tuple
     if seen == 0:
         return float("nan"), float("nan"), float("nan")
     return loss_sum / batches, hits / seen, hits_original / seen
+
+
+@torch.no_grad()
+def _sharded_accuracy(model: nn.Module, shard: EvalShard, device: torch.device) -> tuple[float, float, float]:
+    """:func:`_accuracy` under torchrun: each rank scores its images into full-length per-image vectors, the
+    vectors are summed over the ranks (every image is scored by exactly one rank), and the mean loss is taken
+    over the one-process batches, so the numbers are those of one process (up to float rounding)."""
+    scores = torch.zeros(3, shard.total, dtype=torch.float64, device=device)  # loss, hit, hit w.r.t. item[4]
+    for positions, batch in shard:
+        inputs, labels = batch[0].to(device), batch[1].to(device)
+        logits = model(inputs)
+        preds, positions = logits.argmax(1), positions.to(device)
+        scores[0, positions] = nn.functional.cross_entropy(logits.float(), labels, reduction="none").double()
+        scores[1, positions] = (preds == labels).double()
+        if len(batch) >= 5:
+            scores[2, positions] = (preds == batch[4].to(device)).double()
+    scores = all_reduce_sum(scores)
+    if shard.total == 0:
+        return float("nan"), float("nan"), float("nan")
+    batch_means = torch.stack([chunk.mean() for chunk in scores[0].split(shard.batch_size)])
+    hits = scores[1:].sum(1) / shard.total
+    return batch_means.mean().item(), hits[0].item(), hits[1].item()
 
 
 def evaluate_backdoor(model: nn.Module, clean_loader: Iterable, bd_loader: Iterable,

@@ -5,6 +5,11 @@
 rescaling the head to ‖W₀‖ after every step as the mode and config say. Frozen modules stay in eval mode,
 so a linear probe does not move BatchNorm statistics either.
 
+Under torchrun (an open process group, see :mod:`fst_plugin.distributed`) the model trains in
+DistributedDataParallel: every rank starts from the same record and seed, so W₀ and the re-initialised head are
+the same everywhere (DDP also broadcasts rank 0's weights), the averaged gradient includes the same α·W₀ term,
+and the projection acts on identical weights, so the head stays in sync.
+
 Resuming is exact on the CPU: the state saved after each epoch (``TuningState``) holds the model, the
 optimiser, the scheduler, W₀, the history and every random generator, so a run resumed from epoch k ends
 with the same weights as one that never stopped.
@@ -22,6 +27,7 @@ from torch import nn
 
 from fst_plugin.core.head import ClassifierHead
 from fst_plugin.core.modes import TuningMode
+from fst_plugin.distributed import begin_epoch, global_mean_loss, wrap_model
 from fst_plugin.errors import TrainingDiverged
 from fst_plugin.runtime import capture_rng, progress, restore_rng, seed_everything
 
@@ -145,6 +151,7 @@ class TuningRun:
         self.use_amp = config.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.criterion = nn.CrossEntropyLoss()
+        self.forward_model: nn.Module = model  # DistributedDataParallel(model) under torchrun, from restore()
 
     def restore(self, state: Optional[TuningState]) -> None:
         """Continue after ``state.epochs_done`` epochs (nothing to do for a fresh run), then fix W₀ on the device
@@ -162,22 +169,25 @@ class TuningRun:
         self.target_norms = [w.norm() for w in self.initial_weights]
         if self.projection and self.start_epoch == 0:
             self.project()
+        self.forward_model = wrap_model(self.model, self.device)  # DDP under torchrun, after freezing
 
     def project(self) -> None:
         project_head_norm(self.head, self.target_norms, self.config.projection_bound == "at_most")
 
     def training_step(self, batch: Any, epoch: int, batch_index: int) -> tuple[float, int, int]:
-        """One optimiser step on ``batch``; returns (loss, correct predictions, images)."""
+        """One optimiser step on ``batch``; returns (loss, correct predictions, images), over all ranks."""
         config, mode = self.config, self.mode
         inputs, targets = batch[0].to(self.device), batch[1].to(self.device)
         with torch.autocast(self.device.type, enabled=self.use_amp):
-            logits = self.model(inputs)
-            loss = self.criterion(logits, targets)
+            logits = self.forward_model(inputs)
+            loss, global_loss, right, count = global_mean_loss(logits, targets, self.criterion)
             if mode.feature_shift_penalty and config.alpha:
-                loss = loss + config.alpha * feature_shift_penalty(self.head, self.initial_weights)
-        if not torch.isfinite(loss):
+                penalty = config.alpha * feature_shift_penalty(self.head, self.initial_weights)
+                loss, global_loss = loss + penalty, None if global_loss is None else global_loss + penalty.item()
+        loss_value = loss.item() if global_loss is None else global_loss
+        if not math.isfinite(loss_value):  # the same value on every rank: all stop together
             raise TrainingDiverged(
-                f"the loss became {loss.item()} in epoch {epoch + 1} (batch {batch_index + 1}) of {mode.name}",
+                f"the loss became {loss_value} in epoch {epoch + 1} (batch {batch_index + 1}) of {mode.name}",
                 f"lower the learning rate (lr={config.lr}) or alpha (alpha={config.alpha}); no model was kept",
             )
         self.optimizer.zero_grad(set_to_none=True)
@@ -186,11 +196,12 @@ class TuningRun:
         self.scaler.update()
         if self.projection:
             self.project()
-        return loss.item(), (logits.argmax(1) == targets).sum().item(), targets.numel()
+        return loss_value, right, count
 
     def train_epoch(self, train_loader: Iterable, epoch: int) -> dict[str, Any]:
         """One pass over ``train_loader`` and a scheduler step; returns the epoch's training row."""
         _train_mode(self.model, self.head, self.mode)
+        begin_epoch(train_loader, epoch)
         loss_sum, correct, seen, n_batches = 0.0, 0, 0, 0
         for batch in progress(train_loader, self.config.show_progress,
                               f"{self.mode.name} epoch {epoch + 1}/{self.config.epochs}"):

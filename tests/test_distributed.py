@@ -1,0 +1,250 @@
+"""Scale-out on torchrun (fst_plugin.distributed), on the CPU with the gloo backend and 2 processes.
+
+* The core: ``tune`` in 2 processes (DDP, each rank a slice of every global batch) ends with the weights of one
+  process on the same global batches, the head and W₀ equal on both ranks, and the sharded evaluation gives the
+  one-process numbers. The model here has no BatchNorm, so the only difference is float summation order.
+* The command: ``torchrun --nproc_per_node 2 -m fst_plugin run fst`` on the tiny record writes exactly the files
+  of a one-process run, once, from rank 0; the evaluation before tuning is the one-process one, and the log
+  names the world size.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from fst_plugin.core import evaluate_backdoor, find_head, get_mode, tune
+from fst_plugin.core.tuning import TuningConfig
+from fst_plugin.distributed import EvalShard, RankSlices, World, check_batch_size, world_from_env
+from fst_plugin.errors import ConfigError
+
+WORLD = 2
+GLOBAL_BATCH = 16
+N_TRAIN = 51        # 16 + 16 + 16 + 3: the last global batch splits unevenly (2 + 1)
+N_TEST = 37         # eval batches 16 + 16 + 5: the per-batch loss mean needs the one-process partition
+WEIGHT_TOL = 1e-5   # float32 sums in another order (DDP's all-reduce), over 3 epochs x 4 steps
+METRIC_TOL = 1e-6
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def _data() -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(5)
+    x, y = torch.randn(N_TRAIN, 3, 2, 2, generator=gen), torch.randint(0, 4, (N_TRAIN,), generator=gen)
+    xt, yt = torch.randn(N_TEST, 3, 2, 2, generator=gen), torch.randint(0, 4, (N_TEST,), generator=gen)
+    return x, y, xt, yt
+
+
+class FixedBatches:
+    """Global batches in a fixed order (what TensorBatches yields identically on every rank)."""
+
+    def __init__(self, *tensors: torch.Tensor, batch_size: int) -> None:
+        self.tensors, self.batch_size = tensors, batch_size
+        self.data = tensors[0]  # EvalShard reads the set's length from .data, as on TensorBatches
+
+    def __len__(self) -> int:
+        return -(-len(self.tensors[0]) // self.batch_size)
+
+    def __iter__(self):
+        for start in range(0, len(self.tensors[0]), self.batch_size):
+            yield tuple(t[start:start + self.batch_size] for t in self.tensors)
+
+
+def _run(world: World) -> dict:
+    """Tune in ``world`` (a process group is open when world.size > 1); return what the test compares."""
+    x, y, xt, yt = _data()
+    model = _model()
+    head = find_head(model, 4)
+    train = FixedBatches(x, y, batch_size=GLOBAL_BATCH)
+    clean = FixedBatches(xt, yt, batch_size=GLOBAL_BATCH)
+    poisoned = FixedBatches(xt, torch.zeros_like(yt), torch.arange(N_TEST), torch.ones_like(yt), yt,
+                            batch_size=GLOBAL_BATCH)
+    if world.enabled:
+        train, clean, poisoned = RankSlices(train, world), EvalShard(clean, world), EvalShard(poisoned, world)
+    config = TuningConfig(epochs=3, lr=0.05, alpha=0.2, seed=11, show_progress=False)
+    w0 = head.modules[0].weight.detach().clone()
+    history = tune(model, head, get_mode("fst"), train, config,
+                   evaluate=lambda m: evaluate_backdoor(m, clean, poisoned).as_dict())
+    return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "history": history,
+            "w0": w0, "head": head.modules[0].weight.detach().clone()}
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        result = _run(World(rank, WORLD, rank))
+        heads = [torch.empty_like(result["head"]) for _ in range(WORLD)]
+        w0s = [torch.empty_like(result["w0"]) for _ in range(WORLD)]
+        dist.all_gather(heads, result["head"])
+        dist.all_gather(w0s, result["w0"])
+        result["heads_of_all_ranks"], result["w0_of_all_ranks"] = heads, w0s
+        torch.save(result, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def one_and_two_processes(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, list[dict]]:
+    torch.set_num_threads(1)
+    single = _run(World())
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return single, [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def test_two_processes_end_with_the_weights_of_one_process_on_the_same_global_batches(one_and_two_processes) -> None:
+    single, ranks = one_and_two_processes
+    for key, value in single["state"].items():
+        for rank in ranks:
+            assert torch.allclose(rank["state"][key], value, atol=WEIGHT_TOL, rtol=0), key
+    moved = max((single["state"][k] - _model().state_dict()[k]).abs().max().item() for k in single["state"])
+    assert moved > 100 * WEIGHT_TOL  # the comparison is not vacuous: tuning changed the weights
+
+
+def test_the_head_and_w0_are_identical_on_every_rank(one_and_two_processes) -> None:
+    _, ranks = one_and_two_processes
+    for rank in ranks:
+        assert all(torch.equal(h, rank["heads_of_all_ranks"][0]) for h in rank["heads_of_all_ranks"])
+        assert all(torch.equal(w, rank["w0_of_all_ranks"][0]) for w in rank["w0_of_all_ranks"])
+    norm0 = ranks[0]["w0"].norm()
+    assert torch.isclose(ranks[0]["head"].norm(), norm0, rtol=1e-5)  # the projection held on the shared head
+
+
+def test_sharded_evaluation_and_training_rows_match_one_process(one_and_two_processes) -> None:
+    single, ranks = one_and_two_processes
+    for rank in ranks:
+        assert len(rank["history"]) == len(single["history"])
+        for row_1, row_2 in zip(single["history"], rank["history"]):
+            assert row_2["batch"] == row_1["batch"]
+            for key in ("test_acc", "test_asr", "test_ra", "train_acc"):
+                assert row_2[key] == pytest.approx(row_1[key], abs=METRIC_TOL), key
+            for key in ("clean_test_loss_avg_over_batch", "bd_test_loss_avg_over_batch",
+                        "train_epoch_loss_avg_over_batch"):
+                assert row_2[key] == pytest.approx(row_1[key], rel=1e-5), key
+
+
+def test_the_global_batch_must_divide_among_the_processes() -> None:
+    assert check_batch_size(128, World(0, 2, 0)) == 64
+    with pytest.raises(ConfigError, match="multiple of 3"):
+        check_batch_size(128, World(0, 3, 0))
+
+
+def test_the_world_comes_from_torchruns_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert world_from_env() == World(3, 4, 1)
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(ConfigError):
+        world_from_env()
+
+
+# ----- the command: torchrun --nproc_per_node 2 -m fst_plugin run ... ------------------------------------------
+RECORDS_WRITES = '''
+import os
+_replace = os.replace
+def _logged_replace(src, dst, *args, **kwargs):
+    _replace(src, dst, *args, **kwargs)
+    with open(os.environ["FST_WRITE_LOG"], "a") as fh:
+        fh.write(f"{os.environ.get('RANK', '-')} {dst}\\n")
+os.replace = _logged_replace
+'''
+
+
+def _launch(fixture, tmp: Path, name: str, method: str, data_path: str, processes: int) -> dict:
+    """``fst-plugin run`` in a fresh interpreter (1 process) or under torchrun; every atomic write (the final
+    ``os.replace``) is recorded with the writer's RANK by a sitecustomize on the PYTHONPATH."""
+    from robust_helpers import _child_env, copy_record, write_yaml
+
+    hooks = tmp / "hooks"
+    hooks.mkdir(exist_ok=True)
+    (hooks / "sitecustomize.py").write_text(RECORDS_WRITES)
+    record = copy_record(fixture, name, root=tmp)
+    yaml_path = write_yaml(tmp / f"{name}.yaml")
+    argv = ["run", method, "--record", str(record), "--yaml_path", str(yaml_path), "--dataset_path",
+            str(fixture.data), "--epochs", "3", "--ratio", "0.25", "--device", "cpu", "--random_seed", "7",
+            "--data_path", data_path]
+    launcher = ([sys.executable, "-m", "fst_plugin"] if processes == 1 else
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+                 "-m", "fst_plugin"])
+    env = _child_env({"FST_WRITE_LOG": str(tmp / f"{name}.writes")})
+    env["PYTHONPATH"] = os.pathsep.join([str(hooks), env["PYTHONPATH"]])
+    proc = subprocess.run(launcher + argv, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = record / "defense" / method
+    writes = [line.split(" ", 1) for line in (tmp / f"{name}.writes").read_text().splitlines()]
+    return {"out": out, "stderr": proc.stderr, "writes": writes,
+            "files": sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()),
+            "csv": __import__("pandas").read_csv(out / f"{method}_df.csv"),
+            "run_info": json.loads((out / "run_info.json").read_text()),
+            "model": torch.load(out / "defense_result.pt")["model"],
+            "log": "".join(p.read_text() for p in (out / "log").glob("*.log"))}
+
+
+@pytest.mark.parametrize("method, data_path", [("lp", "tensor"), ("fst", "backdoorbench")])
+def test_torchrun_with_two_processes_writes_one_process_files_once_from_rank_zero(
+        tmp_path: Path, method: str, data_path: str) -> None:
+    from robust_helpers import assert_outputs_complete, shared_fixture
+
+    fixture = shared_fixture()
+    one = _launch(fixture, tmp_path, "one", method, data_path, 1)
+    two = _launch(fixture, tmp_path, "two", method, data_path, 2)
+    # the same files, each written (renamed into place) as often as by one process, and only by rank 0
+    assert [f for f in two["files"] if not f.endswith(".log")] == [f for f in one["files"] if not f.endswith(".log")]
+    assert sum(f.endswith(".log") for f in two["files"]) == 1
+    assert {rank for rank, _ in two["writes"]} == {"0"}
+    relative = lambda run: sorted(str(Path(p).relative_to(run["out"])) for _, p in run["writes"])  # noqa: E731
+    assert "defense_result.pt" in relative(one) and relative(two) == relative(one)
+    assert_outputs_complete(two["out"])
+    assert (two["out"] / "log" / "index.txt").read_text() == (one["out"] / "log" / "index.txt").read_text()
+    # the log is rank 0's alone and names the world size
+    assert two["log"].count("world size 2 (torchrun): global batch 16, 8 per process") == 1
+    assert two["log"].count(f"before {method}:") == 1
+    assert two["run_info"]["world_size"] == 2 and one["run_info"]["world_size"] == 1
+    # the evaluation before tuning is sharded and summed: one process's numbers
+    for key, value in one["run_info"]["before"].items():
+        assert two["run_info"]["before"][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    if method == "lp":  # frozen BatchNorm, same global batches (tensor path): the same run up to float rounding
+        for key, value in one["model"].items():
+            assert torch.allclose(two["model"][key].float(), value.float(), atol=1e-5, rtol=0), key
+        for column in ("train_acc", "test_acc", "test_asr", "test_ra"):
+            assert two["csv"][column].tolist() == pytest.approx(one["csv"][column].tolist(), abs=1e-9), column
+        for column in ("train_epoch_loss_avg_over_batch", "clean_test_loss_avg_over_batch",
+                       "bd_test_loss_avg_over_batch"):
+            assert two["csv"][column].tolist() == pytest.approx(one["csv"][column].tolist(), rel=1e-5), column
+    else:  # per-rank BatchNorm and the DistributedSampler's order: another valid run, not the same one
+        assert two["csv"]["test_acc"].notna().all() and len(two["csv"]) == 3
+
+
+def test_a_bad_value_under_torchrun_stops_every_rank_before_anything_is_written(tmp_path: Path) -> None:
+    from robust_helpers import _child_env, copy_record, shared_fixture, write_yaml
+
+    fixture = shared_fixture()
+    record = copy_record(fixture, "bad", root=tmp_path)
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fst_plugin",
+            "run", "fst", "--record", str(record), "--yaml_path", str(write_yaml(tmp_path / "bad.yaml")),
+            "--dataset_path", str(fixture.data), "--batch_size", "15"]
+    proc = subprocess.run(argv, cwd=tmp_path, env=_child_env(None), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: batch_size 15 is the global batch")]
+    assert len(errors) == 2  # each rank refused it on its own, before the process group existed
+    assert not (record / "defense").exists()
