@@ -81,6 +81,9 @@ class DefenseConfig:
     eval_subset: Optional[int] = setting(None, "evaluate each epoch on this many clean and poisoned test images "
                                                "(a subset seeded by random_seed; default: the full test sets)",
                                          check=("> 0", lambda v: v > 0))
+    data_path: str = setting("tensor", "tensor: decode the tuning and test images once and augment/normalise whole "
+                                       "batches on the device; backdoorbench: BackdoorBench's per-image DataLoader "
+                                       "path", choices=("tensor", "backdoorbench"))
     trust_record: bool = setting(False, "UNSAFE: fully unpickle records/checkpoints from a source you trust",
                                  flags=("--trust-record",), switch=True, resume=False, in_yaml=False)
     resume: bool = setting(False, "continue from the last complete epoch checkpoint", switch=True, resume=False,

@@ -60,7 +60,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import yaml
-from tqdm.auto import tqdm
 
 sys.path.append('../')
 sys.path.append(os.getcwd())
@@ -336,10 +335,7 @@ class $class_name(defense):
             for _, layer in head:
                 layer.train(TRAIN_HEAD)
             loss_sum, correct, seen, n_batches = 0.0, 0, 0, 0
-            # A progress bar on a terminal only. tqdm.auto, as in backdoorbench-fst: it opens the loader's iterator
-            # once more (one draw from torch's generator), which keeps both on the same random stream.
-            for x, labels, *_ in tqdm(trainloader, desc=f"$method epoch {epoch + 1}/{args.epochs}", leave=False,
-                                      disable=None, dynamic_ncols=True):
+            for x, labels, *_ in trainloader:
                 x, labels = x.to(device, non_blocking=args.non_blocking), labels.to(device, non_blocking=args.non_blocking)
                 with torch.autocast(device.type, enabled=use_amp):
                     logits = model(x)

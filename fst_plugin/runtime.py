@@ -9,7 +9,8 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: its asyncio class calls iter() in __init__ and again
+                       # when iterated (one extra torch RNG draw and a discarded set of DataLoader workers per epoch)
 
 from fst_plugin.errors import ConfigError
 

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from pprint import pformat
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Iterable, Optional
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ from fst_plugin.adapter.backend import backdoorbench_root, make_backend
 from fst_plugin.config import DefenseConfig, add_arguments as add_config_arguments, build_config, merge, read_yaml, resume_values
 from fst_plugin.core import ClassifierHead, TuningConfig, TuningState, evaluate_backdoor, find_head, get_mode, tune
 from fst_plugin.data import PoisonedTestSet, TransformedDataset, dataset_info, materialise
+from fst_plugin.data.tensor_data import TensorBatches, decode, fits_tensor_path, nonstandard_transform
 from fst_plugin.errors import ConfigError, DataError, RecordError
 from fst_plugin.io_utils import atomic_torch_save, atomic_write_text
 from fst_plugin.models.factory import load_weights
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 LOG_FORMAT = "%(asctime)s [%(levelname)-8s] [%(filename)s:%(lineno)d] %(message)s"
 LOG_DATEFMT = "%Y-%m-%d:%H:%M:%S"
 EVAL_SUBSET_BATCH = 256
+TENSOR_EVAL_BATCH = {"cuda": 1024, "cpu": 256}  # tensor path's evaluation batch (no gradients: large is cheap)
 
 
 @dataclass
@@ -58,9 +60,12 @@ class DefensePlan:
     checkpoint: Path                 # the per-epoch resume state
     resume_key: str                  # the settings the checkpoint is valid for (fst_plugin.config.resume_values)
     resume: Optional[TuningState]    # the state to continue from (--resume), else None
-    train_loader: DataLoader
-    clean_loader: DataLoader
-    bd_loader: DataLoader
+    train_loader: Iterable           # a DataLoader (per-image path) or TensorBatches (tensor path)
+    clean_loader: Iterable
+    bd_loader: Iterable
+    data_path: str = "backdoorbench"  # the path the tuning set took: "tensor" or "backdoorbench"
+    channels_last: bool = False      # tensor path on CUDA: the model runs in channels_last
+    eval_amp: bool = False           # tensor path on CUDA with amp: evaluation under autocast
 
 
 @dataclass
@@ -272,26 +277,80 @@ class TuningDefense(_defense_base()):  # type: ignore[misc]
         resume_key = self._resume_key(indices)
         checkpoint = checkpoint_file(Path(self.args.checkpoint_save))
         resume = self._load_checkpoint(checkpoint, resume_key) if cfg.resume else None
+        eval_rng = np.random.default_rng(cfg.random_seed)  # one generator: the clean subset, then the poisoned one
+        poisoned = PoisonedTestSet(record.bd_test.images, info.channels)
+        use_tensors = cfg.data_path == "tensor" and self._tensor_path_ok(backend, len(indices), len(test_raw),
+                                                                          len(poisoned))
+        if use_tensors:
+            plan_data = self._tensor_data(device, train_raw, test_raw, poisoned, indices, eval_rng)
+        else:
+            plan_data = self._per_image_data(backend, device, train_raw, test_raw, poisoned, indices, eval_rng)
+        return DefensePlan(device=device, model=model, head=head, indices=indices, checkpoint=checkpoint,
+                           resume_key=resume_key, resume=resume, **plan_data)
+
+    def _tensor_path_ok(self, backend: Any, n_train: int, n_test: int, n_poisoned: int) -> bool:
+        """Whether the tensor path reproduces this run's data: the backend's transforms are the standard ones and
+        every set fits the decoded-size bound (``fits_tensor_path``); otherwise say why and use the per-image path."""
+        cfg = self.config
+        for train in (True, False):
+            problem = nonstandard_transform(backend.transform(cfg.dataset, train=train), cfg.dataset, train)
+            if problem:
+                log.info("per-image data path: %s's %s, which the tensor path does not reproduce", backend.name,
+                         problem)
+                return False
+        subset = cfg.eval_subset or max(n_test, n_poisoned)
+        sets = ((n_train, "tuning images"), (min(n_test, subset), "clean test images"),
+                (min(n_poisoned, subset), "poisoned test images"))
+        if all([fits_tensor_path(n, cfg.dataset, what=what) for n, what in sets]):  # a list: log every set
+            return True
+        log.info("per-image data path: a set is above the tensor path's bound (see above)")
+        return False
+
+    def _tensor_data(self, device: str, train_raw: Dataset, test_raw: Dataset, poisoned: Dataset,
+                     indices: np.ndarray, eval_rng: np.random.Generator) -> dict[str, Any]:
+        """Decode the tuning subset and both test sets once; crop, flip and normalise batches on the device."""
+        cfg = self.config
+        on_cuda = torch.device(device).type == "cuda"
+        eval_batch = max(cfg.batch_size, TENSOR_EVAL_BATCH["cuda" if on_cuda else "cpu"])
+
+        def test_batches(dataset: Dataset) -> TensorBatches:
+            keep = self._eval_indices(len(dataset), eval_rng)
+            return TensorBatches(decode(dataset, cfg.dataset, keep), cfg.dataset, eval_batch, device=device,
+                                 channels_last=on_cuda)
+
+        log.info("tensor data path: BackdoorBench's transforms as batched tensor operations on %s", device)
+        train = TensorBatches(decode(train_raw, cfg.dataset, indices), cfg.dataset, cfg.batch_size, shuffle=True,
+                              augment=True, device=device, channels_last=on_cuda)
+        return dict(train_loader=train, clean_loader=test_batches(test_raw), bd_loader=test_batches(poisoned),
+                    data_path="tensor", channels_last=on_cuda, eval_amp=on_cuda and cfg.amp)
+
+    def _per_image_data(self, backend: Any, device: str, train_raw: Dataset, test_raw: Dataset, poisoned: Dataset,
+                        indices: np.ndarray, eval_rng: np.random.Generator) -> dict[str, Any]:
+        """BackdoorBench's per-image path: DataLoaders running the backend's PIL transforms on every item."""
+        cfg = self.config
         test_transform = backend.transform(cfg.dataset, train=False)
         pin = cfg.pin_memory and device.startswith("cuda")
-        eval_rng = np.random.default_rng(cfg.random_seed)  # one generator: the clean subset, then the poisoned one
         loader_args = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, pin_memory=pin)
         train_set = TransformedDataset(train_raw, backend.transform(cfg.dataset, train=True), indices)
-        clean_loader = self._test_loader(TransformedDataset(test_raw, test_transform), loader_args, eval_rng)
-        bd_loader = self._test_loader(PoisonedTestSet(record.bd_test.images, info.channels, test_transform),
-                                      loader_args, eval_rng)
-        return DefensePlan(device=device, model=model, head=head, indices=indices, checkpoint=checkpoint,
-                           resume_key=resume_key, resume=resume,
-                           train_loader=DataLoader(train_set, shuffle=True, **loader_args),
-                           clean_loader=clean_loader, bd_loader=bd_loader)
+        return dict(train_loader=DataLoader(train_set, shuffle=True, **loader_args),
+                    clean_loader=self._test_loader(TransformedDataset(test_raw, test_transform), loader_args, eval_rng),
+                    bd_loader=self._test_loader(TransformedDataset(poisoned, test_transform), loader_args, eval_rng),
+                    data_path="backdoorbench")
 
-    def _test_loader(self, dataset: Dataset, loader_args: dict[str, Any], rng: np.random.Generator) -> DataLoader:
-        """The full test set, or with ``eval_subset`` a subset drawn with ``random_seed`` and decoded once (the
-        test transform is deterministic, so each epoch's evaluation then costs forward passes only)."""
+    def _eval_indices(self, n: int, rng: np.random.Generator) -> Optional[list[int]]:
+        """With ``eval_subset``: the test images evaluated each epoch, drawn with ``random_seed`` (the same on both
+        data paths); else None (all of them)."""
         size = self.config.eval_subset
         if not size:
+            return None
+        return np.sort(rng.choice(n, size=min(size, n), replace=False)).tolist()
+
+    def _test_loader(self, dataset: Dataset, loader_args: dict[str, Any], rng: np.random.Generator) -> DataLoader:
+        """The full test set, or with ``eval_subset`` a subset decoded once (the test transform is deterministic,
+        so each epoch's evaluation then costs forward passes only)."""
+        keep = self._eval_indices(len(dataset), rng)
+        if keep is None:
             return DataLoader(dataset, shuffle=False, **loader_args)
-        keep = np.sort(rng.choice(len(dataset), size=min(size, len(dataset)), replace=False)).tolist()
         return DataLoader(materialise(Subset(dataset, keep)), batch_size=EVAL_SUBSET_BATCH, shuffle=False)
 
     def tuning_config(self, device: str) -> TuningConfig:
@@ -329,10 +388,11 @@ class TuningDefense(_defense_base()):  # type: ignore[misc]
         self._open_log_file(log_dir)
         atomic_write_text(index_file(log_dir), "".join(f"{i}\n" for i in plan.indices.tolist()))
         device, model = plan.device, plan.model
-        model.to(device)
+        model.to(device, memory_format=torch.channels_last) if plan.channels_last else model.to(device)
 
         def evaluate(m: torch.nn.Module) -> dict[str, float]:
-            return evaluate_backdoor(m, plan.clean_loader, plan.bd_loader, device).as_dict()
+            with torch.autocast(torch.device(device).type, enabled=plan.eval_amp):
+                return evaluate_backdoor(m, plan.clean_loader, plan.bd_loader, device).as_dict()
 
         started = time.time()
         before = evaluate(model)

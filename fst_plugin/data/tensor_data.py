@@ -243,3 +243,36 @@ class TensorBatches:
             if self.channels_last:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             yield (inputs, *fields)
+
+
+def _step_problem(step: Any, expected: Any) -> Optional[str]:
+    if type(step) is not type(expected):
+        return f"{type(step).__name__} where {type(expected).__name__} is standard"
+    for attr in ("size", "padding", "fill", "padding_mode", "pad_if_needed", "p", "interpolation", "mean", "std"):
+        if hasattr(expected, attr):
+            mine, theirs = getattr(step, attr, None), getattr(expected, attr)
+            if isinstance(theirs, (list, tuple)) and isinstance(mine, (list, tuple)):
+                same = len(mine) == len(theirs) and all(abs(float(a) - float(b)) < 1e-9 for a, b in zip(mine, theirs))
+            else:
+                same = mine == theirs
+            if not same:
+                return f"{type(step).__name__}.{attr} is {mine!r}, not the standard {theirs!r}"
+    return None
+
+
+def nonstandard_transform(transform: Any, dataset: str, train: bool) -> Optional[str]:
+    """Why ``transform`` (a backend's, e.g. BackdoorBench's ``get_transform``) is not the standard one the tensor
+    path reproduces (Resize, [RandomCrop(padding=4), RandomHorizontalFlip on CIFAR-10,] ToTensor, Normalize with
+    the dataset's constants), or None when it is."""
+    expected = get_transform(dataset, train).transforms
+    steps = getattr(transform, "transforms", None)
+    if not isinstance(steps, (list, tuple)):
+        return f"the {'train' if train else 'test'} transform is a {type(transform).__name__}, not a Compose"
+    if len(steps) != len(expected):
+        return (f"the {'train' if train else 'test'} transform has steps {[type(s).__name__ for s in steps]}, "
+                f"not {[type(s).__name__ for s in expected]}")
+    for step, standard in zip(steps, expected):
+        problem = _step_problem(step, standard)
+        if problem:
+            return f"the {'train' if train else 'test'} transform's {problem}"
+    return None
