@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
+import torch
 from torch import nn
 
 from fst_plugin.attacks import (
@@ -75,6 +76,9 @@ def backdoor_and_record(record_dir: Path, *, model_name: str, dataset: str, trai
     info = dataset_info(dataset)
     poisoned = poison_split(train.images, train.labels, attack.trigger, attack.poisoned, attack.target,
                             relabel=attack.relabel)
+    # torch's default generator starts from a random seed in every process (torch.initial_seed() differs
+    # between two fresh interpreters), so the initial weights must be drawn under the run's own seed.
+    torch.manual_seed(train_config.seed)
     model = build_model(model_name, info.num_classes)
     started = time.time()
     if train_config.epochs > 0:

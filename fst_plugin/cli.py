@@ -68,17 +68,31 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _log_to_file(path: Path, verbose: bool) -> None:
+    """Every log record goes to ``path``; the terminal shows warnings only, or everything with ``verbose``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if type(handler) is logging.StreamHandler:
+            handler.setLevel(logging.INFO if verbose else logging.WARNING)
+    to_file = logging.FileHandler(path, mode="w")
+    to_file.setFormatter(logging.Formatter("%(asctime)s [%(levelname)-8s] [%(name)s] %(message)s"))
+    root.addHandler(to_file)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from fst_plugin.demo import DemoConfig, run_demo
 
+    given = {"train_per_class": args.train_per_class, "test_per_class": args.test_per_class,
+             "attack_epochs": args.attack_epochs, "defense_epochs": args.epochs}
     config = DemoConfig(out=Path(args.out), data_dir=Path(args.data_dir) if args.data_dir else None,
-                        train_per_class=args.train_per_class, test_per_class=args.test_per_class,
-                        attack_epochs=args.attack_epochs, defense_epochs=args.epochs, device=args.device,
-                        seed=args.seed)
+                        download=args.download, device=args.device, seed=args.seed,
+                        **{key: value for key, value in given.items() if value is not None})  # else DemoConfig's
+    _log_to_file(config.out / "demo.log", args.verbose)
     table = run_demo(config)
-    print()
     print(table.attrs["title"])
     print(table.to_markdown(floatfmt=".2f"))
+    print(f"(logs: {config.out / 'demo.log'})", file=sys.stderr)
     return 0
 
 
@@ -153,11 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=None)
     demo = sub.add_parser("demo", help="backdoor a small model with BadNets and purify it with every mode")
     demo.add_argument("--data-dir", help="CIFAR-10 folder (cifar-10-batches-py or train/+test/); synthetic if absent")
+    demo.add_argument("--download", action="store_true",
+                      help="fetch CIFAR-10 with torchvision into --data-dir (default OUT/cifar10); needs internet")
+    demo.add_argument("-v", "--verbose", action="store_true", help="print the logs too (always in OUT/demo.log)")
     demo.add_argument("--out", default="fst_demo", help="output folder (record/ and data/ go here)")
-    demo.add_argument("--train-per-class", type=int, default=300)
-    demo.add_argument("--test-per-class", type=int, default=100)
-    demo.add_argument("--attack-epochs", type=int, default=6)
-    demo.add_argument("--epochs", type=int, default=10, help="tuning epochs per defense")
+    demo.add_argument("--train-per-class", type=int, help="training images per class (default: the demo's)")
+    demo.add_argument("--test-per-class", type=int, help="test images per class")
+    demo.add_argument("--attack-epochs", type=int, help="epochs of the backdoor training")
+    demo.add_argument("--epochs", type=int, help="tuning epochs per defense")
     demo.add_argument("--device", default="auto")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_cmd_demo)

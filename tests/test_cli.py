@@ -42,15 +42,3 @@ def test_unknown_defense_is_a_one_line_error() -> None:
     assert proc.stderr.strip().count("\n") == 0 and "no defense named 'nope'" in proc.stderr
     assert "Traceback" not in proc.stderr
 
-
-def test_demo_prints_its_table_on_synthetic_images(tmp_path: Path) -> None:
-    proc = cli("demo", "--out", str(tmp_path / "demo"), "--train-per-class", "10", "--test-per-class", "4",
-               "--attack-epochs", "1", "--epochs", "1", "--device", "cpu")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "synthetic 10-class images" in proc.stdout
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
-    assert [cell.strip() for cell in rows[0].split("|")[1:-1]] == ["defense", "C-Acc", "ASR", "RA", "time_s"]
-    assert [r.split("|")[1].strip() for r in rows[1:]] == ["no defense", "lp", "vanilla-ft", "fe-tuning", "ft-init", "fst"]
-    for row in rows[1:]:
-        acc, asr, ra = (float(v) for v in row.split("|")[2:5])
-        assert 0 <= acc <= 100 and 0 <= asr <= 100 and 0 <= ra <= 100
