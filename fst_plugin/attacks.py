@@ -172,6 +172,10 @@ class TrainConfig:
     nesterov: bool = True             # BackdoorBench's attacks: False
     channels_last: Optional[bool] = None  # None: on CUDA only (where convolutions are faster in it)
     compile: bool = False             # torch.compile the model; the first epoch pays for the compilation
+    # Stamp the trigger on the poisoned images after the crop and flip instead of before (BackdoorBench's
+    # order). The trigger then always sits where the test images carry it, so a backdoor implants in a few
+    # epochs with augmentation on (the demo); BackdoorBench's order moves and mirrors a corner patch.
+    trigger_after_augment: bool = False
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -207,20 +211,45 @@ def _check_finite(loss_sum: torch.Tensor, epoch: int, step: int, config: TrainCo
 DIVERGENCE_CHECK_STEPS = 50  # the loss is checked (one device sync) this often, and at every epoch's end
 
 
+def stamp_after_augment(trigger: Trigger) -> Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor]:
+    """A ``TensorBatches.after_augment`` hook: apply ``trigger`` to the batch rows whose ``fields[1]`` is True."""
+    def stamp(images: torch.Tensor, fields: list[torch.Tensor]) -> torch.Tensor:
+        rows = fields[1].nonzero().flatten()
+        if len(rows) == 0:
+            return images
+        picked = images[rows].permute(0, 2, 3, 1).cpu().numpy()
+        stamped = torch.from_numpy(np.ascontiguousarray(trigger(picked))).permute(0, 3, 1, 2)
+        images = images.clone()
+        images[rows] = stamped.to(images.device)
+        return images
+    return stamp
+
+
 def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, dataset: str,
-                     config: TrainConfig, on_epoch_end: Optional[Callable[[int, float], None]] = None) -> nn.Module:
+                     config: TrainConfig, on_epoch_end: Optional[Callable[[int, float], None]] = None,
+                     stamp: Optional[tuple[Trigger, np.ndarray]] = None) -> nn.Module:
     """Train ``model`` on uint8 images (N, H, W, C) with SGD and batch augmentation on the device.
 
     The whole training set is held as uint8 on ``config.device`` (``TensorBatches``); crops, flips and the
-    normalisation run there on whole batches. A NaN or infinite loss raises ``TrainingDiverged``.
+    normalisation run there on whole batches. ``stamp = (trigger, indices)`` applies ``trigger`` to those
+    images after the augmentation of every batch (``TrainConfig.trigger_after_augment``). A NaN or infinite
+    loss raises ``TrainingDiverged``.
     """
     torch.manual_seed(config.seed)
     device = torch.device(config.device)
     channels_last = device.type == "cuda" if config.channels_last is None else config.channels_last
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    data = TensorImages(to_tensor_batch(images), (torch.from_numpy(labels.astype(np.int64)),))
+    fields = [torch.from_numpy(labels.astype(np.int64))]
+    hook = None
+    if stamp is not None:
+        trigger, stamped = stamp
+        mask = torch.zeros(len(labels), dtype=torch.bool)
+        mask[torch.as_tensor(stamped, dtype=torch.long)] = True
+        fields.append(mask)
+        hook = stamp_after_augment(trigger)
+    data = TensorImages(to_tensor_batch(images), tuple(fields))
     batches = TensorBatches(data, dataset, config.batch_size, shuffle=True, augment=config.augment,
-                            device=device, channels_last=channels_last)
+                            device=device, channels_last=channels_last, after_augment=hook)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay, nesterov=config.nesterov)
     scheduler, per_step = _scheduler(optimizer, config, len(batches))
@@ -231,7 +260,7 @@ def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, d
         model.train()
         loss_sum = torch.zeros((), device=device)
         step = 0
-        for step, (x, y) in enumerate(progress(batches, config.show_progress,
+        for step, (x, y, *_) in enumerate(progress(batches, config.show_progress,
                                                f"train epoch {epoch + 1}/{config.epochs}"), 1):
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss = F.cross_entropy(forward(x), y, label_smoothing=config.label_smoothing)

@@ -81,7 +81,11 @@ def backdoor_and_record(record_dir: Path, *, model_name: str, dataset: str, trai
     torch.manual_seed(train_config.seed)
     model = build_model(model_name, info.num_classes)
     started = time.time()
-    if train_config.epochs > 0:
+    if train_config.epochs > 0 and train_config.trigger_after_augment:
+        # the clean images with the poisoned labels; the trigger is stamped after each batch's augmentation
+        train_classifier(model, train.images, poisoned.labels, dataset, train_config, on_epoch_end=on_epoch_end,
+                         stamp=(attack.trigger, attack.poisoned))
+    elif train_config.epochs > 0:
         train_classifier(model, poisoned.images, poisoned.labels, dataset, train_config, on_epoch_end=on_epoch_end)
     train_s = time.time() - started
     acc, asr = accuracy_and_asr(model, test.images, test.labels, attack.trigger, attack.target, dataset,

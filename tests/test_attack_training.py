@@ -59,3 +59,33 @@ def test_a_seed_fixes_the_trained_weights(schedule: str) -> None:
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
     assert all(math.isfinite(v) for v in losses) and losses[:2] == losses[2:]
     assert not torch.equal(runs[0]["linear.weight"], initial["linear.weight"])  # it did train
+
+
+
+def test_a_trigger_stamped_after_augmentation_sits_at_its_place_on_exactly_the_poisoned_rows() -> None:
+    """``TrainConfig.trigger_after_augment``: the crop and flip move the image, never the stamped patch."""
+    from fst_plugin.attacks import badnets_trigger, stamp_after_augment
+    from fst_plugin.data.tensor_data import TensorBatches, TensorImages
+
+    images = np.full((64, 3, 32, 32), 40, dtype=np.uint8)  # no pixel is white before the stamp
+    poisoned = torch.zeros(64, dtype=torch.bool)
+    poisoned[::4] = True
+    data = TensorImages(torch.from_numpy(images), (torch.arange(64), poisoned))
+    stamp = stamp_after_augment(badnets_trigger())
+    augmented, stamped = [], []
+
+    def hook(batch: torch.Tensor, fields: list[torch.Tensor]) -> torch.Tensor:
+        augmented.append(batch)
+        stamped.append(stamp(batch, fields))
+        return stamped[-1]
+
+    batches = TensorBatches(data, "cifar10", 16, shuffle=True, augment=True,
+                            generator=torch.Generator().manual_seed(0), after_augment=hook)
+    indices = [index for _, index, _ in batches]
+    assert sorted(torch.cat(indices).tolist()) == list(range(64))
+    for index, before, after in zip(indices, augmented, stamped):
+        white = (after[:, :, -3:, -3:] == 255).all(dim=(1, 2, 3))
+        assert torch.equal(white, poisoned[index])                 # the patch, on exactly the poisoned rows
+        assert torch.equal(after[:, :, :-3], before[:, :, :-3])    # and nothing else changed
+        assert not (before == 255).any()
+    assert any((b == 0).any() for b in augmented)  # the crops padded, so the images did move

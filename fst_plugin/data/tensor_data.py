@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -191,7 +191,8 @@ class TensorBatches:
     """DataLoader-like batches of a ``TensorImages``: ``(normalised inputs, labels, *other fields)`` on ``device``.
 
     ``augment`` applies BackdoorBench's random train transform (crop with 4-pixel padding, flip on CIFAR-10)
-    on the device; inputs are normalised with the dataset's mean/std there too. ``channels_last`` returns the
+    on the device; ``after_augment(images, fields)`` may then edit the uint8 batch (the attack trainer stamps
+    a trigger there); inputs are normalised with the dataset's mean/std last. ``channels_last`` returns the
     inputs in that memory format. ``generator``: see the module docstring (None: seeded from torch's global
     generator each epoch, like a DataLoader).
     """
@@ -199,7 +200,8 @@ class TensorBatches:
     def __init__(self, data: TensorImages, dataset: str, batch_size: int, *, shuffle: bool = False,
                  augment: bool = False, device: str | torch.device = "cpu", channels_last: bool = False,
                  generator: Optional[torch.Generator] = None, drop_last: bool = False,
-                 resident: Optional[bool] = None) -> None:
+                 resident: Optional[bool] = None,
+                 after_augment: Optional[Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor]] = None) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.info = dataset_info(dataset)
@@ -207,6 +209,7 @@ class TensorBatches:
         self.shuffle, self.augment, self.channels_last, self.drop_last = shuffle, augment, channels_last, drop_last
         self.device = torch.device(device)
         self.generator = generator
+        self.after_augment = after_augment
         self.resident = fits_on_device(data.nbytes, self.device) if resident is None else resident
         if self.resident:
             self.data = data.to(self.device)
@@ -239,6 +242,8 @@ class TensorBatches:
                 fields = [f.to(self.device, non_blocking=True) for f in fields]
             if self.augment:
                 images = train_augment(images, self.info.name, gen)
+            if self.after_augment is not None:
+                images = self.after_augment(images, fields)
             inputs = normalize(images, self.info.mean, self.info.std)
             if self.channels_last:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
