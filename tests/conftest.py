@@ -1,7 +1,6 @@
 """Shared fixtures: a tiny BackdoorBench-shaped workspace (synthetic images, a BadNets record) built once."""
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 
@@ -28,9 +27,3 @@ def fresh_workspace(workspace: Workspace, tmp_path: Path) -> Workspace:
     shutil.copytree(workspace.root, root)
     return Workspace(root, root / "record" / workspace.record_dir.name, workspace.source, workspace.n_train,
                      workspace.n_test, workspace.before)
-
-
-def defense_args(defense_cls: type, *argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    defense_cls.add_arguments(parser)
-    return parser.parse_args(list(argv))

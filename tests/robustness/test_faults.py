@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import robust_helpers as h
+from tests import builders as h
 from fst_plugin.io_utils import atomic_torch_save, atomic_write, atomic_write_text
 from fst_plugin.record import load_untrusted
 

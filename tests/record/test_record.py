@@ -15,8 +15,7 @@ from fst_plugin.models import build_model
 from fst_plugin.record import load_attack_record, load_untrusted
 from fst_plugin.record.defense_output import CSV_COLUMNS
 from fst_plugin.installer import shipped_config
-
-from conftest import defense_args
+from tests.builders import defense_args
 
 
 def test_written_record_has_backdoorbench_layout(workspace: Workspace) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-import robust_helpers as h
+from tests import builders as h
 
 
 @pytest.fixture(scope="module")

@@ -25,8 +25,9 @@ from fst_plugin.demo import Workspace
 from fst_plugin.errors import InstallError
 from fst_plugin.exporter import DEFAULT_METHODS, export, mode_constants, render_defense
 from fst_plugin.installer import MANIFEST, default_config, install, uninstall
+from tests.builders import REPO
 
-STANDIN = Path(__file__).with_name("bb_standin")
+STANDIN = REPO / "tests" / "bb_standin"
 FLAGS = {"REINIT_HEAD": "reinit_head", "TRAIN_HEAD": "train_head", "TRAIN_BACKBONE": "train_backbone",
          "FEATURE_SHIFT_PENALTY": "feature_shift_penalty", "PROJECT_HEAD_NORM": "project_head_norm"}
 # Runs a script as `python script.py ...` would, with every import of fst_plugin refused.

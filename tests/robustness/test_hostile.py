@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-import robust_helpers as h
+from tests import builders as h
 from fst_plugin.errors import RecordError
 from fst_plugin.record import AttackRecord, load_attack_record, load_untrusted, parse_attack_result
 from fst_plugin.record.attack_record import resolve_image_path

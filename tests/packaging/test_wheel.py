@@ -16,8 +16,8 @@ import pytest
 from fst_plugin import __version__
 from fst_plugin.config import shipped_config, shipped_configs_dir
 from fst_plugin.core.modes import MODES
+from tests.builders import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 DATASETS = ("cifar10", "cifar100", "gtsrb", "tiny")
 
 

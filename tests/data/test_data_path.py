@@ -15,7 +15,7 @@ from fst_plugin.adapter.defenses import FST
 from fst_plugin.data import get_transform
 from fst_plugin.data.tensor_data import TensorBatches, nonstandard_transform
 from fst_plugin.demo import Workspace
-from tests.conftest import defense_args
+from tests.builders import defense_args
 
 
 def plan_for(workspace: Workspace, *argv: str):

@@ -13,6 +13,7 @@ Two ways to drive the CLI:
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import io
 import json
@@ -122,6 +123,13 @@ def write_yaml(path: Path, **overrides: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(values, sort_keys=False))
     return path
+
+
+def defense_args(defense_cls: type, *argv: str) -> argparse.Namespace:
+    """``argv`` parsed by ``defense_cls``'s own argument parser (what the launcher and ``fst-plugin run`` do)."""
+    parser = argparse.ArgumentParser()
+    defense_cls.add_arguments(parser)
+    return parser.parse_args(list(argv))
 
 
 # ----- hostile pickles ----------------------------------------------------------------------------------
@@ -301,7 +309,7 @@ def _context() -> Any:
         _FORKSERVER = multiprocessing.get_context("forkserver")
         _FORKSERVER.set_forkserver_preload(["torch", "torchvision", "pandas", "matplotlib.pyplot", "yaml",
                                             "fst_plugin.cli", "fst_plugin.adapter.defenses",
-                                            "fst_plugin.installer", "robust_helpers"])
+                                            "fst_plugin.installer", "tests.builders"])
     return _FORKSERVER
 
 

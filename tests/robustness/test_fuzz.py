@@ -21,7 +21,7 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-import robust_helpers as h
+from tests import builders as h
 from fst_plugin.config import DefenseConfig, _RANGES, build_config, read_yaml
 from fst_plugin.errors import ConfigError, FSTError, RecordError
 from fst_plugin.record import AttackRecord, load_attack_record, parse_attack_result

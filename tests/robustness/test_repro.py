@@ -10,7 +10,7 @@ import pytest
 import torch
 import torchvision
 
-import robust_helpers as h
+from tests import builders as h
 from fst_plugin import __version__
 from fst_plugin.config import DefenseConfig
 

@@ -173,7 +173,7 @@ os.replace = _logged_replace
 def _launch(fixture, tmp: Path, name: str, method: str, data_path: str, processes: int) -> dict:
     """``fst-plugin run`` in a fresh interpreter (1 process) or under torchrun; every atomic write (the final
     ``os.replace``) is recorded with the writer's RANK by a sitecustomize on the PYTHONPATH."""
-    from robust_helpers import _child_env, copy_record, write_yaml
+    from tests.builders import _child_env, copy_record, write_yaml
 
     hooks = tmp / "hooks"
     hooks.mkdir(exist_ok=True)
@@ -203,7 +203,7 @@ def _launch(fixture, tmp: Path, name: str, method: str, data_path: str, processe
 @pytest.mark.parametrize("method, data_path", [("lp", "tensor"), ("fst", "backdoorbench")])
 def test_torchrun_with_two_processes_writes_one_process_files_once_from_rank_zero(
         tmp_path: Path, method: str, data_path: str) -> None:
-    from robust_helpers import assert_outputs_complete, shared_fixture
+    from tests.builders import assert_outputs_complete, shared_fixture
 
     fixture = shared_fixture()
     one = _launch(fixture, tmp_path, "one", method, data_path, 1)
@@ -236,7 +236,7 @@ def test_torchrun_with_two_processes_writes_one_process_files_once_from_rank_zer
 
 
 def test_a_bad_value_under_torchrun_stops_every_rank_before_anything_is_written(tmp_path: Path) -> None:
-    from robust_helpers import _child_env, copy_record, shared_fixture, write_yaml
+    from tests.builders import _child_env, copy_record, shared_fixture, write_yaml
 
     fixture = shared_fixture()
     record = copy_record(fixture, "bad", root=tmp_path)
