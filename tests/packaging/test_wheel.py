@@ -1,8 +1,14 @@
-"""The wheel: what it holds, and that a regular (non-editable) install finds its configs and defenses from the
-repository root (where the repository's ``fst_plugin/`` shadows the installed one) and from any other folder."""
+"""The wheel: what it holds, and that after a regular (non-editable) install the ``fst-plugin`` console script
+lists the defenses, installs into a BackdoorBench checkout, runs a defense on a record and runs the demo, from the
+repository root and from any other folder, always with the installed package.
+
+From the repository root, ``python -c``/``python -m fst_plugin`` put the cwd first on ``sys.path``, so there the
+repository's ``fst_plugin/`` shadows the installed one; a console script puts its own folder (the venv's
+``bin/``) first instead. Every command here reports which ``fst_plugin`` it imported, and the tests check it."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -16,7 +22,8 @@ import pytest
 from fst_plugin import __version__
 from fst_plugin.config import shipped_config, shipped_configs_dir
 from fst_plugin.core.modes import MODES
-from tests.builders import REPO
+from fst_plugin.installer import LAUNCHER, MANIFEST
+from tests.builders import CLI_THREADS, REPO, TinyBB, assert_outputs_complete, backdoorbench_tree, copy_record
 
 DATASETS = ("cifar10", "cifar100", "gtsrb", "tiny")
 
@@ -81,21 +88,124 @@ def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return venv
 
 
+# Reports, at exit, the file of the fst_plugin package the process imported (on PYTHONPATH: it shadows nothing).
+WHICH_PACKAGE = """
+import atexit, os, sys
+
+def _report():
+    with open(os.environ["FST_PLUGIN_IMPORTED_FROM"], "w") as fh:
+        fh.write(getattr(sys.modules.get("fst_plugin"), "__file__", None) or "not imported")
+
+if os.environ.get("FST_PLUGIN_IMPORTED_FROM"):
+    atexit.register(_report)
+"""
+WHERE = ["repository root", "another folder"]
+
+
+def _where(where: str, tmp_path: Path) -> Path:
+    if where == "repository root":
+        return REPO
+    folder = tmp_path / "elsewhere"
+    folder.mkdir()
+    return folder
+
+
+def _installed_run(installed: Path, cwd: Path, tmp_path: Path, *argv: str, timeout: int = 300) -> tuple[str, Path]:
+    """``argv`` in ``cwd``, its first item a program of the venv's ``bin/`` (``fst-plugin`` or ``python``), with this
+    environment's PYTHONPATH and VIRTUAL_ENV removed and the builders' CLI thread count; it must exit 0.
+    Returns (stdout, the ``__init__.py`` of the fst_plugin package the process imported)."""
+    probe = tmp_path / "probe"
+    probe.mkdir(exist_ok=True)
+    (probe / "sitecustomize.py").write_text(WHICH_PACKAGE)
+    report = tmp_path / "imported_from.txt"
+    report.unlink(missing_ok=True)  # no answer left over from an earlier command
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(PYTHONPATH=str(probe), FST_PLUGIN_IMPORTED_FROM=str(report), OMP_NUM_THREADS=str(CLI_THREADS))
+    out = _run([str(installed / "bin" / argv[0]), *argv[1:]], cwd=cwd, env=env, timeout=timeout)
+    return out.stdout, Path(report.read_text())
+
+
+def _site_packages(installed: Path) -> Path:
+    (site,) = (installed / "lib").glob("python3*/site-packages")
+    return site
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("where", ["repository root", "another folder"])
+@pytest.mark.parametrize("where", WHERE)
 def test_a_regular_install_lists_the_defenses_and_finds_its_configs(installed: Path, where: str,
                                                                     tmp_path: Path) -> None:
-    cwd = REPO if where == "repository root" else tmp_path
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    listed = _run([str(installed / "bin" / "fst-plugin"), "list"], cwd=cwd, env=env).stdout
+    cwd = _where(where, tmp_path)
+    listed, package = _installed_run(installed, cwd, tmp_path, "fst-plugin", "list")
     assert [line.split()[0] for line in listed.splitlines()] == sorted(MODES)
+    # a console script puts its own folder (the venv's bin/) first on sys.path, not the cwd: the installed package
+    assert package == _site_packages(installed) / "fst_plugin" / "__init__.py"
     lookup = ("import fst_plugin, fst_plugin.config as c; "
               "print(fst_plugin.__file__); print(c.shipped_config('fst', 'gtsrb').read_text())")
-    out = _run([str(installed / "bin" / "python"), "-c", lookup], cwd=cwd, env=env).stdout
+    out, _ = _installed_run(installed, cwd, tmp_path, "python", "-c", lookup)
     package_file, text = out.split("\n", 1)
-    # from the repository root, python puts the cwd first, so the repository's fst_plugin/ is imported
+    # `python -c` and `python -m` put the cwd first, so from the repository root the repository's fst_plugin/ is
+    # imported (and reads its configs through the package's link to defense_configs/); elsewhere the installed one
     assert Path(package_file).is_relative_to(REPO if where == "repository root" else installed)
     assert text.rstrip("\n") == (REPO / "defense_configs" / "fst" / "gtsrb.yaml").read_text().rstrip("\n")
+    listed_by_module, package = _installed_run(installed, cwd, tmp_path, "python", "-m", "fst_plugin", "list")
+    assert listed_by_module == listed
+    assert package == (REPO if where == "repository root" else _site_packages(installed)) / "fst_plugin" / "__init__.py"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", WHERE)
+def test_a_regular_install_installs_into_a_backdoorbench_checkout(installed: Path, where: str,
+                                                                 tmp_path: Path) -> None:
+    checkout = backdoorbench_tree(tmp_path / "BackdoorBench")
+    ft_before = (checkout / "defense" / "ft.py").read_text()
+    out, package = _installed_run(installed, _where(where, tmp_path), tmp_path, "fst-plugin", "install",
+                                  "--backdoorbench", str(checkout))
+    assert package == _site_packages(installed) / "fst_plugin" / "__init__.py"
+    written = {Path(line.removeprefix("wrote ")).relative_to(checkout.resolve()).as_posix()
+               for line in out.splitlines() if line.startswith("wrote ")}
+    assert written == {f"defense/{m}.py" for m in MODES} | {
+        f"config/defense/{m}/{d}.yaml" for m in MODES for d in ("config", *DATASETS)}
+    for method in MODES:
+        assert (checkout / "defense" / f"{method}.py").read_text() == LAUNCHER.format(name=method)
+        for dataset in DATASETS:
+            installed_config = (checkout / "config" / "defense" / method / f"{dataset}.yaml").read_text()
+            assert installed_config == (REPO / "defense_configs" / method / f"{dataset}.yaml").read_text()
+        default = (checkout / "config" / "defense" / method / "config.yaml").read_text()
+        assert default == (REPO / "defense_configs" / method / "cifar10.yaml").read_text()
+    assert (checkout / MANIFEST).is_file()
+    assert (checkout / "defense" / "ft.py").read_text() == ft_before  # BackdoorBench's own defense untouched
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", WHERE)
+def test_a_regular_install_runs_a_defense_on_a_record(installed: Path, where: str, bb: TinyBB,
+                                                      tmp_path: Path) -> None:
+    record = copy_record(bb, "wheel_run", root=tmp_path)
+    _, package = _installed_run(installed, _where(where, tmp_path), tmp_path, "fst-plugin", "run", "fst",
+                                "--record", str(record), "--dataset_path", str(bb.data), "--device", "cpu",
+                                "--num_workers", "0", "--epochs", "1", "--ratio", "0.25")
+    assert package == _site_packages(installed) / "fst_plugin" / "__init__.py"
+    save_dir = record / "defense" / "fst"
+    checked = set(assert_outputs_complete(save_dir))
+    assert {"defense_result.pt", "fst_df.csv", "fst_df_summary.csv", "run_info.json", "log/index.txt",
+            "loss_metric_plots.png", "acc_like_metric_plots.png"} <= checked
+    info = json.loads((save_dir / "run_info.json").read_text())
+    assert info["versions"]["backdoorbench-fst"] == __version__ and info["config"]["epochs"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", WHERE)
+def test_a_regular_install_runs_the_demo(installed: Path, where: str, tmp_path: Path) -> None:
+    """The smallest demo the command takes: one image per class and split, one epoch of attack and of tuning."""
+    out = tmp_path / "demo"
+    stdout, package = _installed_run(installed, _where(where, tmp_path), tmp_path, "fst-plugin", "demo",
+                                     "--out", str(out), "--train-per-class", "1", "--test-per-class", "1",
+                                     "--attack-epochs", "1", "--epochs", "1", "--device", "cpu")
+    assert package == _site_packages(installed) / "fst_plugin" / "__init__.py"
+    rows = [line for line in stdout.splitlines() if line.startswith("|")]
+    assert " ".join(rows[0].split()) == "| defense | C-Acc | ASR | RA | time_s |"  # the header, padding aside
+    assert [row.split("|")[1].strip() for row in rows[2:]] == ["no defense", *MODES]
+    assert (out / "record" / "demo_badnet" / "attack_result.pt").is_file() and (out / "demo.log").is_file()
 
 
 def test_the_shipped_configs_resolve_through_the_package_link_to_the_top_level_folder() -> None:
