@@ -9,7 +9,7 @@ two forms cannot drift apart. The files go to the same paths as ``install``'s la
 manifest, so export replaces installed launchers and ``uninstall`` removes either form.
 
 The training loop mirrors :func:`fst_plugin.core.tuning.tune` step for step, in the same order of random
-draws, so on the CPU the exported defense ends with the same weights as the plugin (tests/test_export.py).
+draws, so on the CPU the exported defense ends with the same weights as the plugin (tests/adapter/test_export.py).
 """
 from __future__ import annotations
 

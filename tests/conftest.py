@@ -1,36 +1,26 @@
-"""Shared fixtures: a tiny BackdoorBench-shaped workspace (synthetic images, a BadNets record) built once."""
+"""Session fixtures: the tiny BackdoorBench root of :mod:`tests.builders`, built once (see its docstring for what
+it holds, why its model is untrained, and the seeding and thread decisions)."""
 from __future__ import annotations
 
-import argparse
-import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
-from fst_plugin.demo import DemoConfig, Workspace, prepare_workspace
+from tests.builders import TinyBB, build_tiny_bb, use_test_threads
 
-torch.set_num_threads(2)
+use_test_threads()
 
 
 @pytest.fixture(scope="session")
-def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
-    """root/data/cifar10/{train,test} (20 + 5 synthetic images per class) and root/record/demo_badnet."""
-    out = tmp_path_factory.mktemp("bb_workspace")
-    return prepare_workspace(DemoConfig(out=out, train_per_class=20, test_per_class=5, attack_epochs=1,
-                                        device="cpu", seed=0))
+def bb(tmp_path_factory: pytest.TempPathFactory) -> TinyBB:
+    """root/data/cifar10/{train,test} (20 + 2 synthetic images per class) and root/record/tiny_badnet.
+
+    Shared by every test of the session: read it, never write into it (``fresh_bb`` or
+    :func:`tests.builders.copy_record` give a private copy)."""
+    return build_tiny_bb(tmp_path_factory.mktemp("tiny_bb") / "bb")
 
 
 @pytest.fixture()
-def fresh_workspace(workspace: Workspace, tmp_path: Path) -> Workspace:
-    """A private copy of the workspace, for tests that write into the record folder."""
-    root = tmp_path / "bb"
-    shutil.copytree(workspace.root, root)
-    return Workspace(root, root / "record" / workspace.record_dir.name, workspace.source, workspace.n_train,
-                     workspace.n_test, workspace.before)
-
-
-def defense_args(defense_cls: type, *argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    defense_cls.add_arguments(parser)
-    return parser.parse_args(list(argv))
+def fresh_bb(bb: TinyBB, tmp_path: Path) -> TinyBB:
+    """A private copy of the whole root, for tests that write into the record folder."""
+    return bb.copy_to(tmp_path / "bb")

@@ -26,6 +26,7 @@ from fst_plugin.core import evaluate_backdoor, find_head, get_mode, tune
 from fst_plugin.core.tuning import TuningConfig
 from fst_plugin.distributed import EvalShard, RankSlices, World, check_batch_size, world_from_env
 from fst_plugin.errors import ConfigError
+from tests.builders import TinyBB, assert_outputs_complete, child_env, copy_record, write_yaml
 
 WORLD = 2
 GLOBAL_BATCH = 16
@@ -170,11 +171,9 @@ os.replace = _logged_replace
 '''
 
 
-def _launch(fixture, tmp: Path, name: str, method: str, data_path: str, processes: int) -> dict:
+def _launch(fixture: TinyBB, tmp: Path, name: str, method: str, data_path: str, processes: int) -> dict:
     """``fst-plugin run`` in a fresh interpreter (1 process) or under torchrun; every atomic write (the final
     ``os.replace``) is recorded with the writer's RANK by a sitecustomize on the PYTHONPATH."""
-    from robust_helpers import _child_env, copy_record, write_yaml
-
     hooks = tmp / "hooks"
     hooks.mkdir(exist_ok=True)
     (hooks / "sitecustomize.py").write_text(RECORDS_WRITES)
@@ -186,7 +185,7 @@ def _launch(fixture, tmp: Path, name: str, method: str, data_path: str, processe
     launcher = ([sys.executable, "-m", "fst_plugin"] if processes == 1 else
                 [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
                  "-m", "fst_plugin"])
-    env = _child_env({"FST_WRITE_LOG": str(tmp / f"{name}.writes")})
+    env = child_env({"FST_WRITE_LOG": str(tmp / f"{name}.writes")})
     env["PYTHONPATH"] = os.pathsep.join([str(hooks), env["PYTHONPATH"]])
     proc = subprocess.run(launcher + argv, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -202,12 +201,9 @@ def _launch(fixture, tmp: Path, name: str, method: str, data_path: str, processe
 
 @pytest.mark.parametrize("method, data_path", [("lp", "tensor"), ("fst", "backdoorbench")])
 def test_torchrun_with_two_processes_writes_one_process_files_once_from_rank_zero(
-        tmp_path: Path, method: str, data_path: str) -> None:
-    from robust_helpers import assert_outputs_complete, shared_fixture
-
-    fixture = shared_fixture()
-    one = _launch(fixture, tmp_path, "one", method, data_path, 1)
-    two = _launch(fixture, tmp_path, "two", method, data_path, 2)
+        tmp_path: Path, method: str, data_path: str, bb: TinyBB) -> None:
+    one = _launch(bb, tmp_path, "one", method, data_path, 1)
+    two = _launch(bb, tmp_path, "two", method, data_path, 2)
     # the same files, each written (renamed into place) as often as by one process, and only by rank 0
     assert [f for f in two["files"] if not f.endswith(".log")] == [f for f in one["files"] if not f.endswith(".log")]
     assert sum(f.endswith(".log") for f in two["files"]) == 1
@@ -235,15 +231,12 @@ def test_torchrun_with_two_processes_writes_one_process_files_once_from_rank_zer
         assert two["csv"]["test_acc"].notna().all() and len(two["csv"]) == 3
 
 
-def test_a_bad_value_under_torchrun_stops_every_rank_before_anything_is_written(tmp_path: Path) -> None:
-    from robust_helpers import _child_env, copy_record, shared_fixture, write_yaml
-
-    fixture = shared_fixture()
-    record = copy_record(fixture, "bad", root=tmp_path)
+def test_a_bad_value_under_torchrun_stops_every_rank_before_anything_is_written(tmp_path: Path, bb: TinyBB) -> None:
+    record = copy_record(bb, "bad", root=tmp_path)
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fst_plugin",
             "run", "fst", "--record", str(record), "--yaml_path", str(write_yaml(tmp_path / "bad.yaml")),
-            "--dataset_path", str(fixture.data), "--batch_size", "15"]
-    proc = subprocess.run(argv, cwd=tmp_path, env=_child_env(None), capture_output=True, text=True, timeout=300)
+            "--dataset_path", str(bb.data), "--batch_size", "15"]
+    proc = subprocess.run(argv, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: batch_size 15 is the global batch")]
     assert len(errors) == 2  # each rank refused it on its own, before the process group existed

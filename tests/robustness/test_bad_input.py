@@ -19,20 +19,15 @@ import numpy as np
 import pytest
 import torch
 
-import robust_helpers as h
-
-
-@pytest.fixture(scope="module")
-def fx() -> h.Fixture:
-    return h.shared_fixture()
+from tests import builders as h
 
 
 class Ctx:
     """What a case builds its bad input with: ``tmp`` (its own folder) and a fresh copy of the record."""
 
-    def __init__(self, tmp: Path, fx: h.Fixture) -> None:
-        self.tmp, self.fx = tmp, fx
-        self.rec = h.copy_record(fx, "case", root=tmp)
+    def __init__(self, tmp: Path, bb: h.TinyBB) -> None:
+        self.tmp, self.bb = tmp, bb
+        self.rec = h.copy_record(bb, "case", root=tmp)
         self.yaml = h.write_yaml(tmp / "cfg" / "fst.yaml")
         self.env: dict[str, str] = {}
         self.markers: list[Path] = []
@@ -40,10 +35,10 @@ class Ctx:
     def argv(self, *extra: str, record: Path | None = None, yaml_path: Path | None = None,
              dataset_path: Path | None = None, method: str = "fst") -> list[str]:
         return ["run", method, "--record", str(record or self.rec), "--yaml_path", str(yaml_path or self.yaml),
-                "--dataset_path", str(dataset_path or self.fx.data), *extra]
+                "--dataset_path", str(dataset_path or self.bb.data), *extra]
 
     def payload(self) -> dict:
-        return self.fx.payload
+        return self.bb.payload
 
     def save(self, payload: object) -> None:
         h.save_payload(self.rec, payload)
@@ -379,7 +374,7 @@ def device_unsupported_type(c: Ctx) -> list[str]:
 
 
 def no_record_given(c: Ctx) -> list[str]:
-    return ["run", "fst", "--yaml_path", str(c.yaml), "--dataset_path", str(c.fx.data)]
+    return ["run", "fst", "--yaml_path", str(c.yaml), "--dataset_path", str(c.bb.data)]
 
 
 def method_unknown(c: Ctx) -> list[str]:
@@ -519,11 +514,11 @@ CASES = [
 BAD_INPUTS_TRIED = len(CASES)
 
 
-def _check_case(case: Case, tmp: Path, fx: h.Fixture, debug: bool = False,
+def _check_case(case: Case, tmp: Path, bb: h.TinyBB, debug: bool = False,
                 runner: Callable[..., h.CliResult] = h.run_cli) -> h.CliResult:
-    ctx = Ctx(tmp, fx)
+    ctx = Ctx(tmp, bb)
     argv = case.build(ctx)
-    before, fixture_before = h.snapshot(tmp), h.snapshot(fx.root)
+    before, fixture_before = h.snapshot(tmp), h.snapshot(bb.root)
     result = runner((["--debug"] if debug else []) + argv, cwd=tmp, env=ctx.env)
     context = f"\n--- stderr of fst-plugin {' '.join(argv)}:\n{result.stderr[-3000:]}"
     assert result.returncode == 2, f"exit code {result.returncode}, expected 2{context}"
@@ -534,7 +529,7 @@ def _check_case(case: Case, tmp: Path, fx: h.Fixture, debug: bool = False,
         assert word.lower() in line.lower(), f"{word!r} not in the error line{context}"
     assert ("Traceback (most recent call last)" in result.stderr) == debug, f"traceback only with --debug{context}"
     assert h.snapshot(tmp) == before, f"the failed run wrote files{context}"
-    assert h.snapshot(fx.root) == fixture_before, f"the failed run touched the shared fixture{context}"
+    assert h.snapshot(bb.root) == fixture_before, f"the failed run touched the shared fixture{context}"
     assert not (ctx.rec / "defense").exists(), f"the failed run created record/<name>/defense/{context}"
     for marker in ctx.markers:
         assert not marker.exists(), f"the pickle payload ran (it created {marker}){context}"
@@ -542,8 +537,8 @@ def _check_case(case: Case, tmp: Path, fx: h.Fixture, debug: bool = False,
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_is_one_clear_line_exit_2_nothing_written(case: Case, tmp_path: Path, fx: h.Fixture) -> None:
-    _check_case(case, tmp_path, fx)
+def test_bad_input_is_one_clear_line_exit_2_nothing_written(case: Case, tmp_path: Path, bb: h.TinyBB) -> None:
+    _check_case(case, tmp_path, bb)
 
 
 def test_case_count_meets_the_issue() -> None:
@@ -555,14 +550,14 @@ DEBUG_CASES = [c for c in CASES if c.id in ("record-truncated", "yaml-unknown-ke
 
 
 @pytest.mark.parametrize("case", DEBUG_CASES, ids=[c.id for c in DEBUG_CASES])
-def test_debug_adds_the_traceback(case: Case, tmp_path: Path, fx: h.Fixture) -> None:
-    _check_case(case, tmp_path, fx, debug=True)
+def test_debug_adds_the_traceback(case: Case, tmp_path: Path, bb: h.TinyBB) -> None:
+    _check_case(case, tmp_path, bb, debug=True)
 
 
-def test_real_interpreter_exit_code_and_no_traceback(tmp_path: Path, fx: h.Fixture) -> None:
+def test_real_interpreter_exit_code_and_no_traceback(tmp_path: Path, bb: h.TinyBB) -> None:
     """The same contract through a real ``python -m fst_plugin.cli`` (no fork server)."""
     case = next(c for c in CASES if c.id == "record-hostile-pickle")
-    result = _check_case(case, tmp_path, fx, runner=h.run_cli_subprocess)
+    result = _check_case(case, tmp_path, bb, runner=h.run_cli_subprocess)
     assert result.stdout == ""
 
 
@@ -576,9 +571,9 @@ def test_argument_parser_errors_exit_2_without_traceback(argv: list[str], tmp_pa
     assert list(tmp_path.iterdir()) == []
 
 
-def test_installer_left_the_foreign_file_alone(tmp_path: Path, fx: h.Fixture) -> None:
+def test_installer_left_the_foreign_file_alone(tmp_path: Path, bb: h.TinyBB) -> None:
     case = next(c for c in CASES if c.id == "install-overwrite-foreign-file")
-    _check_case(case, tmp_path, fx)
+    _check_case(case, tmp_path, bb)
     root = tmp_path / "BackdoorBench"
     assert (root / "defense" / "fst.py").read_text() == "# my own fst, not the plugin's\n"
     assert not (root / ".fst_plugin_manifest.json").exists()

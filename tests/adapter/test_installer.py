@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from fst_plugin.demo import Workspace
 from fst_plugin.errors import InstallError
 from fst_plugin.installer import MANIFEST, install, plan_install, uninstall
 from fst_plugin.record import load_untrusted
 from fst_plugin.plugins import available_defenses, load_defense
+from tests.builders import TinyBB
 
 METHODS = ["fe-tuning", "fst", "ft-init", "lp", "vanilla-ft"]
 
@@ -134,9 +134,9 @@ def test_install_refuses_a_folder_that_is_not_backdoorbench(tmp_path: Path) -> N
     assert list(tmp_path.iterdir()) == []
 
 
-def test_launcher_runs_inside_backdoorbench_with_its_base_class_and_loaders(bb_tree: Path, workspace: Workspace) -> None:
-    shutil.copytree(workspace.root / "data", bb_tree / "data")
-    shutil.copytree(workspace.record_dir, bb_tree / "record" / "badnet_demo")
+def test_launcher_runs_inside_backdoorbench_with_its_base_class_and_loaders(bb_tree: Path, bb: TinyBB) -> None:
+    shutil.copytree(bb.data, bb_tree / "data")
+    shutil.copytree(bb.record, bb_tree / "record" / "badnet_demo")
     install(bb_tree)
     proc = subprocess.run(
         [sys.executable, "defense/fst.py", "--result_file", "badnet_demo", "--yaml_path",

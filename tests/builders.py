@@ -1,7 +1,30 @@
-"""Shared builders for the robustness suite (issue 4): a tiny record + dataset, CLI runners, file checks.
+"""Test helpers: the one builder of the tiny BackdoorBench root every test shares, CLI runners, file checks.
 
-Everything here is small on purpose (32x32 synthetic images, ``preactresnet_small``, no attack training):
-the robustness tests check behaviour under bad input and faults, not accuracy.
+The builder
+    :func:`build_tiny_bb` writes ``data/cifar10/{train,test}/<class>/*.png`` (the demo's synthetic images,
+    32x32) and ``record/tiny_badnet/`` (a BadNets record of a ``preactresnet_small``) through
+    :func:`fst_plugin.backdoor.backdoor_and_record`, the code that writes the demo's and the benchmark's records.
+    ``tests/conftest.py`` builds it once per session as the fixtures ``bb`` (read-only) and ``fresh_bb`` (a
+    private copy); the robustness suite, the torchrun tests and the wheel test use that same instance.
+
+    The model is **untrained** (0 attack epochs): no test needs a real backdoor. The tests on this fixture
+    check formats, plumbing, outputs, bad input, faults and reproducibility; none asserts that a defense lowers
+    the ASR (the only tests that train a backdoor, ``workflows/test_demo.py`` and the wheel test, run
+    ``fst-plugin demo`` itself, and ``workflows/test_retune.py`` and ``bench/test_pipeline.py`` build the
+    trained models they measure). Untrained also makes the fixture cheap and bit-identical on any machine.
+
+Seeding and threads, decided here and nowhere else
+    * Seed ``SEED = 0``: numpy's ``default_rng(SEED)`` draws the images (train split first, then test) and
+      ``backdoor_and_record`` draws the initial weights under ``torch.manual_seed(SEED)``. Nothing about the
+      fixture depends on the thread count (no training), so every process sees the same bytes.
+    * The pytest process runs torch with ``TEST_THREADS = 2`` (``conftest.py`` calls :func:`use_test_threads`
+      at import): in-process tuning uses the machine's two cores.
+    * Every CLI process started from here (:func:`run_cli`, :func:`start_cli`, :func:`start_cli_forked`,
+      :func:`child_env` for subprocesses) runs with ``CLI_THREADS = 1``: tests start several side by side
+      (torchrun's ranks, a killed run and its resumption), and the reproducibility tests compare the weights of
+      such processes bit for bit, which needs one fixed thread count. No test compares an in-process result
+      with a CLI process's bit for bit; a test that starts two subprocesses of its own and compares them
+      (``adapter/test_export.py``) gives both the same environment.
 
 Two ways to drive the CLI:
 
@@ -13,6 +36,8 @@ Two ways to drive the CLI:
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import hashlib
 import io
 import json
@@ -32,14 +57,23 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+STANDIN = REPO / "tests" / "bb_standin"  # stand-ins of BackdoorBench's modules (see its README.md)
 RECORD_NAME = "tiny_badnet"
-CLI_THREADS = 1  # every CLI process runs single-threaded: fair on a shared machine, identical numerics
+MODEL = "preactresnet_small"
 TARGET = 0
+SEED = 0
+TEST_THREADS = 2  # the pytest process
+CLI_THREADS = 1   # every CLI process started from here: fair on a shared machine, identical numerics
 
 
-# ----- the fixture: a tiny BackdoorBench root (record/ + data/) ------------------------------------------
+def use_test_threads() -> None:
+    """The pytest process's torch thread count (called once, by conftest.py)."""
+    torch.set_num_threads(TEST_THREADS)
+
+
+# ----- the builder: a tiny BackdoorBench root (record/ + data/) -------------------------------------------
 @dataclass(frozen=True)
-class Fixture:
+class TinyBB:
     root: Path          # a BackdoorBench-like root: record/<name>/ and data/cifar10/{train,test}/<class>/
     record: Path        # root/record/tiny_badnet (the pristine record; copy it before running a defense)
     data: Path          # root/data (pass as --dataset_path)
@@ -52,55 +86,63 @@ class Fixture:
         from fst_plugin.record import load_untrusted
         return load_untrusted(self.record / "attack_result.pt", "attack record")
 
+    def copy_to(self, root: Path) -> "TinyBB":
+        """A private copy of the whole root (data and record) at ``root``."""
+        root = Path(root)
+        shutil.copytree(self.root, root)
+        return dataclasses.replace(self, root=root, record=root / "record" / self.record.name, data=root / "data")
 
-def build_fixture(root: Path, train_per_class: int = 20, test_per_class: int = 2, seed: int = 0) -> Fixture:
-    """Synthetic CIFAR-10-shaped image folders and a BadNets-style record of an untrained small model."""
-    from fst_plugin.attacks import badnets_trigger, poisoned_test_items
+
+def build_tiny_bb(root: Path, train_per_class: int = 20, test_per_class: int = 2, seed: int = SEED) -> TinyBB:
+    """Synthetic CIFAR-10-shaped image folders and a BadNets record (target 0) of an untrained model.
+
+    ``bd_test`` holds every non-target test image with the 3x3 trigger; no training image is poisoned (the
+    model is never trained, so a poisoned training split would be written nowhere and used by nothing).
+    """
+    from fst_plugin.attacks import TrainConfig, badnets_trigger
+    from fst_plugin.backdoor import Attack, Split, backdoor_and_record
     from fst_plugin.demo import synthetic_images, write_image_folders
-    from fst_plugin.models import build_model
-    from fst_plugin.record import write_attack_record
 
     root = Path(root)
     rng = np.random.default_rng(seed)
     data_root = root / "data" / "cifar10"
-    x_train, y_train = synthetic_images(train_per_class, rng)
-    x_test, y_test = synthetic_images(test_per_class, rng)
-    write_image_folders(data_root, "train", x_train, y_train)
-    x_test, y_test = write_image_folders(data_root, "test", x_test, y_test)
-    torch.manual_seed(seed)
-    model = build_model("preactresnet_small", 10)
-    record = write_attack_record(root / "record" / RECORD_NAME, model_name="preactresnet_small", num_classes=10,
-                                 state_dict=model.state_dict(), clean_data="cifar10", img_size=(32, 32, 3),
-                                 test_size=len(y_test),
-                                 bd_test=poisoned_test_items(x_test, y_test, badnets_trigger(), TARGET))
-    return Fixture(root, record, root / "data", len(y_train), len(y_test))
+    x_train, y_train = write_image_folders(data_root, "train", *synthetic_images(train_per_class, rng))
+    x_test, y_test = write_image_folders(data_root, "test", *synthetic_images(test_per_class, rng))
+    backdoor_and_record(root / "record" / RECORD_NAME, model_name=MODEL, dataset="cifar10",
+                        train=Split(x_train, y_train), test=Split(x_test, y_test),
+                        attack=Attack(badnets_trigger(), np.array([], dtype=np.int64), TARGET),
+                        train_config=TrainConfig(epochs=0, device="cpu", seed=seed))
+    return TinyBB(root, root / "record" / RECORD_NAME, root / "data", len(y_train), len(y_test))
 
 
-_SHARED: dict[str, Any] = {}
-
-
-def shared_fixture() -> Fixture:
-    """One tiny fixture per test process (built on first use in a temporary folder removed at exit)."""
-    if "fixture" not in _SHARED:
-        import atexit
-
-        root = Path(tempfile.mkdtemp(prefix="fst_robust_"))
-        atexit.register(shutil.rmtree, root, ignore_errors=True)
-        _SHARED["fixture"] = build_fixture(root / "bb")
-    return _SHARED["fixture"]
-
-
-def copy_record(fixture: Fixture, name: str, root: Optional[Path] = None) -> Path:
-    """A fresh copy of the pristine record as ``<root>/record/<name>`` (root defaults to the fixture's).
+def copy_record(fixture: TinyBB, name: str, root: Path) -> Path:
+    """A fresh copy of the pristine record as ``<root>/record/<name>`` (never inside the shared root).
 
     The record's relative image paths name ``./record/tiny_badnet/...``; the loader re-roots paths under the
     split's save folder at the record folder, so a renamed copy reads its own images.
     """
-    target = Path(root or fixture.root) / "record" / name
+    target = Path(root) / "record" / name
     if target.exists():
         shutil.rmtree(target)
     shutil.copytree(fixture.record, target, ignore=shutil.ignore_patterns("defense"))
     return target
+
+
+def backdoorbench_tree(root: Path) -> Path:
+    """A BackdoorBench-shaped checkout at ``root``: the stand-in modules of ``tests/bb_standin`` (so
+    ``defense/base.py`` exists), a ``models/`` folder, ``config/`` and BackdoorBench's own ``ft`` files (which
+    ``install`` and ``export`` must never touch)."""
+    import fst_plugin.models.preact_resnet
+
+    root = Path(root)
+    shutil.copytree(STANDIN, root, ignore=shutil.ignore_patterns("README.md", "__pycache__"))
+    (root / "models").mkdir()
+    (root / "models" / "__init__.py").write_text("")
+    shutil.copy(fst_plugin.models.preact_resnet.__file__, root / "models" / "preact_resnet.py")
+    (root / "defense" / "ft.py").write_text("# BackdoorBench's own fine-tuning defense: must never be touched\n")
+    (root / "config" / "defense" / "ft").mkdir(parents=True)
+    (root / "config" / "defense" / "ft" / "cifar10.yaml").write_text("epochs: 100\n")
+    return root
 
 
 def save_payload(record_dir: Path, payload: Any) -> Path:
@@ -122,6 +164,13 @@ def write_yaml(path: Path, **overrides: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(values, sort_keys=False))
     return path
+
+
+def defense_args(defense_cls: type, *argv: str) -> argparse.Namespace:
+    """``argv`` parsed by ``defense_cls``'s own argument parser (what the launcher and ``fst-plugin run`` do)."""
+    parser = argparse.ArgumentParser()
+    defense_cls.add_arguments(parser)
+    return parser.parse_args(list(argv))
 
 
 # ----- hostile pickles ----------------------------------------------------------------------------------
@@ -230,7 +279,8 @@ class CliResult:
         return [line for line in self.stderr.splitlines() if line.startswith("error:")]
 
 
-def _child_env(env: Optional[Mapping[str, str]]) -> dict[str, str]:
+def child_env(env: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+    """The environment of a CLI subprocess: this one, the repository on PYTHONPATH, ``CLI_THREADS`` threads."""
     out = dict(os.environ)
     out["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))
     out["OMP_NUM_THREADS"] = str(CLI_THREADS)
@@ -242,7 +292,7 @@ def run_cli_subprocess(argv: Sequence[str], cwd: Optional[Path] = None, env: Opt
                        timeout: float = 300) -> CliResult:
     """``python -m fst_plugin.cli ARGV`` in a fresh interpreter."""
     proc = subprocess.run([sys.executable, "-m", "fst_plugin.cli", *map(str, argv)], cwd=cwd,
-                          env=_child_env(env), capture_output=True, text=True, timeout=timeout)
+                          env=child_env(env), capture_output=True, text=True, timeout=timeout)
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
 
@@ -252,7 +302,7 @@ def start_cli(argv: Sequence[str], cwd: Optional[Path] = None, env: Optional[Map
     out = open(log_to, "ab") if log_to else subprocess.DEVNULL
     try:
         return subprocess.Popen([sys.executable, "-m", "fst_plugin.cli", *map(str, argv)], cwd=cwd,
-                                env=_child_env(env), stdout=out, stderr=subprocess.STDOUT)
+                                env=child_env(env), stdout=out, stderr=subprocess.STDOUT)
     finally:
         if log_to:
             out.close()
@@ -301,7 +351,7 @@ def _context() -> Any:
         _FORKSERVER = multiprocessing.get_context("forkserver")
         _FORKSERVER.set_forkserver_preload(["torch", "torchvision", "pandas", "matplotlib.pyplot", "yaml",
                                             "fst_plugin.cli", "fst_plugin.adapter.defenses",
-                                            "fst_plugin.installer", "robust_helpers"])
+                                            "fst_plugin.installer", "tests.builders"])
     return _FORKSERVER
 
 
@@ -367,16 +417,16 @@ def wait_for(predicate, timeout: float, poll: float = 0.05) -> bool:
 RUN_EPOCHS = 10
 
 
-def defense_argv(fixture: Fixture, record: Path, yaml_path: Path, *extra: str, epochs: int = RUN_EPOCHS) -> list[str]:
+def defense_argv(fixture: TinyBB, record: Path, yaml_path: Path, *extra: str, epochs: int = RUN_EPOCHS) -> list[str]:
     """``run fst`` on the tiny record: 50 clean images (ratio 0.25) in batches of 16, on the CPU."""
     return ["run", "fst", "--record", str(record), "--yaml_path", str(yaml_path), "--dataset_path", str(fixture.data),
             "--epochs", str(epochs), "--ratio", "0.25", "--num_workers", "0", "--device", "cpu", "--random_seed", "7",
             *extra]
 
 
-def full_run(fixture: Fixture, name: str, root: Optional[Path] = None, *extra: str) -> dict[str, Any]:
-    """A fresh record copy tuned to the end; its summary (hash + metrics), run_info and output folder."""
-    root = Path(root or fixture.root)
+def full_run(fixture: TinyBB, name: str, root: Path, *extra: str) -> dict[str, Any]:
+    """A fresh record copy under ``root`` tuned to the end; its summary (hash + metrics), run_info and output folder."""
+    root = Path(root)
     record = copy_record(fixture, name, root=root)
     yaml_path = write_yaml(root / f"{name}.yaml")
     result = run_cli(defense_argv(fixture, record, yaml_path, *extra), cwd=root, timeout=300)
@@ -384,10 +434,3 @@ def full_run(fixture: Fixture, name: str, root: Optional[Path] = None, *extra: s
     save_dir = record / "defense" / "fst"
     return {**result_summary(save_dir), "save_dir": save_dir, "record": record, "yaml": yaml_path,
             "run_info": json.loads((save_dir / "run_info.json").read_text()), "stderr": result.stderr}
-
-
-def reference_run() -> dict[str, Any]:
-    """One uninterrupted run per test process, shared by the kill/resume and the reproducibility tests."""
-    if "reference" not in _SHARED:
-        _SHARED["reference"] = full_run(shared_fixture(), "reference")
-    return _SHARED["reference"]

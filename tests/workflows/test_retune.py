@@ -25,7 +25,7 @@ from fst_plugin.demo import synthetic_images, write_image_folders
 from fst_plugin.models import build_model
 from fst_plugin.record import load_attack_record, load_untrusted, write_attack_record
 from fst_plugin.retune import RetuneConfig, prepare_retune, run_retune
-from robust_helpers import snapshot, state_dict_hash
+from tests.builders import snapshot, state_dict_hash
 
 TARGET = 0
 MODEL = "preactresnet_small"

@@ -21,7 +21,7 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-import robust_helpers as h
+from tests import builders as h
 from fst_plugin.config import DefenseConfig, _RANGES, build_config, read_yaml
 from fst_plugin.errors import ConfigError, FSTError, RecordError
 from fst_plugin.record import AttackRecord, load_attack_record, parse_attack_result
@@ -43,13 +43,8 @@ def _count(name: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def fx() -> h.Fixture:
-    return h.shared_fixture()
-
-
-@pytest.fixture(scope="module")
-def base_payload(fx: h.Fixture) -> dict:
-    return fx.payload
+def base_payload(bb: h.TinyBB) -> dict:
+    return bb.payload
 
 
 # ----- hostile values ------------------------------------------------------------------------------------
@@ -183,29 +178,29 @@ INDICES = LOCATIONS.index(("bd_test", "original_index_array"))
 @example(mutations=[(INDICES, "set", torch.nn.Parameter(torch.ones(3)))], check_files=False)
 @example(mutations=[(INDICES, "set", torch.ones(3, dtype=torch.bfloat16))], check_files=False)
 @example(mutations=[(INDICES, "set", torch.ones(3, 2))], check_files=False)
-def test_parse_attack_result_returns_a_record_or_raises_our_error(base_payload: dict, fx: h.Fixture,
+def test_parse_attack_result_returns_a_record_or_raises_our_error(base_payload: dict, bb: h.TinyBB,
                                                                    mutations: list, check_files: bool) -> None:
     _count("parse_attack_result")
     payload = _clone(base_payload)
     for index, action, value in mutations:
         payload = _mutate(payload, LOCATIONS[index], action, value)
-    _parse_or_our_error(payload, fx.record.resolve(), check_files)
+    _parse_or_our_error(payload, bb.record.resolve(), check_files)
 
 
 @settings(max_examples=100, **SETTINGS)
 @given(payload=VALUES)
-def test_parse_attack_result_on_arbitrary_objects(fx: h.Fixture, payload: Any) -> None:
+def test_parse_attack_result_on_arbitrary_objects(bb: h.TinyBB, payload: Any) -> None:
     _count("parse_attack_result (arbitrary objects)")
-    assert _parse_or_our_error(payload, fx.record.resolve(), True) == "refused"
+    assert _parse_or_our_error(payload, bb.record.resolve(), True) == "refused"
 
 
-def test_the_genuine_record_parses(base_payload: dict, fx: h.Fixture) -> None:
-    assert _parse_or_our_error(_clone(base_payload), fx.record.resolve(), True) == "loaded"
+def test_the_genuine_record_parses(base_payload: dict, bb: h.TinyBB) -> None:
+    assert _parse_or_our_error(_clone(base_payload), bb.record.resolve(), True) == "loaded"
 
 
 @pytest.fixture(scope="module")
-def disk_record(fx: h.Fixture, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return h.copy_record(fx, "fuzzed", root=tmp_path_factory.mktemp("fuzz_bb"))
+def disk_record(bb: h.TinyBB, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return h.copy_record(bb, "fuzzed", root=tmp_path_factory.mktemp("fuzz_bb"))
 
 
 @settings(max_examples=DISK_EXAMPLES, **SETTINGS)
@@ -228,10 +223,10 @@ def test_load_attack_record_on_disk(base_payload: dict, disk_record: Path, mutat
 
 @settings(max_examples=BYTE_EXAMPLES, **SETTINGS)
 @given(cut=st.floats(0, 1), flips=st.lists(st.tuples(st.floats(0, 1), st.integers(1, 255)), max_size=6))
-def test_load_attack_record_with_corrupted_bytes(fx: h.Fixture, disk_record: Path, cut: float,
+def test_load_attack_record_with_corrupted_bytes(bb: h.TinyBB, disk_record: Path, cut: float,
                                                  flips: list) -> None:
     _count("load_attack_record (corrupted bytes)")
-    data = bytearray((fx.record / "attack_result.pt").read_bytes())
+    data = bytearray((bb.record / "attack_result.pt").read_bytes())
     for where, xor in flips:
         data[int(where * (len(data) - 1))] ^= xor
     if cut < 0.5:

@@ -19,14 +19,12 @@ import pandas as pd
 import pytest
 import torch
 
-import fst_plugin.models.preact_resnet
 from fst_plugin.core.modes import MODES
-from fst_plugin.demo import Workspace
 from fst_plugin.errors import InstallError
 from fst_plugin.exporter import DEFAULT_METHODS, export, mode_constants, render_defense
 from fst_plugin.installer import MANIFEST, default_config, install, uninstall
+from tests.builders import TinyBB, backdoorbench_tree
 
-STANDIN = Path(__file__).with_name("bb_standin")
 FLAGS = {"REINIT_HEAD": "reinit_head", "TRAIN_HEAD": "train_head", "TRAIN_BACKBONE": "train_backbone",
          "FEATURE_SHIFT_PENALTY": "feature_shift_penalty", "PROJECT_HEAD_NORM": "project_head_norm"}
 # Runs a script as `python script.py ...` would, with every import of fst_plugin refused.
@@ -63,15 +61,7 @@ def rendered_constants(source: str) -> dict[str, object]:
 @pytest.fixture()
 def bb_tree(tmp_path: Path) -> Path:
     """A BackdoorBench-shaped tree: the stand-in modules, a models/ folder, BackdoorBench's own ft files."""
-    root = tmp_path / "BackdoorBench"
-    shutil.copytree(STANDIN, root, ignore=shutil.ignore_patterns("README.md", "__pycache__"))
-    (root / "models").mkdir()
-    (root / "models" / "__init__.py").write_text("")
-    shutil.copy(fst_plugin.models.preact_resnet.__file__, root / "models" / "preact_resnet.py")
-    (root / "defense" / "ft.py").write_text("# BackdoorBench's own fine-tuning defense: must never be touched\n")
-    (root / "config" / "defense" / "ft").mkdir(parents=True)
-    (root / "config" / "defense" / "ft" / "cifar10.yaml").write_text("epochs: 100\n")
-    return root
+    return backdoorbench_tree(tmp_path / "BackdoorBench")
 
 
 @pytest.mark.parametrize("method", sorted(MODES))
@@ -148,10 +138,10 @@ def test_export_refuses_bad_input_with_one_line_and_exit_2(bb_tree: Path, tmp_pa
 
 @pytest.mark.parametrize("method", ["fst", "fe-tuning"])
 def test_the_exported_defense_runs_without_this_package_and_ends_with_the_plugins_weights(
-        method: str, bb_tree: Path, workspace: Workspace, tmp_path: Path) -> None:
-    shutil.copytree(workspace.root / "data", bb_tree / "data")
-    name = workspace.record_dir.name  # the record's image paths name its folder
-    shutil.copytree(workspace.record_dir, bb_tree / "record" / name)
+        method: str, bb_tree: Path, bb: TinyBB, tmp_path: Path) -> None:
+    shutil.copytree(bb.data, bb_tree / "data")
+    name = bb.record.name  # the record's image paths name its folder
+    shutil.copytree(bb.record, bb_tree / "record" / name)
     export(bb_tree, [method])
     runner = tmp_path / "run_hidden.py"
     runner.write_text(HIDING_RUNNER)
@@ -182,7 +172,7 @@ def test_the_exported_defense_runs_without_this_package_and_ends_with_the_plugin
     assert theirs_result["model"].keys() == ours_result["model"].keys()
     changed = [k for k in ours_result["model"] if not torch.equal(theirs_result["model"][k], ours_result["model"][k])]
     assert not changed, f"weights differ: {changed[:5]}"
-    assert not torch.equal(theirs_result["model"]["linear.weight"], workspace_weights(workspace)["linear.weight"])
+    assert not torch.equal(theirs_result["model"]["linear.weight"], record_weights(bb)["linear.weight"])
     theirs_df, ours_df = pd.read_csv(out / f"{method}_df.csv"), pd.read_csv(ours / f"{method}_df.csv")
     columns = ["epoch", "batch", "train_epoch_loss_avg_over_batch", "train_acc", "clean_test_loss_avg_over_batch",
                "bd_test_loss_avg_over_batch", "test_acc", "test_asr", "test_ra"]
@@ -193,5 +183,5 @@ def test_the_exported_defense_runs_without_this_package_and_ends_with_the_plugin
     assert (out / "log" / "index.txt").read_text() == (ours / "log" / "index.txt").read_text()
 
 
-def workspace_weights(workspace: Workspace) -> dict[str, torch.Tensor]:
-    return torch.load(workspace.record_dir / "attack_result.pt", weights_only=False)["model"]
+def record_weights(bb: TinyBB) -> dict[str, torch.Tensor]:
+    return torch.load(bb.record / "attack_result.pt", weights_only=False)["model"]

@@ -10,17 +10,15 @@ import pytest
 import torch
 
 from fst_plugin.adapter.defenses import FST, LP
-from fst_plugin.demo import Workspace
 from fst_plugin.models import build_model
 from fst_plugin.record import load_attack_record, load_untrusted
 from fst_plugin.record.defense_output import CSV_COLUMNS
 from fst_plugin.installer import shipped_config
+from tests.builders import TinyBB, defense_args
 
-from conftest import defense_args
 
-
-def test_written_record_has_backdoorbench_layout(workspace: Workspace) -> None:
-    raw = load_untrusted(workspace.record_dir / "attack_result.pt", "attack record")
+def test_written_record_has_backdoorbench_layout(bb: TinyBB) -> None:
+    raw = load_untrusted(bb.record / "attack_result.pt", "attack record")
     assert {"model_name", "num_classes", "model", "data_path", "img_size", "clean_data", "bd_train", "bd_test"} <= set(raw)
     assert raw["data_path"] == "./data/cifar10" and raw["clean_data"] == "cifar10" and raw["img_size"] == (32, 32, 3)
     state = raw["bd_test"]
@@ -30,37 +28,37 @@ def test_written_record_has_backdoorbench_layout(workspace: Workspace) -> None:
     key = next(iter(data_dict))
     assert isinstance(key, np.int64)
     entry = data_dict[key]
-    assert entry["path"] == f"./record/{workspace.record_dir.name}/bd_test_dataset/{entry['other_info'][1]}/{key}.png"
+    assert entry["path"] == f"./record/{bb.record.name}/bd_test_dataset/{entry['other_info'][1]}/{key}.png"
     assert entry["other_info"][0] == 0  # all-to-one, target 0
-    assert len(state["poison_indicator"]) == workspace.n_test
-    assert len(state["original_index_array"]) == workspace.n_test - workspace.n_test // 10  # target class excluded
+    assert len(state["poison_indicator"]) == bb.n_test
+    assert len(state["original_index_array"]) == bb.n_test - bb.n_test // 10  # target class excluded
 
 
-def test_record_round_trip(workspace: Workspace) -> None:
-    record = load_attack_record(workspace.record_dir)
+def test_record_round_trip(bb: TinyBB) -> None:
+    record = load_attack_record(bb.record)
     assert record.model_name == "preactresnet_small" and record.num_classes == 10
     assert record.target_labels == {0}
-    assert all(img.path.is_file() and img.path.is_relative_to(workspace.record_dir) for img in record.bd_test.images)
+    assert all(img.path.is_file() and img.path.is_relative_to(bb.record) for img in record.bd_test.images)
     assert all(img.original_label != 0 for img in record.bd_test.images)
     model = build_model(record.model_name, record.num_classes)
     model.load_state_dict(record.state_dict)
 
 
-def test_moved_record_still_finds_its_images(workspace: Workspace, tmp_path) -> None:
+def test_moved_record_still_finds_its_images(bb: TinyBB, tmp_path) -> None:
     import shutil
     moved = tmp_path / "elsewhere" / "renamed_record"
-    shutil.copytree(workspace.record_dir, moved)
+    shutil.copytree(bb.record, moved)
     record = load_attack_record(moved)
     assert all(img.path.is_relative_to(moved.resolve()) and img.path.is_file() for img in record.bd_test.images)
 
 
-def test_fst_defends_a_record_end_to_end(fresh_workspace: Workspace) -> None:
-    ws = fresh_workspace
-    args = defense_args(FST, "--record", str(ws.record_dir), "--yaml_path", str(shipped_config("fst", "cifar10")),
-                        "--dataset_path", str(ws.root / "data"), "--device", "cpu", "--num_workers", "0",
+def test_fst_defends_a_record_end_to_end(fresh_bb: TinyBB) -> None:
+    ws = fresh_bb
+    args = defense_args(FST, "--record", str(ws.record), "--yaml_path", str(shipped_config("fst", "cifar10")),
+                        "--dataset_path", str(ws.data), "--device", "cpu", "--num_workers", "0",
                         "--epochs", "2", "--ratio", "0.5")
     result = FST(args).defense(None)
-    out = ws.record_dir / "defense" / "fst"
+    out = ws.record / "defense" / "fst"
     assert result.save_path == out
     names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     log_files = {n for n in names if n.startswith("log/") and n.endswith(".log")}
@@ -87,28 +85,28 @@ def test_fst_defends_a_record_end_to_end(fresh_workspace: Workspace) -> None:
     assert not (out / "checkpoint" / "last.pt").exists()  # removed once the run finished
 
 
-def test_command_line_overrides_yaml_and_index_file_is_used(fresh_workspace: Workspace) -> None:
-    ws = fresh_workspace
+def test_command_line_overrides_yaml_and_index_file_is_used(fresh_bb: TinyBB) -> None:
+    ws = fresh_bb
     index = ws.root / "my_index.txt"
     np.savetxt(index, [3, 1, 4, 15, 9], fmt="%d")
-    args = defense_args(LP, "--record", str(ws.record_dir), "--yaml_path", str(shipped_config("lp", "cifar10")),
-                        "--dataset_path", str(ws.root / "data"), "--device", "cpu", "--num_workers", "0",
+    args = defense_args(LP, "--record", str(ws.record), "--yaml_path", str(shipped_config("lp", "cifar10")),
+                        "--dataset_path", str(ws.data), "--device", "cpu", "--num_workers", "0",
                         "--epochs", "1", "--index", str(index), "--lr", "0.003")
     defense = LP(args)
     assert defense.config.lr == 0.003 and defense.config.epochs == 1  # yaml says 0.01 and 10
     assert defense.config.batch_size == 128  # from the yaml
     defense.defense(None)
-    used = np.loadtxt(ws.record_dir / "defense" / "lp" / "log" / "index.txt", dtype=int)
+    used = np.loadtxt(ws.record / "defense" / "lp" / "log" / "index.txt", dtype=int)
     assert used.tolist() == [3, 1, 4, 15, 9]
 
 
-def test_lp_leaves_the_feature_extractor_untouched(fresh_workspace: Workspace) -> None:
-    ws = fresh_workspace
-    args = defense_args(LP, "--record", str(ws.record_dir), "--dataset_path", str(ws.root / "data"),
+def test_lp_leaves_the_feature_extractor_untouched(fresh_bb: TinyBB) -> None:
+    ws = fresh_bb
+    args = defense_args(LP, "--record", str(ws.record), "--dataset_path", str(ws.data),
                         "--device", "cpu", "--num_workers", "0", "--epochs", "1", "--ratio", "0.5")
     LP(args).defense(None)
-    before = load_attack_record(ws.record_dir).state_dict
-    after = load_untrusted(ws.record_dir / "defense" / "lp" / "defense_result.pt", "defense result")["model"]
+    before = load_attack_record(ws.record).state_dict
+    after = load_untrusted(ws.record / "defense" / "lp" / "defense_result.pt", "defense result")["model"]
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"linear.weight", "linear.bias"}
 

@@ -5,7 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fst_plugin.demo import Workspace
+from tests.builders import TinyBB
+
 
 
 def cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -28,12 +29,12 @@ def test_help_texts() -> None:
     assert run.returncode == 0 and "--alpha" in run.stdout and "--result_file" in run.stdout and "--trust-record" in run.stdout
 
 
-def test_run_standalone_on_a_record_folder(fresh_workspace: Workspace) -> None:
-    ws = fresh_workspace
-    proc = cli("run", "ft-init", "--record", str(ws.record_dir), "--dataset_path", str(ws.root / "data"),
+def test_run_standalone_on_a_record_folder(fresh_bb: TinyBB) -> None:
+    ws = fresh_bb
+    proc = cli("run", "ft-init", "--record", str(ws.record), "--dataset_path", str(ws.data),
                "--device", "cpu", "--num_workers", "0", "--epochs", "1", "--ratio", "0.25")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (ws.record_dir / "defense" / "ft-init" / "defense_result.pt").is_file()
+    assert (ws.record / "defense" / "ft-init" / "defense_result.pt").is_file()
 
 
 def test_unknown_defense_is_a_one_line_error() -> None:

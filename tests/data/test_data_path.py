@@ -14,12 +14,11 @@ from fst_plugin.adapter import defenses as defenses_module
 from fst_plugin.adapter.defenses import FST
 from fst_plugin.data import get_transform
 from fst_plugin.data.tensor_data import TensorBatches, nonstandard_transform
-from fst_plugin.demo import Workspace
-from tests.conftest import defense_args
+from tests.builders import TinyBB, defense_args
 
 
-def plan_for(workspace: Workspace, *argv: str):
-    args = defense_args(FST, "--record", str(workspace.record_dir), "--dataset_path", str(workspace.root / "data"),
+def plan_for(bb: TinyBB, *argv: str):
+    args = defense_args(FST, "--record", str(bb.record), "--dataset_path", str(bb.data),
                         "--device", "cpu", "--num_workers", "0", "--epochs", "1", "--ratio", "0.2", *argv)
     return FST(args).prepare()
 
@@ -30,8 +29,8 @@ def batches(loader) -> tuple[torch.Tensor, ...]:
 
 
 def test_the_tensor_path_is_the_default_and_evaluates_exactly_what_the_per_image_path_evaluates(
-        workspace: Workspace) -> None:
-    tensor, per_image = plan_for(workspace), plan_for(workspace, "--data_path", "backdoorbench")
+        bb: TinyBB) -> None:
+    tensor, per_image = plan_for(bb), plan_for(bb, "--data_path", "backdoorbench")
     assert tensor.data_path == "tensor" and isinstance(tensor.train_loader, TensorBatches)
     assert per_image.data_path == "backdoorbench" and isinstance(per_image.train_loader, DataLoader)
     assert np.array_equal(tensor.indices, per_image.indices)
@@ -43,9 +42,9 @@ def test_the_tensor_path_is_the_default_and_evaluates_exactly_what_the_per_image
             assert torch.equal(x, y)
 
 
-def test_eval_subset_picks_the_same_test_images_on_both_paths(workspace: Workspace) -> None:
-    tensor = plan_for(workspace, "--eval_subset", "7")
-    per_image = plan_for(workspace, "--eval_subset", "7", "--data_path", "backdoorbench")
+def test_eval_subset_picks_the_same_test_images_on_both_paths(bb: TinyBB) -> None:
+    tensor = plan_for(bb, "--eval_subset", "7")
+    per_image = plan_for(bb, "--eval_subset", "7", "--data_path", "backdoorbench")
     for ours, theirs in ((tensor.clean_loader, per_image.clean_loader), (tensor.bd_loader, per_image.bd_loader)):
         a, b = batches(ours), batches(theirs)
         assert len(a[0]) == len(b[0]) == 7
@@ -53,18 +52,18 @@ def test_eval_subset_picks_the_same_test_images_on_both_paths(workspace: Workspa
 
 
 def test_sets_above_the_bound_fall_back_to_the_per_image_path_and_say_so(
-        workspace: Workspace, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+        bb: TinyBB, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     real = defenses_module.fits_tensor_path
     monkeypatch.setattr(defenses_module, "fits_tensor_path",
                         lambda count, dataset, what="images": real(count, dataset, limit_bytes=10, what=what))
     with caplog.at_level(logging.INFO):
-        plan = plan_for(workspace)
+        plan = plan_for(bb)
     assert plan.data_path == "backdoorbench" and isinstance(plan.train_loader, DataLoader)
     assert "above the tensor path's bound" in caplog.text
 
 
 def test_a_backend_with_a_nonstandard_transform_keeps_the_per_image_path(
-        workspace: Workspace, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+        bb: TinyBB, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     from fst_plugin.adapter.backend import StandaloneBackend
 
     def transform(self, dataset: str, train: bool):
@@ -73,7 +72,7 @@ def test_a_backend_with_a_nonstandard_transform_keeps_the_per_image_path(
 
     monkeypatch.setattr(StandaloneBackend, "transform", transform)
     with caplog.at_level(logging.INFO):
-        plan = plan_for(workspace)
+        plan = plan_for(bb)
     assert plan.data_path == "backdoorbench"
     assert "Normalize.mean" in caplog.text
 
@@ -88,9 +87,9 @@ def test_nonstandard_transform_accepts_the_standard_ones_and_names_a_changed_ste
     assert "steps" in nonstandard_transform(get_transform("cifar10", True), "cifar100", True)
 
 
-def test_a_full_run_on_the_tensor_path_writes_the_usual_outputs(fresh_workspace: Workspace) -> None:
-    args = defense_args(FST, "--record", str(fresh_workspace.record_dir), "--dataset_path",
-                        str(fresh_workspace.root / "data"), "--device", "cpu", "--epochs", "2", "--ratio", "0.2")
+def test_a_full_run_on_the_tensor_path_writes_the_usual_outputs(fresh_bb: TinyBB) -> None:
+    args = defense_args(FST, "--record", str(fresh_bb.record), "--dataset_path",
+                        str(fresh_bb.data), "--device", "cpu", "--epochs", "2", "--ratio", "0.2")
     result = FST(args).defense()
     assert [row["epoch"] for row in result.history] == [0, 1]
     assert (Path(result.save_path) / "defense_result.pt").is_file()

@@ -10,24 +10,18 @@ import pytest
 import torch
 import torchvision
 
-import robust_helpers as h
+from tests import builders as h
 from fst_plugin import __version__
 from fst_plugin.config import DefenseConfig
 
 
 @pytest.fixture(scope="module")
-def fx() -> h.Fixture:
-    return h.shared_fixture()
-
-
-@pytest.fixture(scope="module")
-def twin(fx: h.Fixture, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def twin(bb: h.TinyBB, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A second uninterrupted run with the same seed and inputs (another record copy, another folder)."""
-    return h.full_run(fx, "twin", tmp_path_factory.mktemp("twin"))
+    return h.full_run(bb, "twin", tmp_path_factory.mktemp("twin"))
 
 
-def test_same_seed_same_inputs_identical_weights_and_metrics(twin: dict) -> None:
-    reference = h.reference_run()
+def test_same_seed_same_inputs_identical_weights_and_metrics(twin: dict, reference: dict) -> None:
     assert twin["hash"] == reference["hash"]
     assert twin["metrics"] == reference["metrics"]
     assert twin["run_info"]["before"] == reference["run_info"]["before"]
@@ -36,10 +30,10 @@ def test_same_seed_same_inputs_identical_weights_and_metrics(twin: dict) -> None
     assert index[0].read_text() == index[1].read_text()
 
 
-def test_the_seed_matters(fx: h.Fixture, tmp_path: Path) -> None:
+def test_the_seed_matters(bb: h.TinyBB, tmp_path: Path, reference: dict) -> None:
     """Guard against a vacuous pass: another seed gives other weights."""
-    other = h.full_run(fx, "other_seed", tmp_path, "--random_seed", "8", "--epochs", "1")
-    assert other["hash"] != h.reference_run()["hash"]
+    other = h.full_run(bb, "other_seed", tmp_path, "--random_seed", "8", "--epochs", "1")
+    assert other["hash"] != reference["hash"]
 
 
 def test_run_info_records_seed_versions_and_the_full_resolved_config(twin: dict) -> None:

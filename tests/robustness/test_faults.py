@@ -20,16 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import robust_helpers as h
+from tests import builders as h
 from fst_plugin.io_utils import atomic_torch_save, atomic_write, atomic_write_text
 from fst_plugin.record import load_untrusted
 
 KILLS_SURVIVED: list[dict] = []  # one entry per SIGKILL survived, for the closing note
-
-
-@pytest.fixture(scope="module")
-def fx() -> h.Fixture:
-    return h.shared_fixture()
 
 
 # ----- atomic writes -----------------------------------------------------------------------------------------
@@ -137,14 +132,14 @@ def _attempt(proc, log: Path, kind: str, rng: random.Random, epochs: int) -> tup
     return killed, delay, where
 
 
-def test_sigkill_at_random_moments_then_resume_reaches_the_uninterrupted_result(fx: h.Fixture, tmp_path: Path) -> None:
-    reference = h.reference_run()
+def test_sigkill_at_random_moments_then_resume_reaches_the_uninterrupted_result(bb: h.TinyBB, tmp_path: Path,
+                                                                             reference: dict) -> None:
     epochs = h.RUN_EPOCHS
     rng = random.Random(2023)
-    record = h.copy_record(fx, "killed", root=tmp_path)
+    record = h.copy_record(bb, "killed", root=tmp_path)
     save_dir = record / "defense" / "fst"
     checkpoint = save_dir / "checkpoint" / "last.pt"
-    argv = h.defense_argv(fx, record, h.write_yaml(tmp_path / "killed.yaml"), "--resume")
+    argv = h.defense_argv(bb, record, h.write_yaml(tmp_path / "killed.yaml"), "--resume")
     kills = []
     for attempt, kind in enumerate(KILL_PLAN, 1):
         start_epoch = _epochs_done(checkpoint)
@@ -187,22 +182,22 @@ def test_sigkill_at_random_moments_then_resume_reaches_the_uninterrupted_result(
               f"{len(kill['files_checked'])} files complete: {', '.join(kill['files_checked'])}")
 
 
-def test_malformed_checkpoint_with_the_right_key_is_a_clear_error(fx: h.Fixture, tmp_path: Path) -> None:
+def test_malformed_checkpoint_with_the_right_key_is_a_clear_error(bb: h.TinyBB, tmp_path: Path,
+                                                                  reference: dict) -> None:
     """A checkpoint that passes the settings check but holds no tuning state: exit 2, no traceback."""
     from fst_plugin.adapter.defenses import FST
 
-    reference = h.reference_run()
     # the settings key of the reference run's arguments, computed by the defense itself (prepare writes nothing)
     parser = argparse.ArgumentParser()
     FST.add_arguments(parser)
-    args = parser.parse_args(h.defense_argv(fx, reference["record"], reference["yaml"])[2:])
+    args = parser.parse_args(h.defense_argv(bb, reference["record"], reference["yaml"])[2:])
     defense = FST(args)
     key = defense._resume_key(defense.prepare().indices)
     folder = tmp_path / "ckpt"
     folder.mkdir()
     torch.save({"resume_key": key, "state": {"epochs_done": "three"}}, folder / "last.pt")
-    record = h.copy_record(fx, "malformed_ckpt", root=tmp_path)
-    result = h.run_cli(h.defense_argv(fx, record, reference["yaml"], "--resume", "--checkpoint_save", str(folder)),
+    record = h.copy_record(bb, "malformed_ckpt", root=tmp_path)
+    result = h.run_cli(h.defense_argv(bb, record, reference["yaml"], "--resume", "--checkpoint_save", str(folder)),
                        cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     assert len(result.error_lines) == 1 and "does not hold a tuning state" in result.error_lines[0]
@@ -211,9 +206,9 @@ def test_malformed_checkpoint_with_the_right_key_is_a_clear_error(fx: h.Fixture,
 
 # ----- NaN / inf ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("extra", [["--alpha", "1e39"], ["--lr", "1e30"]], ids=["alpha-overflows", "lr-explodes"])
-def test_non_finite_loss_stops_the_run_and_keeps_no_model(fx: h.Fixture, tmp_path: Path, extra: list[str]) -> None:
-    record = h.copy_record(fx, "diverging", root=tmp_path)
-    result = h.run_cli(h.defense_argv(fx, record, h.write_yaml(tmp_path / "y.yaml"), *extra, epochs=3), cwd=tmp_path)
+def test_non_finite_loss_stops_the_run_and_keeps_no_model(bb: h.TinyBB, tmp_path: Path, extra: list[str]) -> None:
+    record = h.copy_record(bb, "diverging", root=tmp_path)
+    result = h.run_cli(h.defense_argv(bb, record, h.write_yaml(tmp_path / "y.yaml"), *extra, epochs=3), cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-3000:]
     assert len(result.error_lines) == 1 and "Traceback" not in result.stderr
     line = result.error_lines[0]
