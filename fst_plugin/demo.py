@@ -38,7 +38,7 @@ class DemoConfig:
     data_dir: Optional[Path] = None
     download: bool = False          # fetch CIFAR-10 into data_dir (default <out>/cifar10) with torchvision
     train_per_class: int = 300
-    test_per_class: int = 100
+    test_per_class: int = 50
     attack_epochs: int = 6
     poison_rate: float = 0.1
     target: int = 0
