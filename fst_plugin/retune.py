@@ -294,19 +294,6 @@ def build_retune_set(record: AttackRecord, train_split: Dataset, subset: np.ndar
                      np.asarray(subset, dtype=np.int64), index_source)
 
 
-def _data_root(config: RetuneConfig, record: AttackRecord) -> Path:
-    """``<dataset_path>/<dataset>``, else the record's own ``data_path`` under its BackdoorBench root."""
-    candidates = [Path(config.dataset_path) / record.clean_data]
-    data_path = Path(record.data_path)
-    if not data_path.is_absolute() and ".." not in data_path.parts:  # under the root (a link there is the user's)
-        candidates.append(record.record_dir.parent.parent / data_path)
-    for candidate in candidates:
-        if candidate.is_dir():
-            return candidate
-    raise DataError(f"dataset folder not found (looked in {', '.join(str(c) for c in candidates)})",
-                    f"pass --dataset_path pointing at the folder that holds {record.clean_data}/")
-
-
 def prepare_retune(config: RetuneConfig) -> RetunePlan:
     """Validate everything and build model, tuning set and test sets; writes nothing."""
     config.validate()
@@ -316,7 +303,7 @@ def prepare_retune(config: RetuneConfig) -> RetunePlan:
     pick_poisoned(record, config.poison_num, config.random_seed)  # bd_train present and large enough: fail fast
     device = resolve_device(config.device)
     model, model_name, num_classes = load_model_to_retune(config, record)
-    root = _data_root(config, record)
+    root = record.clean_data_folder(config.dataset_path)
     train_split = load_clean_split(record.clean_data, root, train=True)
     test_split = load_clean_split(record.clean_data, root, train=False)
     subset, source = clean_subset(config, record, len(train_split))

@@ -36,7 +36,7 @@ from fst_plugin.data import PoisonedTestSet, TransformedDataset, dataset_info, m
 from fst_plugin.data.tensor_data import TensorBatches, decode, fits_tensor_path, nonstandard_transform
 from fst_plugin.distributed import (World, check_batch_size, rank_device, session, shard_eval_loader, shard_train,
                                     world_from_env)
-from fst_plugin.errors import ConfigError, DataError, RecordError
+from fst_plugin.errors import ConfigError, RecordError
 from fst_plugin.io_utils import atomic_torch_save, atomic_write_text
 from fst_plugin.models.factory import load_weights
 from fst_plugin.record import AttackRecord, load_attack_record, load_untrusted
@@ -238,20 +238,6 @@ class TuningDefense(_defense_base()):  # type: ignore[misc]
         self._memory_log = self._log_file = None
 
     # ----- the work ---------------------------------------------------------------------------------
-    def _data_root(self, record: AttackRecord) -> Path:
-        cfg = self.config
-        candidates = [Path(cfg.dataset_path) / cfg.dataset]
-        bb_root = record.record_dir.parent.parent
-        from_record = (bb_root / record.data_path).resolve()
-        if from_record.is_relative_to(bb_root.resolve()):
-            candidates.append(from_record)
-        for candidate in candidates:
-            if candidate.is_dir():
-                return candidate
-        raise DataError(f"dataset folder not found (looked in {', '.join(str(c) for c in candidates)})",
-                        f"pass --dataset_path pointing at the folder that holds {cfg.dataset}/"
-                        + (" (create it with make_cifar10.py DEST --batches-py)" if cfg.dataset == "cifar10" else ""))
-
     def prepare(self) -> DefensePlan:
         """Validate everything and build model, head and data; writes nothing."""
         cfg, record = self.config, self.result
@@ -276,7 +262,7 @@ class TuningDefense(_defense_base()):  # type: ignore[misc]
         load_weights(model, record.state_dict, record.model_name)
         head = find_head(model, record.num_classes, cfg.head, cfg.whole_classifier)
         log.info("classifier head: %s", ", ".join(head.names))
-        data_root = self._data_root(record)
+        data_root = record.clean_data_folder(self.config.dataset_path, self.config.dataset)
         train_raw = backend.clean_split(cfg.dataset, data_root, train=True)
         test_raw = backend.clean_split(cfg.dataset, data_root, train=False)
         indices = choose_clean_indices(len(train_raw), cfg.ratio, cfg.index)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fst_plugin.errors import RecordError
+from fst_plugin.errors import DataError, RecordError
 from fst_plugin.io_utils import atomic_torch_save
 from fst_plugin.record.safe_load import load_untrusted
 
@@ -62,6 +62,23 @@ class AttackRecord:
     @property
     def target_labels(self) -> set[int]:
         return {img.bd_label for img in self.bd_test.images}
+
+    def clean_data_folder(self, dataset_path: str | Path, dataset: Optional[str] = None) -> Path:
+        """Where the clean images are: ``<dataset_path>/<dataset>``, else the record's own ``data_path`` under
+        its BackdoorBench root (``record/<name>/../..``). The record's path counts only as written inside that
+        root (relative, no ``..``), so a hostile record cannot send the loaders elsewhere; a link that the user
+        put there is followed. The one rule for every defense and the retuning attack."""
+        dataset = dataset or self.clean_data
+        candidates = [Path(dataset_path) / dataset]
+        own = Path(self.data_path)
+        if not own.is_absolute() and ".." not in own.parts:
+            candidates.append(self.record_dir.parent.parent / own)
+        for candidate in candidates:
+            if candidate.is_dir():
+                return candidate
+        raise DataError(f"dataset folder not found (looked in {', '.join(str(c) for c in candidates)})",
+                        f"pass --dataset_path pointing at the folder that holds {dataset}/"
+                        + (" (create it with make_cifar10.py DEST --batches-py)" if dataset == "cifar10" else ""))
 
 
 def _bad(record: Path, problem: str) -> RecordError:

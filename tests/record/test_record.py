@@ -3,6 +3,8 @@ BackdoorBench's files, keys and columns."""
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -120,3 +122,23 @@ def test_clean_subset_is_the_one_backdoorbench_ft_picks() -> None:
     seed_everything(0)
     indices = choose_clean_indices(5000, 0.05, None)
     assert len(indices) == 250 and indices[:3].tolist() == [3155, 3445, 331]
+
+
+def test_the_clean_data_folder_follows_a_users_link_inside_the_root_but_never_a_records_escape(
+        fresh_bb: TinyBB, tmp_path: Path) -> None:
+    """One rule for the defenses and the retuning attack (``AttackRecord.clean_data_folder``)."""
+    from dataclasses import replace
+
+    from fst_plugin.errors import DataError
+
+    record = load_attack_record(fresh_bb.record)
+    elsewhere = tmp_path / "big_disk" / "cifar10"
+    shutil.move(str(fresh_bb.data / "cifar10"), elsewhere)
+    (fresh_bb.root / "linked").symlink_to(elsewhere, target_is_directory=True)
+    nowhere = tmp_path / "no_such_folder"
+    assert replace(record, data_path="./linked").clean_data_folder(nowhere) == fresh_bb.root / "linked"
+    assert record.clean_data_folder(elsewhere.parent) == elsewhere  # --dataset_path comes first
+    for hostile in ("../big_disk/cifar10", str(elsewhere), "linked/../../big_disk/cifar10"):
+        with pytest.raises(DataError, match="dataset folder not found") as err:
+            replace(record, data_path=hostile).clean_data_folder(nowhere)
+        assert "big_disk" not in str(err.value)  # the escaping path was not even tried
