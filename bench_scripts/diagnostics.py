@@ -183,8 +183,8 @@ def layer_probe(record_dir: Path, data_dir: Path, methods: tuple[str, ...], n_im
     half = len(chosen) // 2
     rec = sets.record
     models = [("none", lambda: load_model(rec.model_name, rec.num_classes, rec.state_dict))]
-    models += [(m, lambda p=record_dir / "defense" / m / "defense_result.pt": load_defended(p))
-               for m in methods if (record_dir / "defense" / m / "defense_result.pt").is_file()]
+    models += [(m, lambda p=DefenseLayout.of(record_dir, m).result: load_defended(p))
+               for m in methods if DefenseLayout.of(record_dir, m).result.is_file()]
 
     def unit(x: np.ndarray) -> np.ndarray:
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)

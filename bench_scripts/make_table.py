@@ -20,6 +20,8 @@ import numpy as np
 import pandas as pd
 from dataclasses import dataclass
 
+from fst_plugin.record.layout import DefenseLayout
+
 from bench_scripts.common import (
     METHODS,
     REPO,
@@ -167,9 +169,9 @@ def ablation_tables(df: pd.DataFrame) -> str:
 
 def epoch_curves(record_dir: Path, variant: str) -> Optional[pd.DataFrame]:
     """Per-epoch C-Acc / ASR of one defense run, epoch 0 = before tuning (on the protocol's eval subset)."""
-    folder = record_dir / "defense" / variant
-    csvs = list(folder.glob("*_df.csv"))
-    info = folder / "run_info.json"
+    layout = DefenseLayout.of(record_dir, variant)  # a variant's method is unknown here: any *_df.csv
+    csvs = list(layout.folder.glob("*_df.csv"))
+    info = layout.run_info
     if not csvs or not info.is_file():
         return None
     df = pd.read_csv(csvs[0])

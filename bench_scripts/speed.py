@@ -57,6 +57,7 @@ from fst_plugin.data import load_clean_split
 from fst_plugin.data.tensor_data import TensorBatches, TensorImages, decode
 from fst_plugin.data.tensor_transforms import normalize_for
 from fst_plugin.plugins import available_defenses, load_defense
+from fst_plugin.record.layout import DEFENSE_FOLDER, DefenseLayout
 from fst_plugin.runtime import resolve_device
 
 log = logging.getLogger("speed")
@@ -143,7 +144,7 @@ def mirror_record(record: Path, parent: Path, name: Optional[str] = None, copy: 
     mirror = parent / (name or record.name)
     mirror.mkdir(parents=True)
     for entry in record.iterdir():
-        if entry.name in ("defense", "bd_train_dataset"):
+        if entry.name in (DEFENSE_FOLDER, "bd_train_dataset"):
             continue
         if not copy:
             (mirror / entry.name).symlink_to(entry.resolve())
@@ -355,7 +356,7 @@ def measure_bb_ft(setup: Setup, bb_root: Path, bb_python: str, repeat: int) -> R
         total = time.perf_counter() - started
         if proc.returncode != 0:
             raise RuntimeError(f"BackdoorBench's ft failed ({proc.returncode}):\n{output[-3000:]}")
-        log_files = sorted((mirror / "defense" / "ft" / "log").glob("*.log"))
+        log_files = sorted(DefenseLayout.of(mirror, "ft").log_dir.glob("*.log"))
         lines = log_files[-1].read_text().splitlines() if log_files else output.splitlines()
         start, ends = bb_epoch_times(lines)
         epochs = len(ends)
