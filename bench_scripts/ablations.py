@@ -67,7 +67,7 @@ def variants(record_dir: Path, data_dir: Path, protocol, only: list[str], seed: 
         out += [(m, f"{m}_e{protocol.long_epochs}", {"epochs": protocol.long_epochs})
                 for m in protocol.long_methods]
     if "lr" in only:
-        out += [(m, f"{m}_lr{lr:g}", ["--lr", str(lr)]) for m in protocol.long_methods for lr in protocol.ablation_lrs]
+        out += [(m, f"{m}_lr{lr:g}", {"lr": lr}) for m in protocol.long_methods for lr in protocol.ablation_lrs]
     if "projection" in only:
         out += [(m, f"{m}_noproj", {"projection": "off"}) for m in protocol.projection_methods]
         # the paper's constraint ‖W‖ ≤ ‖W₀‖ instead of the official code's ‖W‖ = ‖W₀‖; a frozen head (FE-tuning)
