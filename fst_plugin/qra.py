@@ -6,8 +6,10 @@ propose QRA as the second probe of post-purification robustness, after the retun
 learns a small per-image perturbation that makes the *purified* model behave like its *retuned* version (the
 one whose backdoor came back), while a *clean* model still classifies the perturbed images correctly. If that
 succeeds, the purified model still carries the backdoor's path and a perturbation re-opens it; the clean-model
-term keeps the perturbation from being a plain adversarial example (which would fool every model, see
-``ref`` numbers below: a real reactivation fools the purified model, not the clean one).
+term keeps the perturbation from being a plain adversarial example (which would fool every model): a real
+reactivation fools the purified model, not the clean one, so the clean reference is measured under the same
+perturbation. QRA can only reactivate what the retuned model has: if retuning did not bring the backdoor back,
+the distillation target itself has a low ASR.
 
 What we take from the authors' script (``fine_tune/qra.py`` of AISafety-HKUST/stable_backdoor_purification):
 
