@@ -1,7 +1,7 @@
 """The one evaluator: every model of every record, measured the same way on the same test sets.
 
     python -m bench_scripts.evaluate --protocol cpu --data data/cifar10 [--records NAME ...] [--out results.csv]
-        [--retune [--reference NAME]]
+        [--retune [--reference NAME]] [--qra]
 
 For each record: the backdoored model ("none") and every ``defense/<name>/defense_result.pt`` (ours, the
 ablation variants, BackdoorBench's built-ins alike) are loaded (safely, fst_plugin.record.load_untrusted) and
@@ -18,6 +18,15 @@ numbers after the attack, measured the same way from ``defense/<variant>/retune/
 exists; ``--retune`` runs the missing ones first (≈ 1–2 min each on the cpu protocol). The clean reference (a
 record of the same protocol and seed at rate 0, ``<attack>_0_s<seed>``, or ``--reference NAME``) then gets a row
 of its own, ``clean-reference``, measured on this record's test sets and retuned with its poisoned images.
+
+Query-based reactivation attack (issue 11 part 4, fst_plugin.qra): ``qra_asr`` (the model's ASR on the poisoned test
+images with the learned perturbation), ``qra_clean_target`` (its rate of predicting the target on the perturbed
+clean test images) and ``qra_ref_asr`` (the clean reference's ASR on the same perturbed poisoned images: a real
+reactivation fools the purified model, not the clean one) come from ``defense/<variant>/retune/qra/run_info.json``
+wherever QRA finished: QRA measures them itself, on the full clean test split and the record's poisoned test
+images, because the perturbation is per image and lives only in that run. ``--qra`` runs the missing ones first for
+the models with a retune result (QRA distils from it) when the record has a clean reference (≈ 2 min each on the
+cpu protocol, 50 epochs over 1000 images).
 """
 from __future__ import annotations
 
@@ -53,12 +62,17 @@ from bench_scripts.common import (
 from fst_plugin.core import defense_effectiveness_rating
 from fst_plugin.record import load_attack_record
 from fst_plugin.record.layout import DefenseLayout, defense_results
+from fst_plugin.qra import QraConfig, qra_dir, read_metrics, run_qra
 from fst_plugin.retune import CLEAN_REFERENCE, RESULT_FILE, RetuneConfig, defense_dir, retune_dir, run_retune
 from fst_plugin.runtime import resolve_device
 
 log = logging.getLogger("bench.evaluate")
 EVAL_VERSION = 2
 RETUNE_VARIANTS = ("none", *METHODS, "ft", "ft-sam", "anp", "i-bau", "nad", CLEAN_REFERENCE)
+QRA_VARIANTS = tuple(v for v in RETUNE_VARIANTS if v != CLEAN_REFERENCE)  # QRA attacks a model against the reference
+# the result columns each probe owns (filled by Retune.columns / Qra.columns, rounded by main)
+RETUNE_COLUMNS = ("retune_acc", "retune_asr", "retune_ra")
+QRA_COLUMNS = ("qra_asr", "qra_clean_target", "qra_ref_asr")
 
 
 class TestSets:
@@ -137,7 +151,7 @@ class Retune:
 
     def columns(self, record_dir: Path, variant: str, sets: TestSets,
                 reference: Path | None = None) -> dict[str, float]:
-        empty = {"retune_acc": np.nan, "retune_asr": np.nan, "retune_ra": np.nan}
+        empty = dict.fromkeys(RETUNE_COLUMNS, np.nan)
         bd_train = sets.record.bd_train
         if bd_train is None or not bd_train.images:  # a clean record (rate 0) has nothing to retune with
             return empty
@@ -152,10 +166,39 @@ class Retune:
         if not path.is_file():
             return empty
         metrics = cached_measure(path, lambda: load_defended(path), sets, self.device)
-        return {"retune_acc": metrics["test_acc"], "retune_asr": metrics["test_asr"], "retune_ra": metrics["test_ra"]}
+        return dict(zip(RETUNE_COLUMNS, (metrics["test_acc"], metrics["test_asr"], metrics["test_ra"])))
 
 
-def evaluate_record(record_dir: Path, data_dir: Path, device: str, retune: Retune | None = None) -> list[dict[str, Any]]:
+class Qra:
+    """The QRA columns: read each model's finished QRA run, running missing ones (after its retune) if asked."""
+
+    def __init__(self, run_missing: bool, dataset_path: Path, device: str, results: Path, ratio: float,
+                 variants: set[str] | None = None) -> None:
+        self.run_missing, self.dataset_path, self.device, self.results = run_missing, dataset_path, device, results
+        self.ratio, self.variants = ratio, variants  # ratio: as Retune's; variants: which ones --qra runs (None: all)
+
+    def columns(self, record_dir: Path, variant: str, reference: Path | None) -> dict[str, float]:
+        empty = dict.fromkeys(QRA_COLUMNS, np.nan)
+        if variant == CLEAN_REFERENCE or reference is None:
+            return empty
+        save = qra_dir(record_dir, variant)
+        wanted = self.variants is None or variant in self.variants
+        if (read_metrics(save) is None and self.run_missing and wanted
+                and (retune_dir(record_dir, variant) / RESULT_FILE).is_file()):
+            started = time.time()
+            result = run_qra(QraConfig(record=record_dir, defense=variant, reference_record=reference,
+                                       dataset_path=self.dataset_path, device=self.device, ratio=self.ratio))
+            log_timing(self.results, f"qra {variant} {record_dir.name}", time.time() - started,
+                       qra_wall_s=round(result.wall_time_s, 1))
+        metrics = read_metrics(save)
+        if metrics is None:
+            return empty
+        model, ref = metrics["purified"], metrics["clean_reference"]
+        return dict(zip(QRA_COLUMNS, (model["asr_qra"], model["clean_target_qra"], ref["asr_qra"])))
+
+
+def evaluate_record(record_dir: Path, data_dir: Path, device: str, retune: Retune | None = None,
+                    qra: Qra | None = None) -> list[dict[str, Any]]:
     sets = TestSets(record_dir, data_dir)
     rec, info = sets.record, sets.info
     base = {"record": record_dir.name, "attack": info.get("attack"), "trigger_key": info.get("trigger_key"),
@@ -171,16 +214,18 @@ def evaluate_record(record_dir: Path, data_dir: Path, device: str, retune: Retun
         log.info("%s / %s: C-Acc %.2f ASR %.2f RA %.2f", record_dir.name, path.parent.name,
                  100 * metrics["test_acc"], 100 * metrics["test_asr"], 100 * metrics["test_ra"])
     if retune is not None:
-        rows += retune_rows(record_dir, rows, sets, before, retune)
+        rows += retune_rows(record_dir, rows, sets, before, retune, qra)
     return rows
 
 
 def retune_rows(record_dir: Path, rows: list[dict[str, Any]], sets: TestSets, before: dict[str, float],
-                retune: Retune) -> list[dict[str, Any]]:
-    """Fill the retune columns of ``rows`` (in place) and return the clean reference's row, if it has one."""
+                retune: Retune, qra: Qra | None = None) -> list[dict[str, Any]]:
+    """Fill the retune (and QRA) columns of ``rows`` (in place) and return the clean reference's row, if it has one."""
+    reference = find_reference(record_dir, sets.info.get("seed"), retune.reference)
     for row in rows:
         row.update(retune.columns(record_dir, row["variant"], sets))
-    reference = find_reference(record_dir, sets.info.get("seed"), retune.reference)
+        if qra is not None:
+            row.update(qra.columns(record_dir, row["variant"], reference))
     has_bd_train = sets.record.bd_train is not None and bool(sets.record.bd_train.images)
     if reference is None or not has_bd_train or not (
             retune.run_missing or (retune_dir(record_dir, CLEAN_REFERENCE) / RESULT_FILE).is_file()):
@@ -205,6 +250,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--out", type=Path, help="results CSV (default bench_results/<protocol>/results.csv)")
     parser.add_argument("--retune", action="store_true", help="run the retuning attack where its result is missing "
                         "(slow); without it the retune columns come from the results that exist")
+    parser.add_argument("--qra", action="store_true", help="run the query-based reactivation attack where its result "
+                        "is missing and the model's retune exists (slow); without it the qra columns come from the "
+                        "results that exist")
+    parser.add_argument("--qra-variants", nargs="*", default=list(QRA_VARIANTS),
+                        help="which models --qra attacks (default: as --retune-variants, without the clean reference)")
     parser.add_argument("--reference", help="clean reference record (default: <attack>_0_s<seed> of the protocol)")
     parser.add_argument("--retune-variants", nargs="*", default=list(RETUNE_VARIANTS),
                         help="which models --retune attacks (default: none, the five modes, BackdoorBench's built-ins "
@@ -217,10 +267,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     device = resolve_device(protocol.device if protocol.device != "cuda" else "auto")
     started = time.time()
     out = args.out or REPO / "bench_results" / protocol.name / "results.csv"
-    retune = Retune(args.retune, link_data(root, args.data) if args.retune else root / "data", device, args.reference,
+    data_root = link_data(root, args.data) if args.retune or args.qra else root / "data"
+    retune = Retune(args.retune, data_root, device, args.reference,
                     out.parent, protocol.defense_ratio,
                     None if "all" in args.retune_variants else set(args.retune_variants))
-    rows = [row for name in names for row in evaluate_record(root / "record" / name, args.data, device, retune)]
+    qra = Qra(args.qra, data_root, device, out.parent, protocol.defense_ratio, None if "all" in args.qra_variants else set(args.qra_variants))
+    rows = [row for name in names for row in evaluate_record(root / "record" / name, args.data, device, retune, qra)]
     df = pd.DataFrame(rows)
     for col in ("alpha", "n_clean", "projection", "projection_bound", "epochs"):
         if col not in df:
@@ -228,7 +280,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     df.insert(0, "protocol", protocol.name)
     out.parent.mkdir(parents=True, exist_ok=True)
     for col in ("test_acc", "test_asr", "test_ra", "der", "feat_target_share", "feat_true_share", "sep_silhouette",
-                "retune_acc", "retune_asr", "retune_ra"):
+                *RETUNE_COLUMNS, *QRA_COLUMNS):
         df[col] = df[col].astype(float).round(5)
     df.to_csv(out, index=False)
     log_timing(out.parent, "evaluate", time.time() - started, models=len(df))

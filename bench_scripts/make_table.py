@@ -339,6 +339,9 @@ def retune_section(df: pd.DataFrame) -> Optional[str]:
         detail[c] = (100 * detail[c]).round(2)
     detail = detail.rename(columns={"test_acc": "C-Acc", "test_asr": "ASR", "test_ra": "RA", "retune_acc": "retuned C-Acc",
                                     "retune_asr": "retuned ASR", "retune_ra": "retuned RA"})
+    qra = qra_detail(sub)
+    if qra is not None:
+        detail = pd.concat([detail, qra], axis=1)
     under = sub[sub["retune_asr"] <= 0.10]
     return ("## Does the backdoor come back? (retuning attack)\n\n"
             "Each model fine-tuned as the FST authors' follow-up does it (`fst-plugin retune`, fine_tune/ft_poison.py's "
@@ -347,7 +350,22 @@ def retune_section(df: pd.DataFrame) -> Optional[str]:
             "architecture trained on clean data only (the rate-0 record), the floor a purification should reach. "
             "C-Acc / ASR in %.\n\n" + "\n".join(lines) + "\n\n" + detail.to_markdown(index=False)
             + f"\n\nPost-retuning ASR ≤ 10% (the next target, from PAM): {len(under)} of {len(sub)} models"
-            + (f" ({', '.join(f'{r.record}/{r.variant}' for r in under.itertuples())})" if len(under) else "") + ".")
+            + (f" ({', '.join(f'{r.record}/{r.variant}' for r in under.itertuples())})" if len(under) else "") + "."
+            + (QRA_NOTE if qra is not None else ""))
+
+
+QRA_LABELS = {"qra_asr": "QRA ASR", "qra_clean_target": "QRA clean → target", "qra_ref_asr": "QRA ASR, clean ref."}
+QRA_NOTE = ("\n\nQRA columns (`fst-plugin qra`, the authors' fine_tune/qra.py): a perturbation of at most eps "
+            "(16/255 by default) per pixel, learned so that the model acts like its retuned version while the clean reference still classifies "
+            "correctly, applied to the poisoned test images (QRA ASR) and the clean ones (share sent to the target). "
+            "A reactivation is real when QRA ASR is high and the clean reference's stays low.")
+
+
+def qra_detail(sub: pd.DataFrame) -> Optional[pd.DataFrame]:
+    """The QRA columns (in %) of the retuned models that have them, or None when no model has a QRA result."""
+    if "qra_asr" not in sub or sub["qra_asr"].isna().all():
+        return None
+    return (100 * sub[list(QRA_LABELS)]).round(2).rename(columns=QRA_LABELS)
 
 
 def retune_figures(df: pd.DataFrame, out: Path) -> list[str]:

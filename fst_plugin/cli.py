@@ -1,4 +1,4 @@
-"""``fst-plugin``: list, install, export, uninstall, run, demo and retune.
+"""``fst-plugin``: list, install, export, uninstall, run, demo, retune and qra.
 
 Exit codes: 0 success, 2 bad input (one line on stderr naming the problem and the fix; ``--debug`` adds
 the traceback), 1 an unexpected failure (a bug: please report it with the ``--debug`` output).
@@ -22,6 +22,7 @@ EPILOG = """examples:
   fst-plugin run fst --record record/badnet_0_1 --yaml_path defense_configs/fst/cifar10.yaml
   fst-plugin demo --data-dir data/cifar10
   fst-plugin retune --record record/badnet_0_1 --defense fst --dataset_path ./data
+  fst-plugin qra --record record/badnet_0_1 --defense fst --reference_record record/clean_0 --dataset_path ./data
 """
 
 
@@ -137,6 +138,64 @@ def _add_retune_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_retune)
 
 
+def _fraction(text: str) -> float:
+    """A float, or a fraction such as ``16/255`` (how pixel budgets are usually written)."""
+    try:
+        if "/" in text:
+            num, den = text.split("/", 1)
+            return float(num) / float(den)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or a fraction like 16/255") from None
+
+
+def _cmd_qra(args: argparse.Namespace) -> int:
+    from fst_plugin.qra import QraConfig, run_qra
+
+    result = run_qra(QraConfig(
+        record=Path(args.record), defense=args.defense,
+        reference_record=Path(args.reference_record) if args.reference_record else None, eps=args.eps,
+        alpha_qra=args.alpha_qra, clean_num=args.clean_num, poison_num=args.poison_num, epochs=args.epochs,
+        lr=args.lr, batch_size=args.batch_size, random_seed=args.random_seed, device=args.device, ratio=args.ratio,
+        dataset_path=Path(args.dataset_path), trust_record=args.trust_record))
+    pct = {name: {k: 100 * v for k, v in m.items()} for name, m in result.metrics.items()}
+    p, r, t = pct["purified"], pct["clean_reference"], pct["retuned"]
+    print(f"{result.defense}: ASR {p['asr']:.2f} -> {p['asr_qra']:.2f} with the QRA perturbation, clean images to "
+          f"class {result.target} {p['clean_target']:.2f} -> {p['clean_target_qra']:.2f}, C-Acc {p['acc']:.2f} -> "
+          f"{p['acc_qra']:.2f}; clean reference ASR {r['asr']:.2f} -> {r['asr_qra']:.2f}, clean images to class "
+          f"{result.target} {r['clean_target']:.2f} -> {r['clean_target_qra']:.2f}; retuned ASR {t['asr']:.2f} -> "
+          f"{t['asr_qra']:.2f}; wrote {result.save_dir}")
+    return 0
+
+
+def _add_qra_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("qra", help="query-based reactivation attack: learn a small input perturbation that makes a "
+                                   "purified model act like its retuned version (needs `retune` first) while a "
+                                   "clean model is not fooled")
+    p.add_argument("--record", required=True, metavar="DIR", help="the attack record folder")
+    p.add_argument("--defense", required=True, metavar="NAME",
+                   help="a folder under DIR/defense/ holding defense_result.pt and retune/retune_result.pt, or none "
+                        "(the attacked model)")
+    p.add_argument("--reference_record", metavar="DIR",
+                   help="required: record of a model trained on clean data only (e.g. make_records at rate 0)")
+    p.add_argument("--eps", type=_fraction, default=16 / 255, help="L-inf budget in [0, 1] pixels (default 16/255)")
+    p.add_argument("--alpha_qra", type=float, default=0.2, help="weight of the reactivation (KL) term")
+    p.add_argument("--clean_num", type=int, default=500, help="clean training images (from the tuning subset)")
+    p.add_argument("--poison_num", type=int, default=500,
+                   help="poisoned training images (bd_train, target class excluded)")
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--random_seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--ratio", type=float, default=0.02,
+                   help="clean fraction drawn when the model has no log/index.txt (as retune draws it)")
+    p.add_argument("--dataset_path", default="./data", help="folder holding <dataset>/ (default ./data)")
+    p.add_argument("--trust-record", "--trust_record", dest="trust_record", action="store_true",
+                   help="UNSAFE: fully unpickle records from a source you trust")
+    p.set_defaults(func=_cmd_qra)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fst-plugin", description=__doc__.splitlines()[0],
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -179,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_cmd_demo)
     _add_retune_parser(sub)
+    _add_qra_parser(sub)
     return parser
 
 

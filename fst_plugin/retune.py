@@ -175,7 +175,8 @@ class RetunePlan:
 
 
 # ----- building the pieces ------------------------------------------------------------------------------
-def _inside(path: Path, record_dir: Path, what: str) -> Path:
+def inside_record(path: Path, record_dir: Path, what: str) -> Path:
+    """``path`` resolved, or a one-line error when it (or a link on its way) leads outside the record folder."""
     resolved = path.resolve()
     if not resolved.is_relative_to(record_dir.resolve()):
         raise RecordError(f"{what} {path} resolves to {resolved}, outside the record folder {record_dir}",
@@ -183,7 +184,7 @@ def _inside(path: Path, record_dir: Path, what: str) -> Path:
     return resolved
 
 
-def _state_dict_of(data: Any, path: Path) -> tuple[dict[str, torch.Tensor], Optional[str], Optional[int]]:
+def state_dict_of(data: Any, path: Path) -> tuple[dict[str, torch.Tensor], Optional[str], Optional[int]]:
     """BackdoorBench's ``{'model_name', 'num_classes', 'model'}`` or a bare state_dict (the authors' own format)."""
     if isinstance(data, Mapping) and "model" in data:
         state, name, classes = data["model"], data.get("model_name"), data.get("num_classes")
@@ -220,8 +221,8 @@ def load_model_to_retune(config: RetuneConfig, record: AttackRecord) -> tuple[nn
             found = sorted(p.parent.name for p in (record.record_dir / "defense").glob("*/defense_result.pt"))
             raise RecordError(f"defense {config.defense!r} has no output in {record.record_dir} (no {path.name})",
                               f"run the defense first, or pass one of: {', '.join(found + [NO_DEFENSE, CLEAN_REFERENCE])}")
-        _inside(path, record.record_dir, "defense result")
-        state, saved_name, saved_classes = _state_dict_of(
+        inside_record(path, record.record_dir, "defense result")
+        state, saved_name, saved_classes = state_dict_of(
             load_untrusted(path, "defense result", trust=config.trust_record), path)
         name, classes = saved_name or record.model_name, saved_classes or record.num_classes
         if classes != record.num_classes:
@@ -237,7 +238,7 @@ def clean_subset(config: RetuneConfig, record: AttackRecord, n_train: int) -> tu
     if config.defense not in (NO_DEFENSE, CLEAN_REFERENCE):
         index = defense_index_path(record.record_dir, config.defense)
         if index.is_file():
-            _inside(index, record.record_dir, "index file")
+            inside_record(index, record.record_dir, "index file")
             return choose_clean_indices(n_train, config.ratio, str(index)), str(index)
     seed_everything(config.random_seed)
     indices = choose_clean_indices(n_train, config.ratio, None)
@@ -299,7 +300,7 @@ def prepare_retune(config: RetuneConfig) -> RetunePlan:
     config.validate()
     record = load_attack_record(config.record, trust=config.trust_record)
     save_dir = retune_dir(record.record_dir, config.defense)
-    _inside(save_dir, record.record_dir, "retune output folder")
+    inside_record(save_dir, record.record_dir, "retune output folder")
     pick_poisoned(record, config.poison_num, config.random_seed)  # bd_train present and large enough: fail fast
     device = resolve_device(config.device)
     model, model_name, num_classes = load_model_to_retune(config, record)

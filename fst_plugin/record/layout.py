@@ -2,7 +2,8 @@
 
 ``record/<record>/defense/<name>/`` holds, in BackdoorBench's names, ``defense_result.pt``, ``<method>_df.csv``,
 ``<method>_df_summary.csv``, the two plots, ``run_info.json``, ``checkpoint/last.pt`` (while a run is
-unfinished), ``log/<timestamp>.log`` and ``log/index.txt``; ``retune/`` is kept for re-tuning runs. ``<name>`` is
+unfinished), ``log/<timestamp>.log`` and ``log/index.txt``; ``retune/`` is kept for re-tuning runs and ``retune/qra/`` for the
+query-based reactivation attack that needs the retuned model (fst_plugin.qra). ``<name>`` is
 the method, or a variant's own name (an ablation) so variants never overwrite each other.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ RUN_INFO_NAME = "run_info.json"
 CHECKPOINT_FOLDER, CHECKPOINT_NAME = "checkpoint", "last.pt"
 LOG_FOLDER, INDEX_NAME = "log", "index.txt"
 RETUNE_FOLDER = "retune"
+QRA_FOLDER = "qra"  # inside RETUNE_FOLDER: QRA reads the retuned model
 PLOT_NAMES = ("loss_metric_plots", "acc_like_metric_plots")
 
 
@@ -81,6 +83,11 @@ class DefenseLayout:
     @property
     def retune_dir(self) -> Path:
         return self.folder / RETUNE_FOLDER
+
+    @property
+    def qra_dir(self) -> Path:
+        """The query-based reactivation attack's outputs, next to the retuned model it distils from."""
+        return self.retune_dir / QRA_FOLDER
 
 
 def checkpoint_file(checkpoint_dir: Path) -> Path:

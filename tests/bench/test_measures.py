@@ -35,3 +35,23 @@ def test_poisoned_features_back_at_their_own_classes_count_as_true():
     assert m["feat_target_share"] == 0.0
     assert m["feat_true_share"] == 1.0
     assert m["sep_silhouette"] > 0.5                              # two distinct groups
+
+
+def test_the_retune_table_shows_the_qra_columns_only_where_a_qra_result_exists():
+    """make_table's retune section: QRA columns (in %) appear once one model has them, NaN for the others."""
+    import pandas as pd
+
+    from bench_scripts.evaluate import QRA_COLUMNS
+    from bench_scripts.make_table import QRA_LABELS, retune_section
+
+    assert tuple(QRA_LABELS) == QRA_COLUMNS  # one owner of the CSV columns (evaluate), the table labels follow
+    row = dict(record="r", attack="badnets", trigger_key=None, rate=0.01, test_acc=0.7, test_asr=0.01, test_ra=0.6,
+               retune_acc=0.7, retune_asr=0.03, retune_ra=0.6)
+    df = pd.DataFrame([{**row, "variant": "fst", "qra_asr": 0.2, "qra_clean_target": 0.15, "qra_ref_asr": 0.05},
+                       {**row, "variant": "lp", "qra_asr": np.nan, "qra_clean_target": np.nan, "qra_ref_asr": np.nan}])
+    text = retune_section(df)
+    fst_line = next(line for line in text.splitlines() if line.startswith("| r ") and " fst " in line)
+    assert [cell.strip() for cell in fst_line.split("|")[-4:-1]] == ["20", "15", "5"]
+    assert [cell.strip() for cell in next(line for line in text.splitlines() if " lp " in line).split("|")[-4:-1]] \
+        == ["nan"] * 3
+    assert "QRA" not in retune_section(df.drop(columns=list(QRA_COLUMNS)))

@@ -1,16 +1,13 @@
 """The retuning attack (issue 11): tuning-set composition, determinism, bad input, a clean model's floor, and
 records in BackdoorBench's own layout.
 
-The fixture is a tiny BackdoorBench root built once: synthetic 32x32 images (20 train / 5 test per class), a
-BadNets record whose model is untrained (composition and plumbing do not need a backdoor) with 20 poisoned
-training images, a fake ``fst`` output (that model + a shuffled ``log/index.txt``), and a clean reference
-record: ``preactresnet_small`` trained on the clean images only, the tiny protocol's model.
+The fixture is the retuning-attack workspace of tests/workflows/retune_builders.py (built once per session by
+conftest.py's ``built``).
 """
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,74 +15,19 @@ import pytest
 import torch
 from PIL import Image
 
-from fst_plugin.attacks import TrainConfig, badnets_trigger, poison_indices, poisoned_test_items, train_classifier
 from fst_plugin.cli import main as cli_main
 from fst_plugin.data import get_transform
-from fst_plugin.demo import synthetic_images, write_image_folders
 from fst_plugin.models import build_model
-from fst_plugin.record import load_attack_record, load_untrusted, write_attack_record
-from fst_plugin.retune import RetuneConfig, prepare_retune, run_retune
+from fst_plugin.record import load_attack_record, load_untrusted
+from fst_plugin.retune import prepare_retune, run_retune
 from tests.builders import snapshot, state_dict_hash
-
-TARGET = 0
-MODEL = "preactresnet_small"
-
-
-@dataclass(frozen=True)
-class RetuneWorkspace:
-    root: Path            # a BackdoorBench-like root: data/cifar10/{train,test}, record/<name>/
-    attacked: Path        # record/tiny_badnet (bd_train: 20 poisoned images; defense/fst/)
-    reference: Path       # record/tiny_clean (rate 0: trained on clean images only)
-    fst_index: np.ndarray  # the fake fst defense's clean indices, in file order
-
-
-def _record(root: Path, name: str, model: torch.nn.Module, x_test, y_test, train_size: int, bd_train) -> Path:
-    return write_attack_record(root / "record" / name, model_name=MODEL, num_classes=10,
-                               state_dict=model.state_dict(), clean_data="cifar10", img_size=(32, 32, 3),
-                               test_size=len(y_test), train_size=train_size, bd_train=bd_train,
-                               bd_test=poisoned_test_items(x_test, y_test, badnets_trigger(), TARGET))
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> RetuneWorkspace:
-    root = tmp_path_factory.mktemp("retune_bb")
-    rng = np.random.default_rng(0)
-    x_train, y_train = synthetic_images(20, rng)
-    x_test, y_test = synthetic_images(5, rng)
-    x_train, y_train = write_image_folders(root / "data" / "cifar10", "train", x_train, y_train)
-    x_test, y_test = write_image_folders(root / "data" / "cifar10", "test", x_test, y_test)
-    trigger = badnets_trigger()
-    chosen = poison_indices(y_train, 0.1, TARGET, rng)
-    bd_train = [(int(i), Image.fromarray(trigger(x_train[i:i + 1])[0]), TARGET, int(y_train[i])) for i in chosen]
-    torch.manual_seed(0)
-    attacked = _record(root, "tiny_badnet", build_model(MODEL, 10), x_test, y_test, len(y_train), bd_train)
-    clean = build_model(MODEL, 10)
-    train_classifier(clean, x_train, y_train, "cifar10", TrainConfig(epochs=4, batch_size=32, augment=False, seed=0))
-    reference = _record(root, "tiny_clean", clean, x_test, y_test, len(y_train), [])
-    fst = attacked / "defense" / "fst"
-    (fst / "log").mkdir(parents=True)
-    torch.save({"model_name": MODEL, "num_classes": 10, "model": load_attack_record(attacked).state_dict},
-               fst / "defense_result.pt")
-    index = rng.permutation(len(y_train))[:50]
-    np.savetxt(fst / "log" / "index.txt", index, fmt="%d")  # as BackdoorBench's ft writes it
-    return RetuneWorkspace(root, attacked, reference, index)
+from tests.workflows.retune_builders import MODEL, TARGET, RetuneWorkspace, tiny
 
 
 @pytest.fixture()
 def ws(built: RetuneWorkspace, tmp_path: Path) -> RetuneWorkspace:
     """A private copy (tests write retune outputs into the record)."""
-    root = tmp_path / "bb"
-    shutil.copytree(built.root, root, symlinks=True)
-    return replace(built, root=root, attacked=root / "record" / built.attacked.name,
-                   reference=root / "record" / built.reference.name)
-
-
-def tiny(ws: RetuneWorkspace, defense: str = "fst", **overrides) -> RetuneConfig:
-    """The official protocol's settings, on the tiny fixture (a tuning subset of 50 images, one batch)."""
-    values = dict(record=ws.attacked, defense=defense, dataset_path=ws.root / "data", device="cpu", ratio=0.25,
-                  epochs=2, batch_size=128)
-    values.update(overrides)
-    return RetuneConfig(**values)
+    return built.copy_to(tmp_path / "bb")
 
 
 def test_the_tuning_set_is_exactly_poison_num_poisoned_images_then_the_rest_of_the_defenses_own_indices(ws):

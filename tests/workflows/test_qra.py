@@ -1,0 +1,145 @@
+"""The query-based reactivation attack (issue 11 part 4): the eps budget on real images, determinism, bad input,
+and the eps = 0 identity.
+
+The fixture is the retuning-attack workspace of tests/workflows/retune_builders.py (an untrained BadNets record
+with 20 poisoned training images, a fake ``fst`` output, a clean reference trained on the clean images) with the
+retuning attack run once for ``fst`` and ``none`` (1 epoch: QRA only needs a retuned model to distil from) and
+QRA run once on ``fst`` through the CLI. QRA runs with tiny sizes (10 clean + 10 poisoned images, 2 epochs,
+batch 10): these tests check the method's plumbing and invariants, not that it reactivates anything.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from fst_plugin.cli import main as cli_main
+from fst_plugin.data import TransformedDataset, load_clean_split, materialise
+from fst_plugin.qra import MODELS, QraConfig, load_perturbation, pixel_transform, prepare_qra, qra_dir, run_qra
+from fst_plugin.record import load_untrusted
+from fst_plugin.retune import run_retune
+from tests.builders import snapshot, state_dict_hash
+from tests.workflows.retune_builders import RetuneWorkspace, tiny
+
+SMALL = dict(clean_num=10, poison_num=10, epochs=2, batch_size=10, ratio=0.25, device="cpu")
+CLI_SMALL = [arg for key, value in SMALL.items() for arg in (f"--{key}", str(value))]
+
+
+def qra_cli(ws: RetuneWorkspace, *extra: str, reference: bool = True) -> int:
+    return cli_main(["qra", "--record", str(ws.attacked), "--dataset_path", str(ws.root / "data"), *CLI_SMALL,
+                     *(["--reference_record", str(ws.reference)] if reference else []), *extra])
+
+
+@pytest.fixture(scope="module")
+def retuned(built: RetuneWorkspace, tmp_path_factory: pytest.TempPathFactory) -> RetuneWorkspace:
+    """The workspace with ``fst`` and ``none`` retuned and QRA run on ``fst`` by the CLI (shared, read-only)."""
+    ws = built.copy_to(tmp_path_factory.mktemp("qra_bb") / "bb")
+    for defense in ("fst", "none"):
+        run_retune(tiny(ws, defense=defense, epochs=1))
+    assert qra_cli(ws, "--defense", "fst", "--eps", "16/255") == 0
+    return ws
+
+
+@pytest.fixture()
+def ws(retuned: RetuneWorkspace, tmp_path: Path) -> RetuneWorkspace:
+    """A private copy (tests write QRA outputs into the record)."""
+    return retuned.copy_to(tmp_path / "bb")
+
+
+def small(ws: RetuneWorkspace, defense: str = "fst", **overrides) -> QraConfig:
+    values = dict(record=ws.attacked, defense=defense, reference_record=ws.reference, dataset_path=ws.root / "data",
+                  **SMALL)
+    values.update(overrides)
+    return QraConfig(**values)
+
+
+def test_the_saved_perturbation_stays_within_eps_on_real_images_and_the_cli_wrote_the_three_files(retuned):
+    save = qra_dir(retuned.attacked, "fst")
+    assert save == retuned.attacked / "defense" / "fst" / "retune" / "qra"
+    assert sorted(p.name for p in save.iterdir()) == ["qra_df.csv", "qra_result.pt", "run_info.json"]
+    assert len(pd.read_csv(save / "qra_df.csv")) == 2  # one row per epoch
+    info = json.loads((save / "run_info.json").read_text())
+    assert set(info["metrics"]) == set(MODELS) and info["n_clean"] == 10 and info["n_poisoned"] == 10
+    assert info["config"]["eps"] == pytest.approx(16 / 255)
+    perturb = load_perturbation(save / "qra_result.pt")
+    # every clean test and training image of the fixture, as [0, 1] pixels (the space eps is measured in)
+    pixels = torch.cat([materialise(TransformedDataset(load_clean_split("cifar10", retuned.root / "data" / "cifar10",
+                                                                       train=train), pixel_transform("cifar10")))
+                        .tensors[0] for train in (False, True)])
+    with torch.no_grad():
+        moved = (perturb.perturbed_pixels(pixels) - pixels).abs()
+    assert moved.max().item() <= 16 / 255 + 1e-6  # float rounding of pixels + delta, nothing more
+    assert moved.max().item() > 1 / 255  # and it does perturb (the check above is not vacuous)
+
+
+def test_a_fixed_seed_gives_the_same_generator_and_numbers_and_another_seed_other_images(retuned, ws):
+    shared = qra_dir(retuned.attacked, "fst")
+    shutil.rmtree(qra_dir(ws.attacked, "fst"))
+    again = run_qra(small(ws, eps=16 / 255))
+    assert (state_dict_hash(load_untrusted(again.save_dir / "qra_result.pt", "qra result")["model"])
+            == state_dict_hash(load_untrusted(shared / "qra_result.pt", "qra result")["model"]))
+    info = json.loads((shared / "run_info.json").read_text())
+    assert again.metrics == info["metrics"] and list(again.poisoned_indices) == info["poisoned_train_indices"]
+    assert (again.save_dir / "qra_df.csv").read_text() == (shared / "qra_df.csv").read_text()
+    other = prepare_qra(small(ws, random_seed=1))
+    assert [p.original_index for p in other.training.poisoned] != info["poisoned_train_indices"]
+
+
+def test_with_eps_zero_the_perturbed_numbers_equal_the_unperturbed_ones_exactly(ws, capsys):
+    """Bound: exact equality. With eps = 0 the perturbation is clamp(0 * AE(x), -0, 0) = ±0, x + 0 == x for pixels
+    in [0, 1] and the clamp to [0, 1] leaves them unchanged, so every model sees bit-identical inputs in the same
+    batches: any difference would mean the perturbed path is not the unperturbed path plus delta."""
+    assert qra_cli(ws, "--defense", "none", "--eps", "0", "--epochs", "1") == 0
+    assert "none: ASR" in capsys.readouterr().out
+    result_metrics = json.loads((qra_dir(ws.attacked, "none") / "run_info.json").read_text())["metrics"]
+    for name in MODELS:
+        m = result_metrics[name]
+        for key in ("acc", "clean_target", "asr", "ra"):
+            assert m[f"{key}_qra"] == m[key], (name, key, m)
+    # the unperturbed ASR is the attacked model's own (the same model, same images as the retune's "before")
+    before = json.loads((ws.attacked / "defense" / "none" / "retune" / "run_info.json").read_text())["before"]
+    assert result_metrics["purified"]["asr"] == pytest.approx(before["test_asr"])
+    assert result_metrics["purified"]["acc"] == pytest.approx(before["test_acc"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--defense", "ft"], "'ft' has no retune result"),
+    (["--defense", "ft-sam"], "defense 'ft-sam' has no output"),
+    (["--defense", "fst", "--no-reference"], "QRA needs a clean reference model"),
+    (["--defense", "clean-reference"], "--defense clean-reference"),
+    (["--defense", "fst", "--poison_num", "21"], "larger than the 20 poisoned training images"),
+    (["--defense", "fst", "--clean_num", "51"], "--clean_num 51 is larger than the clean tuning subset (50"),
+    (["--defense", "fst", "--eps", "1.5"], "--eps is 1.5"),
+    (["--defense", "fst", "--eps", "-0.01"], "--eps is -0.01"),
+    (["--defense", "fst", "--alpha_qra", "-0.2"], "--alpha_qra is -0.2"),
+    (["--defense", "fst", "--alpha_qra", "nan"], "--alpha_qra is nan"),
+    (["--defense", "fst", "--clean_num", "0", "--poison_num", "0"], "nothing to train on"),
+    (["--defense", "fst", "--epochs", "0"], "--epochs is 0"),
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(ws, capsys, extra, message):
+    ft = ws.attacked / "defense" / "ft"  # a finished defense that was never retuned
+    shutil.copytree(ws.attacked / "defense" / "fst", ft, ignore=shutil.ignore_patterns("retune"))
+    shutil.rmtree(qra_dir(ws.attacked, "fst"))  # the fixture's run: this test's fst has no QRA output
+    before = snapshot(ws.root)
+    code = qra_cli(ws, *[e for e in extra if e != "--no-reference"], reference="--no-reference" not in extra)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len([line for line in err if line.startswith("error:")]) == 1 and message in err[-1], err
+    assert snapshot(ws.root) == before
+    assert not list(ws.attacked.glob("defense/*/retune/qra"))
+
+
+def test_qra_reads_the_same_clean_subset_as_the_retune_and_only_non_target_poisoned_images(retuned):
+    plan = prepare_qra(small(retuned))
+    np.testing.assert_array_equal(plan.training.clean_indices, retuned.fst_index[:10])
+    assert all(p.original_label != plan.target for p in plan.training.poisoned)
+    assert plan.training.labels[10:].tolist() == [plan.target] * 10
+    assert plan.training.true_labels[10:].tolist() == [p.original_label for p in plan.training.poisoned]
+    assert float(plan.training.pixels.min()) >= 0 and float(plan.training.pixels.max()) <= 1
+    assert plan.save_dir == qra_dir(retuned.attacked, "fst")  # prepare_qra itself writes nothing: see bad input
