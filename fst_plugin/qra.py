@@ -57,7 +57,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -87,6 +86,7 @@ from fst_plugin.retune import (
     clean_subset,
     inside_record,
     load_model_to_retune,
+    pick_poisoned,
     state_dict_of,
 )
 from fst_plugin.runtime import progress, resolve_device, seed_everything
@@ -258,24 +258,6 @@ def attack_target(record: AttackRecord) -> int:
     return targets[0]
 
 
-def pick_poisoned(record: AttackRecord, poison_num: int, target: int, seed: int) -> list[PoisonedImage]:
-    """``poison_num`` poisoned training images not of the target class: pool by original index, seeded shuffle."""
-    assert record.bd_train is not None
-    pool = sorted((img for img in record.bd_train.images if img.original_label != target),
-                  key=lambda img: img.original_index)
-    if poison_num > len(pool):
-        raise ConfigError(f"--poison_num {poison_num} is larger than the {len(pool)} poisoned training images "
-                          f"outside the target class in {record.record_dir.name}",
-                          f"pass --poison_num {len(pool)} or fewer")
-    random.Random(seed).shuffle(pool)
-    chosen = pool[:poison_num]
-    for img in chosen:
-        if not img.path.is_file():
-            raise RecordError(f"attack record {record.record_dir}: poisoned training image {img.path} is missing",
-                              "restore the record's bd_train_dataset/ folder or re-run the attack")
-    return chosen
-
-
 def load_retuned(config: QraConfig, record: AttackRecord) -> tuple[nn.Module, str]:
     """The retuned version of the purified model (``retune/retune_result.pt``), or the command that makes it."""
     path = DefenseLayout.of(record.record_dir, config.defense).retune_dir / RETUNE_RESULT_FILE
@@ -325,7 +307,7 @@ def prepare_qra(config: QraConfig) -> QraPlan:
     save_dir = qra_dir(record.record_dir, config.defense)
     inside_record(save_dir, record.record_dir, "QRA output folder")
     target = attack_target(record)
-    poisoned = pick_poisoned(record, config.poison_num, target, config.random_seed)  # fail fast, before loading
+    poisoned = pick_poisoned(record, config.poison_num, config.random_seed, outside_class=target)  # fail fast, before loading
     device = resolve_device(config.device)
     as_retune = RetuneConfig(record=config.record, defense=config.defense, random_seed=config.random_seed,
                              ratio=config.ratio, dataset_path=config.dataset_path, trust_record=config.trust_record)

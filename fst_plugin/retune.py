@@ -247,15 +247,20 @@ def clean_subset(config: RetuneConfig, record: AttackRecord, n_train: int) -> tu
     return indices, source
 
 
-def pick_poisoned(record: AttackRecord, poison_num: int, seed: int) -> list[PoisonedImage]:
-    """``poison_num`` of the record's poisoned training images: the pool by original index, seeded shuffle."""
+def pick_poisoned(record: AttackRecord, poison_num: int, seed: int,
+                  outside_class: Optional[int] = None) -> list[PoisonedImage]:
+    """``poison_num`` of the record's poisoned training images: the pool by original index, seeded shuffle.
+    ``outside_class`` leaves out the images whose original label is that class (QRA's pool)."""
     if record.bd_train is None:
         raise RecordError(f"attack record {record.record_dir} has no bd_train (its poisoned training images)",
                           "retune needs the attack's poisoned training set: use a record written with bd_train")
-    pool = sorted(record.bd_train.images, key=lambda img: img.original_index)
+    pool = sorted((img for img in record.bd_train.images
+                   if outside_class is None or img.original_label != outside_class),
+                  key=lambda img: img.original_index)
     if poison_num > len(pool):
+        where = "of" if outside_class is None else "outside the target class in"
         raise ConfigError(f"--poison_num {poison_num} is larger than the {len(pool)} poisoned training images "
-                          f"of {record.record_dir.name}", f"pass --poison_num {len(pool)} or fewer")
+                          f"{where} {record.record_dir.name}", f"pass --poison_num {len(pool)} or fewer")
     random.Random(seed).shuffle(pool)
     chosen = pool[:poison_num]
     for img in chosen:
