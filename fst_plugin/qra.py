@@ -66,13 +66,12 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision import transforms
 
 from fst_plugin.data import PoisonedTestSet, TransformedDataset, dataset_info, get_transform, load_clean_split, materialise
-from fst_plugin.errors import ConfigError, DataError, RecordError, TrainingDiverged
+from fst_plugin.errors import ConfigError, RecordError, TrainingDiverged
 from fst_plugin.io_utils import atomic_torch_save, atomic_write_text
 from fst_plugin.models import build_model
 from fst_plugin.models.factory import load_weights
@@ -87,6 +86,7 @@ from fst_plugin.retune import (
     inside_record,
     load_model_to_retune,
     pick_poisoned,
+    read_poisoned_image,
     state_dict_of,
 )
 from fst_plugin.runtime import progress, resolve_device, seed_everything
@@ -289,12 +289,7 @@ def build_qra_set(record: AttackRecord, train_split: Dataset, subset: np.ndarray
         labels.append(int(label))
         true.append(int(label))
     for img in poisoned:
-        try:
-            with Image.open(img.path) as pil:
-                images.append(to_pixels(pil.convert(mode)))
-        except OSError as exc:
-            raise DataError(f"poisoned training image {img.path} cannot be read ({exc})",
-                            "restore the record's bd_train_dataset/ folder or re-run the attack") from None
+        images.append(to_pixels(read_poisoned_image(img, mode)))
         labels.append(target)
         true.append(img.original_label)
     return QraSet(torch.stack(images), torch.tensor(labels), torch.tensor(true), clean_indices, poisoned, index_source)

@@ -270,6 +270,16 @@ def pick_poisoned(record: AttackRecord, poison_num: int, seed: int,
     return chosen
 
 
+def read_poisoned_image(img: PoisonedImage, mode: str) -> Image.Image:
+    """One of the record's poisoned training PNGs in ``mode`` ("RGB" or "L"), or one ``DataError``."""
+    try:
+        with Image.open(img.path) as pil:
+            return pil.convert(mode)
+    except OSError as exc:
+        raise DataError(f"poisoned training image {img.path} cannot be read ({exc})",
+                        "restore the record's bd_train_dataset/ folder or re-run the attack") from None
+
+
 def build_retune_set(record: AttackRecord, train_split: Dataset, subset: np.ndarray, index_source: str,
                      poison_num: int, seed: int) -> RetuneSet:
     """The official tuning set: the subset's first ``poison_num`` items swapped for poisoned images (test
@@ -283,12 +293,7 @@ def build_retune_set(record: AttackRecord, train_split: Dataset, subset: np.ndar
     mode = "L" if info.channels == 1 else "RGB"
     images, labels = [], []
     for img in poisoned:
-        try:
-            with Image.open(img.path) as pil:
-                images.append(test_transform(pil.convert(mode)))
-        except OSError as exc:
-            raise DataError(f"poisoned training image {img.path} cannot be read ({exc})",
-                            "restore the record's bd_train_dataset/ folder or re-run the attack") from None
+        images.append(test_transform(read_poisoned_image(img, mode)))
         labels.append(img.bd_label)
     clean_indices = np.asarray(subset[poison_num:], dtype=np.int64)
     torch.manual_seed(seed)  # the clean images' one augmentation draw
