@@ -271,7 +271,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     retune = Retune(args.retune, data_root, device, args.reference,
                     out.parent, protocol.defense_ratio,
                     None if "all" in args.retune_variants else set(args.retune_variants))
-    qra = Qra(args.qra, data_root, device, out.parent, protocol.defense_ratio, None if "all" in args.qra_variants else set(args.qra_variants))
+    qra = Qra(args.qra, data_root, device, out.parent, protocol.defense_ratio,
+              None if "all" in args.qra_variants else set(args.qra_variants))
     rows = [row for name in names for row in evaluate_record(root / "record" / name, args.data, device, retune, qra)]
     df = pd.DataFrame(rows)
     for col in ("alpha", "n_clean", "projection", "projection_bound", "epochs"):

@@ -77,7 +77,7 @@ from fst_plugin.models import build_model
 from fst_plugin.models.factory import load_weights
 from fst_plugin.record import AttackRecord, PoisonedImage, load_attack_record, load_untrusted
 from fst_plugin.record.defense_output import environment_versions
-from fst_plugin.record.layout import DefenseLayout
+from fst_plugin.record.layout import DefenseLayout, is_defense_name
 from fst_plugin.retune import (
     CLEAN_REFERENCE,
     RESULT_FILE as RETUNE_RESULT_FILE,
@@ -143,7 +143,7 @@ class QraConfig:
             raise ConfigError("--clean_num and --poison_num are both 0: QRA has nothing to train on",
                               "pass a positive --clean_num or --poison_num (the script's are 500 and 500)")
         name = self.defense
-        if not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
+        if not is_defense_name(name):
             raise ConfigError(f"--defense {name!r} is not a defense folder name",
                               "pass the name of a folder under record/<name>/defense/ or none")
         if name == CLEAN_REFERENCE:

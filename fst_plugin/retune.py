@@ -61,7 +61,7 @@ from fst_plugin.models import build_model
 from fst_plugin.models.factory import load_weights
 from fst_plugin.record import AttackRecord, PoisonedImage, load_attack_record, load_untrusted
 from fst_plugin.record.defense_output import CSV_COLUMNS, environment_versions
-from fst_plugin.record.layout import DefenseLayout
+from fst_plugin.record.layout import DefenseLayout, is_defense_name
 from fst_plugin.runtime import progress, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ class RetuneConfig:
             if not ok:
                 raise ConfigError(f"--{name} is {value}, it must be {rule}", f"pass --{name} with a value {rule}")
         name = self.defense
-        if not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
+        if not is_defense_name(name):
             raise ConfigError(f"--defense {name!r} is not a defense folder name",
                               "pass the name of a folder under record/<name>/defense/, none or clean-reference")
         if (name == CLEAN_REFERENCE) != (self.reference_record is not None):

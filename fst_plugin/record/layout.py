@@ -22,6 +22,11 @@ QRA_FOLDER = "qra"  # inside RETUNE_FOLDER: QRA reads the retuned model
 PLOT_NAMES = ("loss_metric_plots", "acc_like_metric_plots")
 
 
+def is_defense_name(name: str) -> bool:
+    """Whether ``name`` can only name a folder directly under ``defense/`` (no separator, no '.', '..' or NUL)."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in ("/", "\\", "\x00"))
+
+
 def defenses_dir(record_dir: Path) -> Path:
     """``record/<record>/defense/``: every defense's outputs, ours and BackdoorBench's built-ins."""
     return Path(record_dir) / DEFENSE_FOLDER
