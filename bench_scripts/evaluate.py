@@ -43,27 +43,28 @@ from torch import nn
 
 from bench_scripts.common import (
     METHODS,
-    add_protocol_args,
-    protocol_from_args,
     REPO,
     TARGET,
+    add_protocol_args,
     bench_info,
+    feature_shift_measures,
     link_data,
     load_arrays,
     load_defended,
     load_model,
     log_timing,
     logits_and_features,
+    protocol_from_args,
     protocol_root,
     read_bd_test,
-    feature_shift_measures,
     setup,
 )
 from fst_plugin.core import defense_effectiveness_rating
+from fst_plugin.probe_config import CLEAN_REFERENCE, QraConfig, RetuneConfig
+from fst_plugin.qra import qra_dir, read_metrics, run_qra
 from fst_plugin.record import load_attack_record
 from fst_plugin.record.layout import DefenseLayout, defense_results
-from fst_plugin.qra import QraConfig, qra_dir, read_metrics, run_qra
-from fst_plugin.retune import CLEAN_REFERENCE, RESULT_FILE, RetuneConfig, defense_dir, retune_dir, run_retune
+from fst_plugin.retune import RESULT_FILE, defense_dir, retune_dir, run_retune
 from fst_plugin.runtime import resolve_device
 
 log = logging.getLogger("bench.evaluate")

@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 from fst_plugin import __version__
 from fst_plugin.adapter.launcher import EXIT_USAGE, main as run_defense, report_error
 from fst_plugin.errors import FSTError
+from fst_plugin.options import add_options, from_options
+from fst_plugin.probe_config import QraConfig, RetuneConfig
 
 EPILOG = """examples:
   fst-plugin list
@@ -98,14 +100,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_retune(args: argparse.Namespace) -> int:
-    from fst_plugin.retune import RetuneConfig, run_retune
+    from fst_plugin.retune import run_retune
 
-    result = run_retune(RetuneConfig(
-        record=Path(args.record), defense=args.defense,
-        reference_record=Path(args.reference_record) if args.reference_record else None,
-        poison_num=args.poison_num, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-        random_seed=args.random_seed, device=args.device, ratio=args.ratio, dataset_path=Path(args.dataset_path),
-        num_workers=args.num_workers, trust_record=args.trust_record))
+    result = run_retune(from_options(RetuneConfig, args))
     print(f"{result.defense}: C-Acc {100 * result.before['test_acc']:.2f} -> {100 * result.after['test_acc']:.2f}, "
           f"ASR {100 * result.before['test_asr']:.2f} -> {100 * result.after['test_asr']:.2f}, "
           f"RA {100 * result.before['test_ra']:.2f} -> {100 * result.after['test_ra']:.2f} "
@@ -116,48 +113,14 @@ def _cmd_retune(args: argparse.Namespace) -> int:
 def _add_retune_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("retune", help="retuning attack: fine-tune a model on its clean tuning set with a few "
                                       "poisoned images and measure whether the backdoor comes back")
-    p.add_argument("--record", required=True, metavar="DIR", help="the attack record folder")
-    p.add_argument("--defense", required=True, metavar="NAME",
-                   help="a folder under DIR/defense/ holding defense_result.pt, none (the attacked model) or "
-                        "clean-reference (with --reference_record)")
-    p.add_argument("--reference_record", metavar="DIR",
-                   help="record of a model trained on clean data only (e.g. make_records at rate 0)")
-    p.add_argument("--poison_num", type=int, default=5, help="poisoned training images in the tuning set")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--random_seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--ratio", type=float, default=0.02,
-                   help="clean fraction drawn when the model has no log/index.txt (none, clean-reference, "
-                        "BackdoorBench defenses that write none)")
-    p.add_argument("--dataset_path", default="./data", help="folder holding <dataset>/ (default ./data)")
-    p.add_argument("--num_workers", type=int, default=0)
-    p.add_argument("--trust-record", "--trust_record", dest="trust_record", action="store_true",
-                   help="UNSAFE: fully unpickle records from a source you trust")
+    add_options(p, RetuneConfig)
     p.set_defaults(func=_cmd_retune)
 
 
-def _fraction(text: str) -> float:
-    """A float, or a fraction such as ``16/255`` (how pixel budgets are usually written)."""
-    try:
-        if "/" in text:
-            num, den = text.split("/", 1)
-            return float(num) / float(den)
-        return float(text)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number or a fraction like 16/255") from None
-
-
 def _cmd_qra(args: argparse.Namespace) -> int:
-    from fst_plugin.qra import QraConfig, run_qra
+    from fst_plugin.qra import run_qra
 
-    result = run_qra(QraConfig(
-        record=Path(args.record), defense=args.defense,
-        reference_record=Path(args.reference_record) if args.reference_record else None, eps=args.eps,
-        alpha_qra=args.alpha_qra, clean_num=args.clean_num, poison_num=args.poison_num, epochs=args.epochs,
-        lr=args.lr, batch_size=args.batch_size, random_seed=args.random_seed, device=args.device, ratio=args.ratio,
-        dataset_path=Path(args.dataset_path), trust_record=args.trust_record))
+    result = run_qra(from_options(QraConfig, args))
     pct = {name: {k: 100 * v for k, v in m.items()} for name, m in result.metrics.items()}
     p, r, t = pct["purified"], pct["clean_reference"], pct["retuned"]
     print(f"{result.defense}: ASR {p['asr']:.2f} -> {p['asr_qra']:.2f} with the QRA perturbation, clean images to "
@@ -172,27 +135,7 @@ def _add_qra_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("qra", help="query-based reactivation attack: learn a small input perturbation that makes a "
                                    "purified model act like its retuned version (needs `retune` first) while a "
                                    "clean model is not fooled")
-    p.add_argument("--record", required=True, metavar="DIR", help="the attack record folder")
-    p.add_argument("--defense", required=True, metavar="NAME",
-                   help="a folder under DIR/defense/ holding defense_result.pt and retune/retune_result.pt, or none "
-                        "(the attacked model)")
-    p.add_argument("--reference_record", metavar="DIR",
-                   help="required: record of a model trained on clean data only (e.g. make_records at rate 0)")
-    p.add_argument("--eps", type=_fraction, default=16 / 255, help="L-inf budget in [0, 1] pixels (default 16/255)")
-    p.add_argument("--alpha_qra", type=float, default=0.2, help="weight of the reactivation (KL) term")
-    p.add_argument("--clean_num", type=int, default=500, help="clean training images (from the tuning subset)")
-    p.add_argument("--poison_num", type=int, default=500,
-                   help="poisoned training images (bd_train, target class excluded)")
-    p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--random_seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--ratio", type=float, default=0.02,
-                   help="clean fraction drawn when the model has no log/index.txt (as retune draws it)")
-    p.add_argument("--dataset_path", default="./data", help="folder holding <dataset>/ (default ./data)")
-    p.add_argument("--trust-record", "--trust_record", dest="trust_record", action="store_true",
-                   help="UNSAFE: fully unpickle records from a source you trust")
+    add_options(p, QraConfig)
     p.set_defaults(func=_cmd_qra)
 
 

@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -75,13 +74,12 @@ from fst_plugin.errors import ConfigError, RecordError, TrainingDiverged
 from fst_plugin.io_utils import atomic_torch_save, atomic_write_text
 from fst_plugin.models import build_model
 from fst_plugin.models.factory import load_weights
+from fst_plugin.probe_config import CLEAN_REFERENCE, QraConfig, RetuneConfig
 from fst_plugin.record import AttackRecord, PoisonedImage, load_attack_record, load_untrusted
 from fst_plugin.record.defense_output import environment_versions
-from fst_plugin.record.layout import DefenseLayout, is_defense_name
+from fst_plugin.record.layout import DefenseLayout
 from fst_plugin.retune import (
-    CLEAN_REFERENCE,
     RESULT_FILE as RETUNE_RESULT_FILE,
-    RetuneConfig,
     clean_subset,
     inside_record,
     load_model_to_retune,
@@ -104,56 +102,6 @@ def qra_dir(record_dir: Path, defense: str) -> Path:
 
 
 # ----- configuration and result ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class QraConfig:
-    """One QRA run: which purified model of which record, the clean reference, and the script's settings."""
-
-    record: Path
-    defense: str                              # a defense folder name or "none"; its retune must exist
-    reference_record: Optional[Path] = None   # the clean model's record (required; None gives a one-line error)
-    eps: float = 16 / 255                     # L-inf budget in [0, 1] pixel space
-    alpha_qra: float = 0.2                    # weight of the reactivation (KL) term
-    clean_num: int = 500
-    poison_num: int = 500
-    epochs: int = 50
-    lr: float = 0.1
-    batch_size: int = 128
-    random_seed: int = 0
-    device: str = "auto"
-    ratio: float = 0.02                       # the clean subset drawn when the model has no log/index.txt
-    dataset_path: Path = Path("./data")       # the folder holding <dataset>/
-    trust_record: bool = False
-    show_progress: Optional[bool] = None
-
-    def validate(self) -> None:
-        """Range and consistency checks (the record, the models and the pools are checked by :func:`prepare_qra`)."""
-        finite = math.isfinite
-        checks = (("eps", self.eps, "in [0, 1]", finite(self.eps) and 0 <= self.eps <= 1),
-                  ("alpha_qra", self.alpha_qra, ">= 0 and finite", finite(self.alpha_qra) and self.alpha_qra >= 0),
-                  ("clean_num", self.clean_num, ">= 0", self.clean_num >= 0),
-                  ("poison_num", self.poison_num, ">= 0", self.poison_num >= 0),
-                  ("epochs", self.epochs, "> 0", self.epochs > 0),
-                  ("lr", self.lr, "> 0 and finite", finite(self.lr) and self.lr > 0),
-                  ("batch_size", self.batch_size, "> 0", self.batch_size > 0),
-                  ("ratio", self.ratio, "in (0, 1]", 0 < self.ratio <= 1))
-        for name, value, rule, ok in checks:
-            if not ok:
-                raise ConfigError(f"--{name} is {value}, it must be {rule}", f"pass --{name} with a value {rule}")
-        if self.clean_num + self.poison_num == 0:
-            raise ConfigError("--clean_num and --poison_num are both 0: QRA has nothing to train on",
-                              "pass a positive --clean_num or --poison_num (the script's are 500 and 500)")
-        name = self.defense
-        if not is_defense_name(name):
-            raise ConfigError(f"--defense {name!r} is not a defense folder name",
-                              "pass the name of a folder under record/<name>/defense/ or none")
-        if name == CLEAN_REFERENCE:
-            raise ConfigError("--defense clean-reference: QRA attacks a purified model against the clean reference",
-                              "pass a defense's name or none, and the clean model as --reference_record")
-        if self.reference_record is None:
-            raise ConfigError("QRA needs a clean reference model (no --reference_record given)",
-                              "pass --reference_record DIR, a record of the same dataset trained at rate 0")
-
-
 @dataclass(frozen=True)
 class QraResult:
     defense: str

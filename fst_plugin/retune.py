@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -59,15 +58,14 @@ from fst_plugin.errors import ConfigError, DataError, RecordError, TrainingDiver
 from fst_plugin.io_utils import atomic_torch_save, atomic_write_text
 from fst_plugin.models import build_model
 from fst_plugin.models.factory import load_weights
+from fst_plugin.probe_config import CLEAN_REFERENCE, NO_DEFENSE, RetuneConfig
 from fst_plugin.record import AttackRecord, PoisonedImage, load_attack_record, load_untrusted
 from fst_plugin.record.defense_output import CSV_COLUMNS, environment_versions
-from fst_plugin.record.layout import DefenseLayout, is_defense_name
+from fst_plugin.record.layout import DefenseLayout
 from fst_plugin.runtime import progress, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
-NO_DEFENSE = "none"                   # the attacked model itself (attack_result.pt)
-CLEAN_REFERENCE = "clean-reference"   # a model trained on clean data only (--reference_record)
 RESULT_FILE = "retune_result.pt"
 
 
@@ -91,45 +89,6 @@ def retune_dir(record_dir: Path, defense: str) -> Path:
 
 
 # ----- configuration and result ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RetuneConfig:
-    """One retuning attack: which model of which record, and the official protocol's settings."""
-
-    record: Path
-    defense: str                              # a defense folder name, "none" or "clean-reference"
-    reference_record: Optional[Path] = None   # the clean model's record (only with clean-reference)
-    poison_num: int = 5
-    epochs: int = 5
-    lr: float = 0.01
-    batch_size: int = 128
-    random_seed: int = 0
-    device: str = "auto"
-    ratio: float = 0.02                       # only when the model has no log/index.txt
-    dataset_path: Path = Path("./data")       # the folder holding <dataset>/
-    num_workers: int = 0
-    trust_record: bool = False
-    show_progress: Optional[bool] = None
-
-    def validate(self) -> None:
-        """Range and consistency checks (the record and files are checked by :func:`prepare_retune`)."""
-        checks = (("poison_num", self.poison_num, ">= 0", self.poison_num >= 0),
-                  ("epochs", self.epochs, "> 0", self.epochs > 0),
-                  ("lr", self.lr, "> 0 and finite", math.isfinite(self.lr) and self.lr > 0),
-                  ("batch_size", self.batch_size, "> 0", self.batch_size > 0),
-                  ("ratio", self.ratio, "in (0, 1]", 0 < self.ratio <= 1),
-                  ("num_workers", self.num_workers, ">= 0", self.num_workers >= 0))
-        for name, value, rule, ok in checks:
-            if not ok:
-                raise ConfigError(f"--{name} is {value}, it must be {rule}", f"pass --{name} with a value {rule}")
-        name = self.defense
-        if not is_defense_name(name):
-            raise ConfigError(f"--defense {name!r} is not a defense folder name",
-                              "pass the name of a folder under record/<name>/defense/, none or clean-reference")
-        if (name == CLEAN_REFERENCE) != (self.reference_record is not None):
-            raise ConfigError("--reference_record goes with --defense clean-reference, and only with it",
-                              "pass both (--defense clean-reference --reference_record DIR) or neither")
-
-
 @dataclass(frozen=True)
 class RetuneResult:
     defense: str

@@ -16,7 +16,6 @@ from fst_plugin.core import (
     feature_shift_penalty,
     find_head,
     get_mode,
-    project_head_norm,
     reinit_head,
     tune,
 )

@@ -11,10 +11,10 @@ import fst_plugin
 PACKAGE = Path(fst_plugin.__file__).resolve().parent
 # lowest first; a module may import its own layer and the layers below it
 LAYERS = [
-    {"fst_plugin", "errors", "io_utils", "runtime", "distributed"},  # fst_plugin = __init__ (the version only)
+    {"fst_plugin", "errors", "io_utils", "runtime", "distributed", "options"},  # fst_plugin = __init__ (the version only)
     {"core"},                                              # pure PyTorch
     {"models", "data", "record"},                          # formats and building blocks
-    {"config", "attacks", "plugins"},
+    {"config", "attacks", "plugins", "probe_config"},
     {"adapter", "backdoor"},
     {"api", "installer", "exporter", "retune", "qra"},  # qra imports retune (same layer, no cycle)
     {"demo", "cli", "__main__"},

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,8 @@ import torch
 
 from fst_plugin.cli import main as cli_main
 from fst_plugin.data import TransformedDataset, load_clean_split, materialise
-from fst_plugin.qra import MODELS, QraConfig, load_perturbation, pixel_transform, prepare_qra, qra_dir, run_qra
+from fst_plugin.probe_config import QraConfig
+from fst_plugin.qra import MODELS, load_perturbation, pixel_transform, prepare_qra, qra_dir, run_qra
 from fst_plugin.record import load_untrusted
 from fst_plugin.retune import run_retune
 from tests.builders import snapshot, state_dict_hash

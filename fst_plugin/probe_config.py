@@ -1,0 +1,126 @@
+"""The settings of the two post-purification probes, ``fst-plugin retune`` and ``fst-plugin qra``.
+
+Kept apart from :mod:`fst_plugin.retune` and :mod:`fst_plugin.qra` (which import torch and pandas) so that the
+command line can build its parser from these fields (:mod:`fst_plugin.options`) without loading either: a
+default or a help text is written once, here.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from fst_plugin.errors import ConfigError
+from fst_plugin.options import option, parse_fraction
+
+NO_DEFENSE = "none"                   # the attacked model itself (attack_result.pt)
+CLEAN_REFERENCE = "clean-reference"   # a model trained on clean data only (--reference_record)
+
+
+def _require(checks: tuple[tuple[str, object, str, bool], ...]) -> None:
+    """The first failed (flag, value, rule, ok) check as a one-line error."""
+    for name, value, rule, ok in checks:
+        if not ok:
+            raise ConfigError(f"--{name} is {value}, it must be {rule}", f"pass --{name} with a value {rule}")
+
+
+@dataclass(frozen=True)
+class RetuneConfig:
+    """One retuning attack: which model of which record, and the official protocol's settings."""
+
+    record: Path = option(metavar="DIR", help="the attack record folder")
+    defense: str = option(metavar="NAME", help="a folder under DIR/defense/ holding defense_result.pt, none (the "
+                                               "attacked model) or clean-reference (with --reference_record)")
+    reference_record: Optional[Path] = option(None, "record of a model trained on clean data only (e.g. "
+                                                    "make_records at rate 0)", metavar="DIR")
+    poison_num: int = option(5, "poisoned training images in the tuning set")
+    epochs: int = option(5, "retuning epochs")
+    lr: float = option(0.01, "learning rate of sgd")
+    batch_size: int = option(128, "batch size")
+    random_seed: int = option(0, "seed of the poisoned-image pick, the drawn subset and the shuffling")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N")
+    ratio: float = option(0.02, "clean fraction drawn when the model has no log/index.txt (none, clean-reference, "
+                                "BackdoorBench defenses that write none)")
+    dataset_path: Path = option(Path("./data"), "folder holding <dataset>/ (default ./data)")
+    num_workers: int = option(0, "dataloader workers")
+    trust_record: bool = option(False, "UNSAFE: fully unpickle records from a source you trust",
+                                flags=("--trust-record",))
+    show_progress: Optional[bool] = None
+
+    def validate(self) -> None:
+        """Range and consistency checks (the record and files are checked by :func:`prepare_retune`)."""
+        checks = (("poison_num", self.poison_num, ">= 0", self.poison_num >= 0),
+                  ("epochs", self.epochs, "> 0", self.epochs > 0),
+                  ("lr", self.lr, "> 0 and finite", math.isfinite(self.lr) and self.lr > 0),
+                  ("batch_size", self.batch_size, "> 0", self.batch_size > 0),
+                  ("ratio", self.ratio, "in (0, 1]", 0 < self.ratio <= 1),
+                  ("num_workers", self.num_workers, ">= 0", self.num_workers >= 0))
+        _require(checks)
+        from fst_plugin.record.layout import (
+            is_defense_name,  # here: importing the package loads torch
+        )
+
+        name = self.defense
+        if not is_defense_name(name):
+            raise ConfigError(f"--defense {name!r} is not a defense folder name",
+                              "pass the name of a folder under record/<name>/defense/, none or clean-reference")
+        if (name == CLEAN_REFERENCE) != (self.reference_record is not None):
+            raise ConfigError("--reference_record goes with --defense clean-reference, and only with it",
+                              "pass both (--defense clean-reference --reference_record DIR) or neither")
+
+
+@dataclass(frozen=True)
+class QraConfig:
+    """One QRA run: which purified model of which record, the clean reference, and the script's settings."""
+
+    record: Path = option(metavar="DIR", help="the attack record folder")
+    defense: str = option(metavar="NAME", help="a folder under DIR/defense/ holding defense_result.pt and "
+                                               "retune/retune_result.pt, or none (the attacked model)")
+    # required, but checked by validate() so that its absence is the one-line error, not argparse's
+    reference_record: Optional[Path] = option(None, "required: record of a model trained on clean data only (e.g. "
+                                                    "make_records at rate 0)", metavar="DIR")
+    eps: float = option(16 / 255, "L-inf budget in [0, 1] pixels (default 16/255)", parse=parse_fraction)
+    alpha_qra: float = option(0.2, "weight of the reactivation (KL) term")
+    clean_num: int = option(500, "clean training images (from the tuning subset)")
+    poison_num: int = option(500, "poisoned training images (bd_train, target class excluded)")
+    epochs: int = option(50, "epochs of the generator")
+    lr: float = option(0.1, "learning rate of the generator's sgd")
+    batch_size: int = option(128, "batch size")
+    random_seed: int = option(0, "seed of the image picks, the generator's weights and the shuffling")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N")
+    ratio: float = option(0.02, "clean fraction drawn when the model has no log/index.txt (as retune draws it)")
+    dataset_path: Path = option(Path("./data"), "folder holding <dataset>/ (default ./data)")
+    trust_record: bool = option(False, "UNSAFE: fully unpickle records from a source you trust",
+                                flags=("--trust-record",))
+    show_progress: Optional[bool] = None
+
+    def validate(self) -> None:
+        """Range and consistency checks (the record, the models and the pools are checked by :func:`prepare_qra`)."""
+        finite = math.isfinite
+        checks = (("eps", self.eps, "in [0, 1]", finite(self.eps) and 0 <= self.eps <= 1),
+                  ("alpha_qra", self.alpha_qra, ">= 0 and finite", finite(self.alpha_qra) and self.alpha_qra >= 0),
+                  ("clean_num", self.clean_num, ">= 0", self.clean_num >= 0),
+                  ("poison_num", self.poison_num, ">= 0", self.poison_num >= 0),
+                  ("epochs", self.epochs, "> 0", self.epochs > 0),
+                  ("lr", self.lr, "> 0 and finite", finite(self.lr) and self.lr > 0),
+                  ("batch_size", self.batch_size, "> 0", self.batch_size > 0),
+                  ("ratio", self.ratio, "in (0, 1]", 0 < self.ratio <= 1))
+        _require(checks)
+        if self.clean_num + self.poison_num == 0:
+            raise ConfigError("--clean_num and --poison_num are both 0: QRA has nothing to train on",
+                              "pass a positive --clean_num or --poison_num (the script's are 500 and 500)")
+        from fst_plugin.record.layout import (
+            is_defense_name,  # here: importing the package loads torch
+        )
+
+        name = self.defense
+        if not is_defense_name(name):
+            raise ConfigError(f"--defense {name!r} is not a defense folder name",
+                              "pass the name of a folder under record/<name>/defense/ or none")
+        if name == CLEAN_REFERENCE:
+            raise ConfigError("--defense clean-reference: QRA attacks a purified model against the clean reference",
+                              "pass a defense's name or none, and the clean model as --reference_record")
+        if self.reference_record is None:
+            raise ConfigError("QRA needs a clean reference model (no --reference_record given)",
+                              "pass --reference_record DIR, a record of the same dataset trained at rate 0")
