@@ -61,10 +61,10 @@ from bench_scripts.common import (
 )
 from fst_plugin.core import defense_effectiveness_rating
 from fst_plugin.probe_config import CLEAN_REFERENCE, QraConfig, RetuneConfig
-from fst_plugin.qra import qra_dir, read_metrics, run_qra
+from fst_plugin.qra import read_metrics, run_qra
 from fst_plugin.record import load_attack_record
 from fst_plugin.record.layout import DefenseLayout, defense_results
-from fst_plugin.retune import RESULT_FILE, defense_dir, retune_dir, run_retune
+from fst_plugin.retune import run_retune
 from fst_plugin.runtime import resolve_device
 
 log = logging.getLogger("bench.evaluate")
@@ -156,7 +156,7 @@ class Retune:
         bd_train = sets.record.bd_train
         if bd_train is None or not bd_train.images:  # a clean record (rate 0) has nothing to retune with
             return empty
-        path = retune_dir(record_dir, variant) / RESULT_FILE
+        path = DefenseLayout.of(record_dir, variant).retune_result
         if not path.is_file() and self.run_missing and (self.variants is None or variant in self.variants):
             started = time.time()
             result = run_retune(RetuneConfig(record=record_dir, defense=variant, reference_record=reference,
@@ -182,16 +182,16 @@ class Qra:
         empty = dict.fromkeys(QRA_COLUMNS, np.nan)
         if variant == CLEAN_REFERENCE or reference is None:
             return empty
-        save = qra_dir(record_dir, variant)
+        layout = DefenseLayout.of(record_dir, variant)
         wanted = self.variants is None or variant in self.variants
-        if (read_metrics(save) is None and self.run_missing and wanted
-                and (retune_dir(record_dir, variant) / RESULT_FILE).is_file()):
+        metrics = read_metrics(layout.qra_dir)
+        if metrics is None and self.run_missing and wanted and layout.retune_result.is_file():
             started = time.time()
             result = run_qra(QraConfig(record=record_dir, defense=variant, reference_record=reference,
                                        dataset_path=self.dataset_path, device=self.device, ratio=self.ratio))
             log_timing(self.results, f"qra {variant} {record_dir.name}", time.time() - started,
                        qra_wall_s=round(result.wall_time_s, 1))
-        metrics = read_metrics(save)
+            metrics = result.metrics
         if metrics is None:
             return empty
         model, ref = metrics["purified"], metrics["clean_reference"]
@@ -229,12 +229,12 @@ def retune_rows(record_dir: Path, rows: list[dict[str, Any]], sets: TestSets, be
             row.update(qra.columns(record_dir, row["variant"], reference))
     has_bd_train = sets.record.bd_train is not None and bool(sets.record.bd_train.images)
     if reference is None or not has_bd_train or not (
-            retune.run_missing or (retune_dir(record_dir, CLEAN_REFERENCE) / RESULT_FILE).is_file()):
+            retune.run_missing or (DefenseLayout.of(record_dir, CLEAN_REFERENCE).retune_result).is_file()):
         return []
     ref = load_attack_record(reference, check_files=False)
     metrics = cached_measure(reference / "attack_result.pt",
                              lambda: load_model(ref.model_name, ref.num_classes, ref.state_dict), sets, retune.device,
-                             cache=defense_dir(record_dir, CLEAN_REFERENCE) / "bench_eval.json")
+                             cache=DefenseLayout.of(record_dir, CLEAN_REFERENCE).folder / "bench_eval.json")
     der = defense_effectiveness_rating(before["test_acc"], before["test_asr"], metrics["test_acc"], metrics["test_asr"])
     row = {**{k: rows[0][k] for k in ("record", "attack", "trigger_key", "rate", "seed", "model")},
            "variant": CLEAN_REFERENCE, "method": CLEAN_REFERENCE, "source": f"reference {reference.name}", **metrics,

@@ -77,9 +77,8 @@ from fst_plugin.models.factory import load_weights
 from fst_plugin.probe_config import CLEAN_REFERENCE, QraConfig, RetuneConfig
 from fst_plugin.record import AttackRecord, PoisonedImage, load_attack_record, load_untrusted
 from fst_plugin.record.defense_output import environment_versions
-from fst_plugin.record.layout import DefenseLayout
+from fst_plugin.record.layout import QRA_RESULT_NAME, DefenseLayout
 from fst_plugin.retune import (
-    RESULT_FILE as RETUNE_RESULT_FILE,
     clean_subset,
     inside_record,
     load_model_to_retune,
@@ -91,14 +90,8 @@ from fst_plugin.runtime import progress, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
-RESULT_FILE = "qra_result.pt"
 HIDDEN = 1024
 MODELS = ("purified", "retuned", "clean_reference")  # the run_info "metrics" keys
-
-
-def qra_dir(record_dir: Path, defense: str) -> Path:
-    """``record/<name>/defense/<defense>/retune/qra/`` (spelled by fst_plugin.record.layout)."""
-    return DefenseLayout.of(record_dir, defense).qra_dir
 
 
 # ----- configuration and result ---------------------------------------------------------------------------
@@ -208,7 +201,7 @@ def attack_target(record: AttackRecord) -> int:
 
 def load_retuned(config: QraConfig, record: AttackRecord) -> tuple[nn.Module, str]:
     """The retuned version of the purified model (``retune/retune_result.pt``), or the command that makes it."""
-    path = DefenseLayout.of(record.record_dir, config.defense).retune_dir / RETUNE_RESULT_FILE
+    path = DefenseLayout.of(record.record_dir, config.defense).retune_result
     if not path.is_file():
         raise RecordError(f"{config.defense!r} has no retune result in {record.record_dir} (no {path})",
                           f"run `fst-plugin retune --record {record.record_dir} --defense {config.defense}` first")
@@ -247,7 +240,7 @@ def prepare_qra(config: QraConfig) -> QraPlan:
     """Validate everything and build the three models, the training set and the test sets; writes nothing."""
     config.validate()
     record = load_attack_record(config.record, trust=config.trust_record)
-    save_dir = qra_dir(record.record_dir, config.defense)
+    save_dir = DefenseLayout.of(record.record_dir, config.defense).qra_dir
     inside_record(save_dir, record.record_dir, "QRA output folder")
     target = attack_target(record)
     poisoned = pick_poisoned(record, config.poison_num, config.random_seed, outside_class=target)  # fail fast, before loading
@@ -396,11 +389,11 @@ def write_qra_outputs(plan: QraPlan, result: QraResult, perturb: Perturbation) -
     atomic_torch_save({"shape": list(ae.shape), "hidden": HIDDEN, "eps": perturb.eps,
                        "mean": perturb.mean.flatten().tolist(), "std": perturb.std.flatten().tolist(),
                        "model": {k: v.detach().cpu() for k, v in ae.state_dict().items()}},
-                      plan.save_dir / RESULT_FILE)
+                      plan.save_dir / QRA_RESULT_NAME)
 
 
 def read_metrics(save_dir: Path) -> Optional[dict[str, dict[str, float]]]:
     """A finished run's metrics (``run_info.json`` next to ``qra_result.pt``), or None when it has not finished."""
-    if not (save_dir / RESULT_FILE).is_file() or not (save_dir / "run_info.json").is_file():
+    if not (save_dir / QRA_RESULT_NAME).is_file() or not (save_dir / "run_info.json").is_file():
         return None
     return json.loads((save_dir / "run_info.json").read_text())["metrics"]

@@ -61,31 +61,11 @@ from fst_plugin.models.factory import load_weights
 from fst_plugin.probe_config import CLEAN_REFERENCE, NO_DEFENSE, RetuneConfig
 from fst_plugin.record import AttackRecord, PoisonedImage, load_attack_record, load_untrusted
 from fst_plugin.record.defense_output import CSV_COLUMNS, environment_versions
-from fst_plugin.record.layout import DefenseLayout
+from fst_plugin.record.layout import RETUNE_RESULT_NAME, DefenseLayout
 from fst_plugin.runtime import progress, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
-RESULT_FILE = "retune_result.pt"
-
-
-# ----- where things are (spelled by fst_plugin.record.layout) ---------------------------------------------
-def defense_dir(record_dir: Path, defense: str) -> Path:
-    """``record/<name>/defense/<defense>/``: a defense's outputs (for none / clean-reference: only ``retune/``)."""
-    return DefenseLayout.of(record_dir, defense).folder
-
-
-def defense_result_path(record_dir: Path, defense: str) -> Path:
-    return DefenseLayout.of(record_dir, defense).result
-
-
-def defense_index_path(record_dir: Path, defense: str) -> Path:
-    """The clean training indices a defense tuned on (our defenses and BackdoorBench's ft write it)."""
-    return DefenseLayout.of(record_dir, defense).index
-
-
-def retune_dir(record_dir: Path, defense: str) -> Path:
-    return DefenseLayout.of(record_dir, defense).retune_dir
 
 
 # ----- configuration and result ---------------------------------------------------------------------------
@@ -175,7 +155,7 @@ def load_model_to_retune(config: RetuneConfig, record: AttackRecord) -> tuple[nn
                         record.model_name)
         state, name, classes = reference.state_dict, reference.model_name, reference.num_classes
     else:
-        path = defense_result_path(record.record_dir, config.defense)
+        path = DefenseLayout.of(record.record_dir, config.defense).result
         if not path.is_file():
             found = sorted(p.parent.name for p in (record.record_dir / "defense").glob("*/defense_result.pt"))
             raise RecordError(f"defense {config.defense!r} has no output in {record.record_dir} (no {path.name})",
@@ -195,7 +175,7 @@ def load_model_to_retune(config: RetuneConfig, record: AttackRecord) -> tuple[nn
 def clean_subset(config: RetuneConfig, record: AttackRecord, n_train: int) -> tuple[np.ndarray, str]:
     """The defense's own clean tuning indices, or BackdoorBench's ``choose_index`` draw when it left none."""
     if config.defense not in (NO_DEFENSE, CLEAN_REFERENCE):
-        index = defense_index_path(record.record_dir, config.defense)
+        index = DefenseLayout.of(record.record_dir, config.defense).index
         if index.is_file():
             inside_record(index, record.record_dir, "index file")
             return choose_clean_indices(n_train, config.ratio, str(index)), str(index)
@@ -268,7 +248,7 @@ def prepare_retune(config: RetuneConfig) -> RetunePlan:
     """Validate everything and build model, tuning set and test sets; writes nothing."""
     config.validate()
     record = load_attack_record(config.record, trust=config.trust_record)
-    save_dir = retune_dir(record.record_dir, config.defense)
+    save_dir = DefenseLayout.of(record.record_dir, config.defense).retune_dir
     inside_record(save_dir, record.record_dir, "retune output folder")
     pick_poisoned(record, config.poison_num, config.random_seed)  # bd_train present and large enough: fail fast
     device = resolve_device(config.device)
@@ -366,4 +346,4 @@ def write_retune_outputs(plan: RetunePlan, result: RetuneResult) -> None:
     atomic_write_text(plan.save_dir / "run_info.json", json.dumps(info, indent=2, default=str))
     atomic_torch_save({"model_name": plan.model_name, "num_classes": plan.num_classes,
                        "model": {k: v.detach().cpu() for k, v in plan.model.state_dict().items()}},
-                      plan.save_dir / RESULT_FILE)
+                      plan.save_dir / RETUNE_RESULT_NAME)

@@ -17,8 +17,8 @@ RESULT_NAME = "defense_result.pt"
 RUN_INFO_NAME = "run_info.json"
 CHECKPOINT_FOLDER, CHECKPOINT_NAME = "checkpoint", "last.pt"
 LOG_FOLDER, INDEX_NAME = "log", "index.txt"
-RETUNE_FOLDER = "retune"
-QRA_FOLDER = "qra"  # inside RETUNE_FOLDER: QRA reads the retuned model
+RETUNE_FOLDER, RETUNE_RESULT_NAME = "retune", "retune_result.pt"
+QRA_FOLDER, QRA_RESULT_NAME = "qra", "qra_result.pt"  # inside RETUNE_FOLDER: QRA reads the retuned model
 PLOT_NAMES = ("loss_metric_plots", "acc_like_metric_plots")
 
 
@@ -90,9 +90,19 @@ class DefenseLayout:
         return self.folder / RETUNE_FOLDER
 
     @property
+    def retune_result(self) -> Path:
+        """The retuned model, written last (its presence means the retune finished)."""
+        return self.retune_dir / RETUNE_RESULT_NAME
+
+    @property
     def qra_dir(self) -> Path:
         """The query-based reactivation attack's outputs, next to the retuned model it distils from."""
         return self.retune_dir / QRA_FOLDER
+
+    @property
+    def qra_result(self) -> Path:
+        """QRA's generator weights, written last (its presence means the attack finished)."""
+        return self.qra_dir / QRA_RESULT_NAME
 
 
 def checkpoint_file(checkpoint_dir: Path) -> Path:

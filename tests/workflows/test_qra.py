@@ -21,8 +21,9 @@ import torch
 from fst_plugin.cli import main as cli_main
 from fst_plugin.data import TransformedDataset, load_clean_split, materialise
 from fst_plugin.probe_config import QraConfig
-from fst_plugin.qra import MODELS, load_perturbation, pixel_transform, prepare_qra, qra_dir, run_qra
+from fst_plugin.qra import MODELS, load_perturbation, pixel_transform, prepare_qra, run_qra
 from fst_plugin.record import load_untrusted
+from fst_plugin.record.layout import DefenseLayout
 from fst_plugin.retune import run_retune
 from tests.builders import snapshot, state_dict_hash
 from tests.workflows.retune_builders import RetuneWorkspace, tiny
@@ -60,7 +61,7 @@ def small(ws: RetuneWorkspace, defense: str = "fst", **overrides) -> QraConfig:
 
 
 def test_the_saved_perturbation_stays_within_eps_on_real_images_and_the_cli_wrote_the_three_files(retuned):
-    save = qra_dir(retuned.attacked, "fst")
+    save = DefenseLayout.of(retuned.attacked, "fst").qra_dir
     assert save == retuned.attacked / "defense" / "fst" / "retune" / "qra"
     assert sorted(p.name for p in save.iterdir()) == ["qra_df.csv", "qra_result.pt", "run_info.json"]
     assert len(pd.read_csv(save / "qra_df.csv")) == 2  # one row per epoch
@@ -79,8 +80,8 @@ def test_the_saved_perturbation_stays_within_eps_on_real_images_and_the_cli_wrot
 
 
 def test_a_fixed_seed_gives_the_same_generator_and_numbers_and_another_seed_other_images(retuned, ws):
-    shared = qra_dir(retuned.attacked, "fst")
-    shutil.rmtree(qra_dir(ws.attacked, "fst"))
+    shared = DefenseLayout.of(retuned.attacked, "fst").qra_dir
+    shutil.rmtree(DefenseLayout.of(ws.attacked, "fst").qra_dir)
     again = run_qra(small(ws, eps=16 / 255))
     assert (state_dict_hash(load_untrusted(again.save_dir / "qra_result.pt", "qra result")["model"])
             == state_dict_hash(load_untrusted(shared / "qra_result.pt", "qra result")["model"]))
@@ -97,7 +98,7 @@ def test_with_eps_zero_the_perturbed_numbers_equal_the_unperturbed_ones_exactly(
     batches: any difference would mean the perturbed path is not the unperturbed path plus delta."""
     assert qra_cli(ws, "--defense", "none", "--eps", "0", "--epochs", "1") == 0
     assert "none: ASR" in capsys.readouterr().out
-    result_metrics = json.loads((qra_dir(ws.attacked, "none") / "run_info.json").read_text())["metrics"]
+    result_metrics = json.loads((DefenseLayout.of(ws.attacked, "none").qra_dir / "run_info.json").read_text())["metrics"]
     for name in MODELS:
         m = result_metrics[name]
         for key in ("acc", "clean_target", "asr", "ra"):
@@ -125,7 +126,7 @@ def test_with_eps_zero_the_perturbed_numbers_equal_the_unperturbed_ones_exactly(
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(ws, capsys, extra, message):
     ft = ws.attacked / "defense" / "ft"  # a finished defense that was never retuned
     shutil.copytree(ws.attacked / "defense" / "fst", ft, ignore=shutil.ignore_patterns("retune"))
-    shutil.rmtree(qra_dir(ws.attacked, "fst"))  # the fixture's run: this test's fst has no QRA output
+    shutil.rmtree(DefenseLayout.of(ws.attacked, "fst").qra_dir)  # the fixture's run: this test's fst has no QRA output
     before = snapshot(ws.root)
     code = qra_cli(ws, *[e for e in extra if e != "--no-reference"], reference="--no-reference" not in extra)
     err = capsys.readouterr().err.strip().splitlines()
@@ -142,4 +143,4 @@ def test_qra_reads_the_same_clean_subset_as_the_retune_and_only_non_target_poiso
     assert plan.training.labels[10:].tolist() == [plan.target] * 10
     assert plan.training.true_labels[10:].tolist() == [p.original_label for p in plan.training.poisoned]
     assert float(plan.training.pixels.min()) >= 0 and float(plan.training.pixels.max()) <= 1
-    assert plan.save_dir == qra_dir(retuned.attacked, "fst")  # prepare_qra itself writes nothing: see bad input
+    assert plan.save_dir == DefenseLayout.of(retuned.attacked, "fst").qra_dir  # prepare_qra itself writes nothing: see bad input
