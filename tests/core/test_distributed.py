@@ -163,32 +163,48 @@ def test_the_world_comes_from_torchruns_environment(monkeypatch: pytest.MonkeyPa
 RECORDS_WRITES = '''
 import os
 _replace = os.replace
+_checkpoints = 0
 def _logged_replace(src, dst, *args, **kwargs):
+    global _checkpoints
     _replace(src, dst, *args, **kwargs)
     with open(os.environ["FST_WRITE_LOG"], "a") as fh:
         fh.write(f"{os.environ.get('RANK', '-')} {dst}\\n")
+    if str(dst).endswith("last.pt"):
+        _checkpoints += 1
+        if _checkpoints == int(os.environ.get("FST_EXIT_AFTER_CHECKPOINTS", "0")):
+            os._exit(9)  # the writer dies right after this epoch's checkpoint is in place
 os.replace = _logged_replace
 '''
 
 
-def _launch(fixture: TinyBB, tmp: Path, name: str, method: str, data_path: str, processes: int) -> dict:
-    """``fst-plugin run`` in a fresh interpreter (1 process) or under torchrun; every atomic write (the final
-    ``os.replace``) is recorded with the writer's RANK by a sitecustomize on the PYTHONPATH."""
+def _run_command(fixture: TinyBB, tmp: Path, name: str, method: str, data_path: str, processes: int, *extra: str,
+         exit_after_checkpoints: int = 0) -> subprocess.CompletedProcess:
+    """``fst-plugin run`` in a fresh interpreter (1 process) or under torchrun, on the record ``tmp/name``
+    (copied from the fixture on first use); every atomic write (the final ``os.replace``) is recorded with the
+    writer's RANK by a sitecustomize on the PYTHONPATH, which can also kill the writer after its n-th checkpoint."""
     hooks = tmp / "hooks"
     hooks.mkdir(exist_ok=True)
     (hooks / "sitecustomize.py").write_text(RECORDS_WRITES)
-    record = copy_record(fixture, name, root=tmp)
-    yaml_path = write_yaml(tmp / f"{name}.yaml")
-    argv = ["run", method, "--record", str(record), "--yaml_path", str(yaml_path), "--dataset_path",
-            str(fixture.data), "--epochs", "3", "--ratio", "0.25", "--device", "cpu", "--random_seed", "7",
-            "--data_path", data_path]
+    record = tmp / "record" / name
+    if not record.exists():
+        record = copy_record(fixture, name, root=tmp)
+    argv = ["run", method, "--record", str(record), "--yaml_path", str(write_yaml(tmp / f"{name}.yaml")),
+            "--dataset_path", str(fixture.data), "--epochs", "3", "--ratio", "0.25", "--device", "cpu",
+            "--random_seed", "7", "--data_path", data_path, *extra]
     launcher = ([sys.executable, "-m", "fst_plugin"] if processes == 1 else
                 [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
                  "-m", "fst_plugin"])
-    env = child_env({"FST_WRITE_LOG": str(tmp / f"{name}.writes")})
+    env = child_env({"FST_WRITE_LOG": str(tmp / f"{name}.writes"),
+                     "FST_EXIT_AFTER_CHECKPOINTS": str(exit_after_checkpoints)})
     env["PYTHONPATH"] = os.pathsep.join([str(hooks), env["PYTHONPATH"]])
-    proc = subprocess.run(launcher + argv, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(launcher + argv, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _launch(fixture: TinyBB, tmp: Path, name: str, method: str, data_path: str, processes: int, *extra: str) -> dict:
+    """:func:`_run_command`, which must succeed, and what it wrote."""
+    proc = _run_command(fixture, tmp, name, method, data_path, processes, *extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    record = tmp / "record" / name
     out = record / "defense" / method
     writes = [line.split(" ", 1) for line in (tmp / f"{name}.writes").read_text().splitlines()]
     return {"out": out, "stderr": proc.stderr, "writes": writes,
@@ -241,3 +257,22 @@ def test_a_bad_value_under_torchrun_stops_every_rank_before_anything_is_written(
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: batch_size 15 is the global batch")]
     assert len(errors) == 2  # each rank refused it on its own, before the process group existed
     assert not (record / "defense").exists()
+
+
+def test_torchrun_killed_after_an_epoch_resumes_to_the_uninterrupted_result(tmp_path: Path, bb: TinyBB) -> None:
+    """``--resume`` under torchrun: rank 0 dies right after the second epoch's checkpoint (torchrun then stops
+    rank 1); the same command with ``--resume`` continues from that checkpoint on both ranks and ends where an
+    uninterrupted two-process run ends. LP on the tensor path (frozen BatchNorm, same global batches) is the
+    mode whose two-process run is reproducible up to float rounding, so the comparison can be that tight."""
+    whole = _launch(bb, tmp_path, "whole", "lp", "tensor", 2)
+    killed = _run_command(bb, tmp_path, "cut", "lp", "tensor", 2, "--resume", exit_after_checkpoints=2)
+    out = tmp_path / "record" / "cut" / "defense" / "lp"
+    assert killed.returncode != 0
+    assert (out / "checkpoint" / "last.pt").is_file() and not (out / "defense_result.pt").exists()
+    resumed = _launch(bb, tmp_path, "cut", "lp", "tensor", 2, "--resume")
+    assert resumed["log"].count("resuming lp from epoch 2 of 3") == 1
+    assert len(resumed["csv"]) == 3 and not (out / "checkpoint" / "last.pt").exists()
+    for key, value in whole["model"].items():
+        assert torch.allclose(resumed["model"][key].float(), value.float(), atol=1e-5, rtol=0), key
+    for column in ("train_acc", "test_acc", "test_asr", "test_ra"):
+        assert resumed["csv"][column].tolist() == pytest.approx(whole["csv"][column].tolist(), abs=1e-9), column
