@@ -60,6 +60,7 @@ from bench_scripts.common import (
     setup,
 )
 from fst_plugin.core import defense_effectiveness_rating
+from fst_plugin.errors import FSTError
 from fst_plugin.probe_config import CLEAN_REFERENCE, QraConfig, RetuneConfig
 from fst_plugin.qra import read_metrics, run_qra
 from fst_plugin.record import load_attack_record
@@ -187,8 +188,13 @@ class Qra:
         metrics = read_metrics(layout.qra_dir)
         if metrics is None and self.run_missing and wanted and layout.retune_result.is_file():
             started = time.time()
-            result = run_qra(QraConfig(record=record_dir, defense=variant, reference_record=reference,
-                                       dataset_path=self.dataset_path, device=self.device, ratio=self.ratio))
+            try:
+                result = run_qra(QraConfig(record=record_dir, defense=variant, reference_record=reference,
+                                           dataset_path=self.dataset_path, device=self.device, ratio=self.ratio))
+            except FSTError as error:  # e.g. fewer poisoned images than the script's 500: the columns stay empty
+                log.warning("qra %s %s not run: %s (run `fst-plugin qra` with other settings; evaluate reads "
+                            "its result)", variant, record_dir.name, error)
+                return empty
             log_timing(self.results, f"qra {variant} {record_dir.name}", time.time() - started,
                        qra_wall_s=round(result.wall_time_s, 1))
             metrics = result.metrics

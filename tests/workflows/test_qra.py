@@ -144,3 +144,18 @@ def test_qra_reads_the_same_clean_subset_as_the_retune_and_only_non_target_poiso
     assert plan.training.true_labels[10:].tolist() == [p.original_label for p in plan.training.poisoned]
     assert float(plan.training.pixels.min()) >= 0 and float(plan.training.pixels.max()) <= 1
     assert plan.save_dir == DefenseLayout.of(retuned.attacked, "fst").qra_dir  # prepare_qra itself writes nothing: see bad input
+
+
+def test_the_benchmark_leaves_the_qra_columns_empty_with_a_warning_when_the_pool_is_too_small(ws, caplog):
+    """``evaluate --qra`` runs the script's defaults (500 poisoned images); a record with fewer (this one has 20,
+    a 0.5% CIFAR-10 record 250) must not stop the whole evaluation: one warning naming the fix, empty columns,
+    nothing written."""
+    from bench_scripts.evaluate import QRA_COLUMNS, Qra
+
+    shutil.rmtree(DefenseLayout.of(ws.attacked, "fst").qra_dir)  # the fixture's run
+    qra = Qra(run_missing=True, dataset_path=ws.root / "data", device="cpu", results=ws.root / "results", ratio=0.25)
+    with caplog.at_level("WARNING", logger="bench.evaluate"):
+        columns = qra.columns(ws.attacked, "fst", ws.reference)
+    assert set(columns) == set(QRA_COLUMNS) and all(np.isnan(v) for v in columns.values())
+    assert "--poison_num 500 is larger than the" in caplog.text and "fst-plugin qra" in caplog.text
+    assert not DefenseLayout.of(ws.attacked, "fst").qra_dir.exists()
