@@ -234,13 +234,13 @@ def retune_rows(record_dir: Path, rows: list[dict[str, Any]], sets: TestSets, be
         if qra is not None:
             row.update(qra.columns(record_dir, row["variant"], reference))
     has_bd_train = sets.record.bd_train is not None and bool(sets.record.bd_train.images)
-    if reference is None or not has_bd_train or not (
-            retune.run_missing or (DefenseLayout.of(record_dir, CLEAN_REFERENCE).retune_result).is_file()):
+    ref_layout = DefenseLayout.of(record_dir, CLEAN_REFERENCE)
+    if reference is None or not has_bd_train or not (retune.run_missing or ref_layout.retune_result.is_file()):
         return []
     ref = load_attack_record(reference, check_files=False)
     metrics = cached_measure(reference / "attack_result.pt",
                              lambda: load_model(ref.model_name, ref.num_classes, ref.state_dict), sets, retune.device,
-                             cache=DefenseLayout.of(record_dir, CLEAN_REFERENCE).folder / "bench_eval.json")
+                             cache=ref_layout.folder / "bench_eval.json")
     der = defense_effectiveness_rating(before["test_acc"], before["test_asr"], metrics["test_acc"], metrics["test_asr"])
     row = {**{k: rows[0][k] for k in ("record", "attack", "trigger_key", "rate", "seed", "model")},
            "variant": CLEAN_REFERENCE, "method": CLEAN_REFERENCE, "source": f"reference {reference.name}", **metrics,

@@ -77,7 +77,7 @@ from fst_plugin.models.factory import load_weights
 from fst_plugin.probe_config import CLEAN_REFERENCE, QraConfig, RetuneConfig
 from fst_plugin.record import AttackRecord, PoisonedImage, load_attack_record, load_untrusted
 from fst_plugin.record.defense_output import environment_versions
-from fst_plugin.record.layout import QRA_RESULT_NAME, DefenseLayout
+from fst_plugin.record.layout import QRA_RESULT_NAME, RUN_INFO_NAME, DefenseLayout
 from fst_plugin.retune import (
     clean_subset,
     inside_record,
@@ -374,7 +374,6 @@ def run_qra(config: QraConfig) -> QraResult:
 def write_qra_outputs(plan: QraPlan, result: QraResult, perturb: Perturbation) -> None:
     """``qra_df.csv``, ``run_info.json``, then ``qra_result.pt`` (its presence means the run finished)."""
     atomic_write_text(plan.save_dir / "qra_df.csv", pd.DataFrame(result.history).to_csv())
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(plan.config).items()}
     info = {"method": "qra", "protocol": "query-based reactivation attack (stable_backdoor_purification "
                                          "fine_tune/qra.py)",
             "defense": result.defense, "record": str(plan.record.record_dir),
@@ -382,9 +381,9 @@ def write_qra_outputs(plan: QraPlan, result: QraResult, perturb: Perturbation) -
             "device": plan.device, "seed": plan.config.random_seed, "target": result.target,
             "clean_index_source": result.clean_index_source, "n_clean": result.n_clean,
             "n_poisoned": len(result.poisoned_indices), "poisoned_train_indices": list(result.poisoned_indices),
-            "wall_time_s": result.wall_time_s, "metrics": result.metrics, "config": config,
+            "wall_time_s": result.wall_time_s, "metrics": result.metrics, "config": asdict(plan.config),
             "versions": environment_versions()}
-    atomic_write_text(plan.save_dir / "run_info.json", json.dumps(info, indent=2, default=str))
+    atomic_write_text(plan.save_dir / RUN_INFO_NAME, json.dumps(info, indent=2, default=str))
     ae = perturb.ae
     atomic_torch_save({"shape": list(ae.shape), "hidden": HIDDEN, "eps": perturb.eps,
                        "mean": perturb.mean.flatten().tolist(), "std": perturb.std.flatten().tolist(),
@@ -394,6 +393,6 @@ def write_qra_outputs(plan: QraPlan, result: QraResult, perturb: Perturbation) -
 
 def read_metrics(save_dir: Path) -> Optional[dict[str, dict[str, float]]]:
     """A finished run's metrics (``run_info.json`` next to ``qra_result.pt``), or None when it has not finished."""
-    if not (save_dir / QRA_RESULT_NAME).is_file() or not (save_dir / "run_info.json").is_file():
+    if not (save_dir / QRA_RESULT_NAME).is_file() or not (save_dir / RUN_INFO_NAME).is_file():
         return None
-    return json.loads((save_dir / "run_info.json").read_text())["metrics"]
+    return json.loads((save_dir / RUN_INFO_NAME).read_text())["metrics"]

@@ -61,7 +61,7 @@ from fst_plugin.models.factory import load_weights
 from fst_plugin.probe_config import CLEAN_REFERENCE, NO_DEFENSE, RetuneConfig
 from fst_plugin.record import AttackRecord, PoisonedImage, load_attack_record, load_untrusted
 from fst_plugin.record.defense_output import CSV_COLUMNS, environment_versions
-from fst_plugin.record.layout import RETUNE_RESULT_NAME, DefenseLayout
+from fst_plugin.record.layout import RETUNE_RESULT_NAME, RUN_INFO_NAME, DefenseLayout
 from fst_plugin.runtime import progress, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -335,15 +335,15 @@ def write_retune_outputs(plan: RetunePlan, result: RetuneResult) -> None:
     df = pd.DataFrame(result.history)
     df = df[[c for c in CSV_COLUMNS if c in df] + [c for c in df if c not in CSV_COLUMNS]]
     atomic_write_text(plan.save_dir / "retune_df.csv", df.to_csv())
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(plan.config).items()}
     info = {"method": "retune", "protocol": "retuning attack (stable_backdoor_purification fine_tune/ft_poison.py)",
             "defense": result.defense, "record": str(plan.record.record_dir), "model_name": plan.model_name,
             "device": plan.device, "seed": plan.config.random_seed, "clean_index_source": result.clean_index_source,
             "n_clean": result.n_clean, "n_poisoned": len(result.poisoned_indices),
             "poisoned_train_indices": list(result.poisoned_indices),
-            "wall_time_s": result.wall_time_s, "before": result.before, "after": result.after, "config": config,
+            "wall_time_s": result.wall_time_s, "before": result.before, "after": result.after,
+            "config": asdict(plan.config),  # its paths become text through json's default=str
             "versions": environment_versions()}
-    atomic_write_text(plan.save_dir / "run_info.json", json.dumps(info, indent=2, default=str))
+    atomic_write_text(plan.save_dir / RUN_INFO_NAME, json.dumps(info, indent=2, default=str))
     atomic_torch_save({"model_name": plan.model_name, "num_classes": plan.num_classes,
                        "model": {k: v.detach().cpu() for k, v in plan.model.state_dict().items()}},
                       plan.save_dir / RETUNE_RESULT_NAME)
