@@ -78,6 +78,7 @@ from fst_plugin.probe_config import CLEAN_REFERENCE, QraConfig, RetuneConfig
 from fst_plugin.record import AttackRecord, PoisonedImage, load_attack_record, load_untrusted
 from fst_plugin.record.defense_output import environment_versions
 from fst_plugin.record.layout import QRA_RESULT_NAME, RUN_INFO_NAME, DefenseLayout
+from fst_plugin.record.poison_pool import PoisonPool, poisoned_pool
 from fst_plugin.retune import (
     clean_subset,
     inside_record,
@@ -185,18 +186,15 @@ class QraPlan:
     training: QraSet
     clean_test: TensorDataset     # (pixels, label)
     bd_test: TensorDataset        # (pixels, backdoor label, original index, 1, original label)
+    pool: PoisonPool              # the record's poisoned pool (the poisoned images come from its non-target part)
 
 
-def attack_target(record: AttackRecord) -> int:
-    """The all-to-one target of the record's poisoned training images (QRA needs one target)."""
-    if record.bd_train is None or not record.bd_train.images:
-        raise RecordError(f"attack record {record.record_dir} has no bd_train (its poisoned training images)",
-                          "QRA needs the attack's poisoned training set: use a record written with bd_train")
-    targets = sorted({img.bd_label for img in record.bd_train.images})
-    if len(targets) != 1:
-        raise RecordError(f"attack record {record.record_dir} is not all-to-one (backdoor labels {targets[:5]})",
-                          "QRA reactivates one target class: use an all-to-one attack's record")
-    return targets[0]
+def attack_target(record: AttackRecord, pool: PoisonPool) -> int:
+    """The all-to-one target of the record's poisoned pool (QRA needs one target)."""
+    if len(pool.targets) != 1:
+        raise RecordError(f"attack record {record.record_dir} is not all-to-one (backdoor labels "
+                          f"{list(pool.targets[:5])})", "QRA reactivates one target class: use an all-to-one attack's record")
+    return pool.targets[0]
 
 
 def load_retuned(config: QraConfig, record: AttackRecord) -> tuple[nn.Module, str]:
@@ -242,8 +240,10 @@ def prepare_qra(config: QraConfig) -> QraPlan:
     record = load_attack_record(config.record, trust=config.trust_record)
     save_dir = DefenseLayout.of(record.record_dir, config.defense).qra_dir
     inside_record(save_dir, record.record_dir, "QRA output folder")
-    target = attack_target(record)
-    poisoned = pick_poisoned(record, config.poison_num, config.random_seed, outside_class=target)  # fail fast, before loading
+    pool = poisoned_pool(record)
+    target = attack_target(record, pool)
+    poisoned = pick_poisoned(pool, config.poison_num, config.random_seed, record,
+                             outside_class=target)  # fail fast, before loading
     device = resolve_device(config.device)
     as_retune = RetuneConfig(record=config.record, defense=config.defense, random_seed=config.random_seed,
                              ratio=config.ratio, dataset_path=config.dataset_path, trust_record=config.trust_record)
@@ -266,7 +266,7 @@ def prepare_qra(config: QraConfig) -> QraPlan:
     channels = dataset_info(record.clean_data).channels
     clean_test = materialise(TransformedDataset(test_split, to_pixels))
     bd_test = materialise(PoisonedTestSet(record.bd_test.images, channels, to_pixels))
-    return QraPlan(config, record, save_dir, device, target, models, model_name, training, clean_test, bd_test)
+    return QraPlan(config, record, save_dir, device, target, models, model_name, training, clean_test, bd_test, pool)
 
 
 # ----- running it ---------------------------------------------------------------------------------------
@@ -381,7 +381,7 @@ def write_qra_outputs(plan: QraPlan, result: QraResult, perturb: Perturbation) -
             "device": plan.device, "seed": plan.config.random_seed, "target": result.target,
             "clean_index_source": result.clean_index_source, "n_clean": result.n_clean,
             "n_poisoned": len(result.poisoned_indices), "poisoned_train_indices": list(result.poisoned_indices),
-            "wall_time_s": result.wall_time_s, "metrics": result.metrics, "config": asdict(plan.config),
+            "poison_pool": plan.pool.summary(), "wall_time_s": result.wall_time_s, "metrics": result.metrics, "config": asdict(plan.config),
             "versions": environment_versions()}
     atomic_write_text(plan.save_dir / RUN_INFO_NAME, json.dumps(info, indent=2, default=str))
     ae = perturb.ae

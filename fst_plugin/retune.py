@@ -26,7 +26,9 @@ Where we differ, on purpose: the clean subset is the defense's own tuning subset
 attacker re-uses exactly what the defender tuned on (when a model has none, e.g. ``none``, the reference or a
 BackdoorBench defense that writes no index, the subset is drawn as BackdoorBench's ``choose_index`` does:
 ``random.sample`` of ``int(n * ratio)`` indices after seeding, which equals what our defenses draw with the
-same seed and ratio); the poisoned pool is ordered by original index before the seeded shuffle (the script
+same seed and ratio); the poisoned pool holds only the images that carry the attack
+(:func:`fst_plugin.record.poison_pool.poisoned_pool`: WaNet's and InputAware's flagged cross samples, which
+keep their true label, are left out) and is ordered by original index before the seeded shuffle (the script
 shuffles a ``glob`` listing, whose order depends on the file system) and uses its own ``random.Random(seed)``
 so every model of a record is attacked with the same poisoned images; the default seed is 0 (the script's is
 42); RA is measured too; and the retuned model is saved in BackdoorBench's ``defense_result`` format.
@@ -61,6 +63,7 @@ from fst_plugin.models.factory import load_weights
 from fst_plugin.probe_config import CLEAN_REFERENCE, NO_DEFENSE, RetuneConfig
 from fst_plugin.record import AttackRecord, PoisonedImage, load_attack_record, load_untrusted
 from fst_plugin.record.defense_output import CSV_COLUMNS, environment_versions
+from fst_plugin.record.poison_pool import PoisonPool, poisoned_pool
 from fst_plugin.record.layout import RETUNE_RESULT_NAME, RUN_INFO_NAME, DefenseLayout
 from fst_plugin.runtime import progress, resolve_device, seed_everything
 
@@ -92,6 +95,7 @@ class RetuneSet:
     clean_indices: np.ndarray     # the clean training indices kept (the subset minus its first poison_num)
     subset: np.ndarray            # the whole clean subset (defense's index.txt or drawn)
     index_source: str
+    pool: PoisonPool              # where ``poisoned`` were drawn from
 
     def dataset(self) -> TensorDataset:
         return TensorDataset(self.images, self.labels)
@@ -186,22 +190,19 @@ def clean_subset(config: RetuneConfig, record: AttackRecord, n_train: int) -> tu
     return indices, source
 
 
-def pick_poisoned(record: AttackRecord, poison_num: int, seed: int,
+def pick_poisoned(pool: PoisonPool, poison_num: int, seed: int, record: AttackRecord,
                   outside_class: Optional[int] = None) -> list[PoisonedImage]:
-    """``poison_num`` of the record's poisoned training images: the pool by original index, seeded shuffle.
-    ``outside_class`` leaves out the images whose original label is that class (QRA's pool)."""
-    if record.bd_train is None:
-        raise RecordError(f"attack record {record.record_dir} has no bd_train (its poisoned training images)",
-                          "retune needs the attack's poisoned training set: use a record written with bd_train")
-    pool = sorted((img for img in record.bd_train.images
-                   if outside_class is None or img.original_label != outside_class),
-                  key=lambda img: img.original_index)
-    if poison_num > len(pool):
+    """``poison_num`` images of the record's poisoned pool (:func:`poisoned_pool`; ordered by original index),
+    after a seeded shuffle. ``outside_class`` leaves out the images whose original label is that class (QRA's
+    pool)."""
+    candidates = [img for img in pool.images if outside_class is None or img.original_label != outside_class]
+    if poison_num > len(candidates):
         where = "of" if outside_class is None else "outside the target class in"
-        raise ConfigError(f"--poison_num {poison_num} is larger than the {len(pool)} poisoned training images "
-                          f"{where} {record.record_dir.name}", f"pass --poison_num {len(pool)} or fewer")
-    random.Random(seed).shuffle(pool)
-    chosen = pool[:poison_num]
+        raise ConfigError(f"--poison_num {poison_num} is larger than the {len(candidates)} poisoned training images "
+                          f"{where} {record.record_dir.name} ({pool.rule} pool)",
+                          f"pass --poison_num {len(candidates)} or fewer")
+    random.Random(seed).shuffle(candidates)
+    chosen = candidates[:poison_num]
     for img in chosen:
         if not img.path.is_file():
             raise RecordError(f"attack record {record.record_dir}: poisoned training image {img.path} is missing",
@@ -220,14 +221,14 @@ def read_poisoned_image(img: PoisonedImage, mode: str) -> Image.Image:
 
 
 def build_retune_set(record: AttackRecord, train_split: Dataset, subset: np.ndarray, index_source: str,
-                     poison_num: int, seed: int) -> RetuneSet:
+                     poison_num: int, seed: int, pool: PoisonPool) -> RetuneSet:
     """The official tuning set: the subset's first ``poison_num`` items swapped for poisoned images (test
     transform, target label); the rest clean with the train transform, drawn once (fixed augmentation)."""
     info = dataset_info(record.clean_data)
     if poison_num > len(subset):
         raise ConfigError(f"--poison_num {poison_num} is larger than the clean tuning subset ({len(subset)} images)",
                           f"pass --poison_num {len(subset)} or fewer (or a larger --ratio)")
-    poisoned = pick_poisoned(record, poison_num, seed)
+    poisoned = pick_poisoned(pool, poison_num, seed, record)
     test_transform, train_transform = get_transform(record.clean_data, False), get_transform(record.clean_data, True)
     mode = "L" if info.channels == 1 else "RGB"
     images, labels = [], []
@@ -241,7 +242,7 @@ def build_retune_set(record: AttackRecord, train_split: Dataset, subset: np.ndar
         images.append(train_transform(image))
         labels.append(int(label))
     return RetuneSet(torch.stack(images), torch.tensor(labels, dtype=torch.int64), poisoned, clean_indices,
-                     np.asarray(subset, dtype=np.int64), index_source)
+                     np.asarray(subset, dtype=np.int64), index_source, pool)
 
 
 def prepare_retune(config: RetuneConfig) -> RetunePlan:
@@ -250,16 +251,18 @@ def prepare_retune(config: RetuneConfig) -> RetunePlan:
     record = load_attack_record(config.record, trust=config.trust_record)
     save_dir = DefenseLayout.of(record.record_dir, config.defense).retune_dir
     inside_record(save_dir, record.record_dir, "retune output folder")
-    pick_poisoned(record, config.poison_num, config.random_seed)  # bd_train present and large enough: fail fast
+    pool = poisoned_pool(record)
+    pick_poisoned(pool, config.poison_num, config.random_seed, record)  # pool large enough: fail fast
     device = resolve_device(config.device)
     model, model_name, num_classes = load_model_to_retune(config, record)
     root = record.clean_data_folder(config.dataset_path)
     train_split = load_clean_split(record.clean_data, root, train=True)
     test_split = load_clean_split(record.clean_data, root, train=False)
     subset, source = clean_subset(config, record, len(train_split))
-    tuning = build_retune_set(record, train_split, subset, source, config.poison_num, config.random_seed)
-    log.info("retune %s: %d poisoned (train indices %s) + %d clean images (%s)", config.defense,
-             len(tuning.poisoned), [p.original_index for p in tuning.poisoned], len(tuning.clean_indices), source)
+    tuning = build_retune_set(record, train_split, subset, source, config.poison_num, config.random_seed, pool)
+    log.info("retune %s: %d poisoned (train indices %s, %s pool of %d, %d flagged images left out) + %d clean "
+             "images (%s)", config.defense, len(tuning.poisoned), [p.original_index for p in tuning.poisoned],
+             pool.rule, len(pool.images), pool.excluded, len(tuning.clean_indices), source)
     test_transform = get_transform(record.clean_data, False)
     return RetunePlan(config, record, save_dir, device, model, model_name, num_classes, tuning,
                       TransformedDataset(test_split, test_transform),
@@ -339,7 +342,7 @@ def write_retune_outputs(plan: RetunePlan, result: RetuneResult) -> None:
             "defense": result.defense, "record": str(plan.record.record_dir), "model_name": plan.model_name,
             "device": plan.device, "seed": plan.config.random_seed, "clean_index_source": result.clean_index_source,
             "n_clean": result.n_clean, "n_poisoned": len(result.poisoned_indices),
-            "poisoned_train_indices": list(result.poisoned_indices),
+            "poisoned_train_indices": list(result.poisoned_indices), "poison_pool": plan.tuning.pool.summary(),
             "wall_time_s": result.wall_time_s, "before": result.before, "after": result.after,
             "config": asdict(plan.config),  # its paths become text through json's default=str
             "versions": environment_versions()}

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from fst_plugin.attacks import TrainConfig, badnets_trigger, poison_indices, poisoned_test_items, train_classifier
+from fst_plugin.data import load_clean_split
 from fst_plugin.demo import synthetic_images, write_image_folders
 from fst_plugin.models import build_model
 from fst_plugin.record import load_attack_record, write_attack_record
@@ -76,3 +77,30 @@ def tiny(ws: RetuneWorkspace, defense: str = "fst", **overrides) -> RetuneConfig
                   epochs=2, batch_size=128)
     values.update(overrides)
     return RetuneConfig(**values)
+
+
+
+def flag_unrelabelled(record_dir: Path, count: int, target_only: bool = False, replace: bool = False) -> list[int]:
+    """Flag ``count`` more training images of the record that keep their true label, with a noisy PNG, as
+    BackdoorBench's attacks do for WaNet's cross samples (cross_ratio 2; InputAware 1) or for a clean-label attack
+    such as SIG (``target_only``: images of the target class; ``replace``: the record's dirty-label images are
+    dropped first). Returns the indices flagged."""
+    payload = torch.load(record_dir / "attack_result.pt", weights_only=False)
+    state = payload["bd_train"]
+    indicator, data_dict = state["poison_indicator"], state["bd_data_container"]["data_dict"]
+    if replace:
+        indicator[:] = 0
+        data_dict.clear()
+    labels = load_clean_split("cifar10", record_dir.parent.parent / "data" / "cifar10", train=True).targets
+    free = [i for i in range(len(indicator)) if indicator[i] == 0 and (not target_only or labels[i] == TARGET)]
+    chosen = free[:count]
+    rng = np.random.default_rng(1)
+    for index in chosen:
+        label = int(labels[index])
+        rel = f"bd_train_dataset/{label}/{index}.png"
+        (record_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(record_dir / rel)
+        data_dict[np.int64(index)] = {"path": f"./record/{record_dir.name}/{rel}", "other_info": [label, label]}
+        indicator[index] = 1
+    torch.save(payload, record_dir / "attack_result.pt")
+    return chosen

@@ -21,7 +21,7 @@ from fst_plugin.models import build_model
 from fst_plugin.record import load_attack_record, load_untrusted
 from fst_plugin.retune import prepare_retune, run_retune
 from tests.builders import snapshot, state_dict_hash
-from tests.workflows.retune_builders import MODEL, TARGET, RetuneWorkspace, tiny
+from tests.workflows.retune_builders import MODEL, TARGET, RetuneWorkspace, flag_unrelabelled, tiny
 
 
 @pytest.fixture()
@@ -161,3 +161,34 @@ def test_retune_runs_on_a_record_in_backdoorbenchs_own_layout_from_its_root(ws, 
         assert info["n_poisoned"] == 5
         assert info["clean_index_source"].startswith("drawn") == (defense != "ft")
     assert "ASR" in capsys.readouterr().out
+
+
+
+def test_on_a_wanet_shaped_record_the_retune_uses_only_backdoor_images_with_the_target_label(ws):
+    """BackdoorBench's WaNet flags cross samples (noise warp, true label) beside the backdoor images: they must
+    never reach the retuning attack's tuning set, and run_info.json names the rule and the pool."""
+    cross = set(flag_unrelabelled(ws.attacked, 40))
+    assert len(load_attack_record(ws.attacked).bd_train.images) == 60 and len(cross) == 40
+    plan = prepare_retune(tiny(ws, poison_num=20))
+    assert not {p.original_index for p in plan.tuning.poisoned} & cross
+    assert all(p.bd_label == TARGET != p.original_label for p in plan.tuning.poisoned)
+    assert plan.tuning.labels[:20].tolist() == [TARGET] * 20
+    result = run_retune(tiny(ws, poison_num=5, epochs=1))
+    info = json.loads((result.save_dir / "run_info.json").read_text())
+    assert info["poison_pool"] == {"rule": "dirty-label", "size": 20, "flagged": 60, "excluded": 40,
+                                   "targets": [TARGET]}
+    assert not set(info["poisoned_train_indices"]) & cross
+
+
+def test_on_a_clean_label_record_the_pool_is_the_flagged_images_of_the_target_class(ws, capsys):
+    """SIG-shaped: only target-class images are flagged and none changes its label."""
+    flagged = set(flag_unrelabelled(ws.attacked, 10, target_only=True, replace=True))
+    plan = prepare_retune(tiny(ws, poison_num=5))
+    assert {p.original_index for p in plan.tuning.poisoned} <= flagged
+    assert plan.tuning.pool.rule == "clean-label" and len(plan.tuning.pool.images) == 10
+    assert plan.tuning.labels[:5].tolist() == [TARGET] * 5
+    # QRA takes its poisoned images outside the target class: none here, so it refuses in one line
+    code = cli_main(["qra", "--record", str(ws.attacked), "--defense", "fst", "--dataset_path", str(ws.root / "data"),
+                     "--reference_record", str(ws.reference), "--poison_num", "1", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "outside the target class" in err[-1] and "clean-label pool" in err[-1]
