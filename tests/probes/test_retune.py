@@ -1,7 +1,7 @@
 """The retuning attack (issue 11): tuning-set composition, determinism, bad input, a clean model's floor, and
 records in BackdoorBench's own layout.
 
-The fixture is the retuning-attack workspace of tests/workflows/retune_builders.py (built once per session by
+The fixture is the retuning-attack workspace of tests/probes/retune_builders.py (built once per session by
 conftest.py's ``built``).
 """
 from __future__ import annotations
@@ -18,10 +18,10 @@ from PIL import Image
 from fst_plugin.cli import main as cli_main
 from fst_plugin.data import get_transform
 from fst_plugin.models import build_model
+from fst_plugin.probes.retune import prepare_retune, run_retune
 from fst_plugin.record import load_attack_record, load_untrusted
-from fst_plugin.retune import prepare_retune, run_retune
 from tests.builders import snapshot, state_dict_hash
-from tests.workflows.retune_builders import MODEL, TARGET, RetuneWorkspace, flag_unrelabelled, tiny
+from tests.probes.retune_builders import MODEL, TARGET, RetuneWorkspace, flag_unrelabelled, tiny
 
 
 @pytest.fixture()
