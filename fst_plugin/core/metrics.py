@@ -91,7 +91,7 @@ def evaluate_backdoor(model: nn.Module, clean_loader: Iterable, bd_loader: Itera
 
 
 @dataclass(frozen=True)
-class TestTensors:
+class BackdoorTestSets:
     """A clean and a poisoned test set as tensors (inputs before the ``prepare`` map of :func:`backdoor_rates`)."""
 
     clean_inputs: torch.Tensor
@@ -102,7 +102,7 @@ class TestTensors:
 
 
 @torch.no_grad()
-def backdoor_rates(models: Mapping[str, nn.Module], tests: TestTensors, device: str | torch.device,
+def backdoor_rates(models: Mapping[str, nn.Module], tests: BackdoorTestSets, device: str | torch.device,
                    prepare: Callable[[torch.Tensor], torch.Tensor], target: Optional[int] = None,
                    batch_size: int = 256, show_progress: Optional[bool] = None) -> dict[str, dict[str, float]]:
     """Each model's C-Acc (``acc``), ASR and RA, plus with ``target`` the share of clean test images predicted

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from fst_plugin.io_utils import atomic_torch_save, atomic_write_text
+from fst_plugin.probes.config import QraConfig, RetuneConfig
 from fst_plugin.record import AttackRecord, PoisonPool
 from fst_plugin.record.defense_output import environment_versions
 from fst_plugin.record.layout import RUN_INFO_NAME
@@ -43,14 +44,15 @@ class ProbeRun:
     model_name: str
     device: str
     pool: PoisonPool
-    config: Any                   # the probe's config dataclass (RetuneConfig, QraConfig)
+    config: RetuneConfig | QraConfig
 
 
 def run_info(run: ProbeRun, result: ProbeResult, measured: dict[str, Any], reference_record: Optional[Path] = None,
              target: Optional[int] = None) -> dict[str, Any]:
     """``run_info.json``'s content; ``measured`` holds the probe's numbers (retune: before/after, QRA: metrics),
     ``reference_record`` and ``target`` are written by the probes whose numbers depend on them (QRA)."""
-    return {"method": run.method, "protocol": run.protocol, "defense": result.defense, "record": str(run.record.record_dir),
+    return {"method": run.method, "protocol": run.protocol, "defense": result.defense,
+            "record": str(run.record.record_dir),
             **({} if reference_record is None else {"reference_record": str(reference_record)}),
             "model_name": run.model_name, "device": run.device, "seed": run.config.random_seed,
             **({} if target is None else {"target": target}),

@@ -68,23 +68,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from fst_plugin.core.metrics import TestTensors, backdoor_rates
+from fst_plugin.core.metrics import BackdoorTestSets, backdoor_rates
 from fst_plugin.data import PoisonedTestSet, TransformedDataset, dataset_info, materialise
 from fst_plugin.errors import ConfigError, RecordError, TrainingDiverged
+from fst_plugin.probes import sources
 from fst_plugin.probes.config import QraConfig
 from fst_plugin.probes.output import ProbeResult, ProbeRun, run_info, write_probe_outputs
 from fst_plugin.probes.perturbation import Perturbation, ReactivationAE, pixel_transform
-from fst_plugin.probes.sources import (
-    CleanSubset,
-    clean_splits,
-    clean_subset,
-    inside_record,
-    model_to_probe,
-    pick_poisoned,
-    read_poisoned_image,
-    reference_model,
-    retuned_model,
-)
 from fst_plugin.record import AttackRecord, PoisonedImage, load_attack_record
 from fst_plugin.record.layout import QRA_RESULT_NAME, RUN_INFO_NAME, DefenseLayout
 from fst_plugin.record.poison_pool import PoisonPool, poisoned_pool
@@ -138,11 +128,12 @@ def attack_target(record: AttackRecord, pool: PoisonPool) -> int:
     """The all-to-one target of the record's poisoned pool (QRA needs one target)."""
     if len(pool.targets) != 1:
         raise RecordError(f"attack record {record.record_dir} is not all-to-one (backdoor labels "
-                          f"{list(pool.targets[:5])})", "QRA reactivates one target class: use an all-to-one attack's record")
+                          f"{list(pool.targets[:5])})",
+                          "QRA reactivates one target class: use an all-to-one attack's record")
     return pool.targets[0]
 
 
-def build_qra_set(record: AttackRecord, train_split: Dataset, subset: CleanSubset, clean_num: int,
+def build_qra_set(record: AttackRecord, train_split: Dataset, subset: sources.CleanSubset, clean_num: int,
                   poisoned: list[PoisonedImage], target: int) -> QraSet:
     """Clean images (the subset's first ``clean_num``) then the poisoned ones, all as [0, 1] test-transform pixels."""
     if clean_num > len(subset.indices):
@@ -159,7 +150,7 @@ def build_qra_set(record: AttackRecord, train_split: Dataset, subset: CleanSubse
         labels.append(int(label))
         true.append(int(label))
     for img in poisoned:
-        images.append(to_pixels(read_poisoned_image(img, channels)))
+        images.append(to_pixels(sources.read_poisoned_image(img, channels)))
         labels.append(target)
         true.append(img.original_label)
     return QraSet(torch.stack(images), torch.tensor(labels), torch.tensor(true), clean_indices, poisoned,
@@ -172,20 +163,20 @@ def prepare_qra(config: QraConfig) -> QraPlan:
     assert config.reference_record is not None  # validate() requires it
     record = load_attack_record(config.record, trust=config.trust_record)
     save_dir = DefenseLayout.of(record.record_dir, config.defense).qra_dir
-    inside_record(save_dir, record.record_dir, "QRA output folder")
+    sources.inside_record(save_dir, record.record_dir, "QRA output folder")
     pool = poisoned_pool(record)
     target = attack_target(record, pool)
-    poisoned = pick_poisoned(pool, config.poison_num, config.random_seed, record,
+    poisoned = sources.pick_poisoned(pool, config.poison_num, config.random_seed, record,
                              outside_class=target)  # fail fast, before loading
     device = resolve_device(config.device)
-    purified = model_to_probe(record, config.defense, None, config.trust_record)
-    retuned = retuned_model(record, config.defense, config.trust_record)
-    clean = reference_model(record, config.reference_record, config.trust_record)
+    purified = sources.model_to_probe(record, config.defense, None, config.trust_record)
+    retuned = sources.retuned_model(record, config.defense, config.trust_record)
+    clean = sources.reference_model(record, config.reference_record, config.trust_record)
     models = {"purified": purified.model, "retuned": retuned.model, "clean_reference": clean.model}
     for model in models.values():
         model.eval().requires_grad_(False)  # the generator is the only thing trained
-    train_split, test_split = clean_splits(record, config.dataset_path)
-    subset = clean_subset(record, config.defense, config.ratio, config.random_seed, len(train_split))
+    train_split, test_split = sources.clean_splits(record, config.dataset_path)
+    subset = sources.clean_subset(record, config.defense, config.ratio, config.random_seed, len(train_split))
     training = build_qra_set(record, train_split, subset, config.clean_num, poisoned, target)
     log.info("qra %s: target %d, %d clean (%s) + %d poisoned training images (train indices %s...)", config.defense,
              target, len(training.clean_indices), subset.source, len(poisoned),
@@ -249,7 +240,7 @@ def measure(plan: QraPlan, perturb: Perturbation) -> dict[str, dict[str, float]]
     """Each model's C-Acc and target rate on the clean test images, ASR and RA on the poisoned ones, without and
     with the perturbation (``*_qra``); one perturbation per batch, shared by the three models."""
     clean, bd = plan.clean_test.tensors, plan.bd_test.tensors
-    tests = TestTensors(clean[0], clean[1], bd[0], bd[1], bd[4])
+    tests = BackdoorTestSets(clean[0], clean[1], bd[0], bd[1], bd[4])
     models = {name: plan.models[name] for name in MODELS}
     plain, perturbed = (backdoor_rates(models, tests, plan.device, prepare, plan.target,
                                        show_progress=plan.config.show_progress)

@@ -53,17 +53,9 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from fst_plugin.core import evaluate_backdoor
 from fst_plugin.data import PoisonedTestSet, TransformedDataset, dataset_info, get_transform
 from fst_plugin.errors import ConfigError, TrainingDiverged
+from fst_plugin.probes import sources
 from fst_plugin.probes.config import RetuneConfig
 from fst_plugin.probes.output import ProbeResult, ProbeRun, cpu_state, run_info, write_probe_outputs
-from fst_plugin.probes.sources import (
-    CleanSubset,
-    clean_splits,
-    clean_subset,
-    inside_record,
-    model_to_probe,
-    pick_poisoned,
-    read_poisoned_image,
-)
 from fst_plugin.record import AttackRecord, PoisonedImage, load_attack_record
 from fst_plugin.record.defense_output import CSV_COLUMNS
 from fst_plugin.record.layout import RETUNE_RESULT_NAME, DefenseLayout
@@ -115,8 +107,8 @@ class RetunePlan:
 
 
 # ----- building the pieces ------------------------------------------------------------------------------
-def build_retune_set(record: AttackRecord, train_split: Dataset, subset: CleanSubset, poison_num: int, seed: int,
-                     pool: PoisonPool) -> RetuneSet:
+def build_retune_set(record: AttackRecord, train_split: Dataset, subset: sources.CleanSubset, poison_num: int,
+                     seed: int, pool: PoisonPool) -> RetuneSet:
     """The official tuning set: the subset's first ``poison_num`` items swapped for poisoned images (test
     transform, target label); the rest clean with the train transform, drawn once (fixed augmentation)."""
     channels = dataset_info(record.clean_data).channels
@@ -124,11 +116,11 @@ def build_retune_set(record: AttackRecord, train_split: Dataset, subset: CleanSu
         raise ConfigError(f"--poison_num {poison_num} is larger than the clean tuning subset "
                           f"({len(subset.indices)} images)",
                           f"pass --poison_num {len(subset.indices)} or fewer (or a larger --ratio)")
-    poisoned = pick_poisoned(pool, poison_num, seed, record)
+    poisoned = sources.pick_poisoned(pool, poison_num, seed, record)
     test_transform, train_transform = get_transform(record.clean_data, False), get_transform(record.clean_data, True)
     images, labels = [], []
     for img in poisoned:
-        images.append(test_transform(read_poisoned_image(img, channels)))
+        images.append(test_transform(sources.read_poisoned_image(img, channels)))
         labels.append(img.bd_label)
     clean_indices = np.asarray(subset.indices[poison_num:], dtype=np.int64)
     torch.manual_seed(seed)  # the clean images' one augmentation draw
@@ -145,13 +137,13 @@ def prepare_retune(config: RetuneConfig) -> RetunePlan:
     config.validate()
     record = load_attack_record(config.record, trust=config.trust_record)
     save_dir = DefenseLayout.of(record.record_dir, config.defense).retune_dir
-    inside_record(save_dir, record.record_dir, "retune output folder")
+    sources.inside_record(save_dir, record.record_dir, "retune output folder")
     pool = poisoned_pool(record)
-    pick_poisoned(pool, config.poison_num, config.random_seed, record)  # pool large enough: fail fast
+    sources.pick_poisoned(pool, config.poison_num, config.random_seed, record)  # pool large enough: fail fast
     device = resolve_device(config.device)
-    probed = model_to_probe(record, config.defense, config.reference_record, config.trust_record)
-    train_split, test_split = clean_splits(record, config.dataset_path)
-    subset = clean_subset(record, config.defense, config.ratio, config.random_seed, len(train_split))
+    probed = sources.model_to_probe(record, config.defense, config.reference_record, config.trust_record)
+    train_split, test_split = sources.clean_splits(record, config.dataset_path)
+    subset = sources.clean_subset(record, config.defense, config.ratio, config.random_seed, len(train_split))
     tuning = build_retune_set(record, train_split, subset, config.poison_num, config.random_seed, pool)
     log.info("retune %s: %d poisoned (train indices %s, %s pool of %d, %d flagged images left out) + %d clean "
              "images (%s)", config.defense, len(tuning.poisoned), [p.original_index for p in tuning.poisoned],
@@ -230,6 +222,6 @@ def write_retune_outputs(plan: RetunePlan, result: RetuneResult) -> None:
     df = pd.DataFrame(result.history)
     df = df[[c for c in CSV_COLUMNS if c in df] + [c for c in df if c not in CSV_COLUMNS]]
     run = ProbeRun("retune", PROTOCOL, plan.record, plan.model_name, plan.device, plan.tuning.pool, plan.config)
-    write_probe_outputs(plan.save_dir, "retune_df.csv", df,
-                        run_info(run, result, {"before": result.before, "after": result.after}), RETUNE_RESULT_NAME,
-                        {"model_name": plan.model_name, "num_classes": plan.num_classes, "model": cpu_state(plan.model)})
+    info = run_info(run, result, {"before": result.before, "after": result.after})
+    saved = {"model_name": plan.model_name, "num_classes": plan.num_classes, "model": cpu_state(plan.model)}
+    write_probe_outputs(plan.save_dir, "retune_df.csv", df, info, RETUNE_RESULT_NAME, saved)

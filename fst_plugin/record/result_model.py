@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
 
 import numpy as np
 import torch
@@ -37,8 +37,10 @@ class SavedState:
     num_classes: Optional[int]
 
 
-def state_dict_of(data: Any, path: Path, what: str) -> SavedState:
-    """BackdoorBench's ``{'model_name', 'num_classes', 'model'}`` or a bare state_dict (the authors' own format)."""
+def read_result(path: Path, what: str, trust: bool = False) -> SavedState:
+    """The weights (and names) a result file holds, read without trusting its pickle unless ``trust``:
+    BackdoorBench's ``{'model_name', 'num_classes', 'model'}`` or a bare state_dict (the authors' own format)."""
+    data = load_untrusted(path, what, trust=trust)
     if isinstance(data, Mapping) and "model" in data:
         state, name, classes = data["model"], data.get("model_name"), data.get("num_classes")
     else:
@@ -52,11 +54,6 @@ def state_dict_of(data: Any, path: Path, what: str) -> SavedState:
     if classes is not None and (isinstance(classes, bool) or not isinstance(classes, (int, np.integer))):
         raise RecordError(f"{what} {path}: num_classes is {classes!r}", fix)
     return SavedState(dict(state), name, None if classes is None else int(classes))
-
-
-def read_result(path: Path, what: str, trust: bool = False) -> SavedState:
-    """The weights (and names) a result file holds, read without trusting its pickle unless ``trust``."""
-    return state_dict_of(load_untrusted(path, what, trust=trust), path, what)
 
 
 def model_from_state(state: Mapping[str, torch.Tensor], name: str, num_classes: int,
@@ -73,5 +70,6 @@ def load_result_model(path: Path, what: str, trust: bool = False, model_name: Op
     saved = read_result(path, what, trust)
     name, classes = saved.name or model_name, saved.num_classes or num_classes
     if name is None or classes is None:
-        raise RecordError(f"{what} {path} names no model_name or num_classes", f"re-run the command that wrote this {what}")
+        raise RecordError(f"{what} {path} names no model_name or num_classes",
+                          f"re-run the command that wrote this {what}")
     return model_from_state(saved.state, name, classes, channels)
