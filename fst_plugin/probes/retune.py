@@ -50,9 +50,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from fst_plugin.core import evaluate_backdoor
+from fst_plugin.core import TuningConfig, evaluate_backdoor, find_head, get_mode, tune
 from fst_plugin.data import PoisonedTestSet, TransformedDataset, dataset_info, get_transform
-from fst_plugin.errors import ConfigError, TrainingDiverged
+from fst_plugin.errors import ConfigError
 from fst_plugin.probes import sources
 from fst_plugin.probes.config import RetuneConfig
 from fst_plugin.probes.output import ProbeResult, ProbeRun, cpu_state, run_info, write_probe_outputs
@@ -60,7 +60,7 @@ from fst_plugin.record import AttackRecord, PoisonedImage, load_attack_record
 from fst_plugin.record.defense_output import CSV_COLUMNS
 from fst_plugin.record.layout import RETUNE_RESULT_NAME, DefenseLayout
 from fst_plugin.record.poison_pool import PoisonPool, poisoned_pool
-from fst_plugin.runtime import progress, resolve_device, seed_everything
+from fst_plugin.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 PROTOCOL = "retuning attack (stable_backdoor_purification fine_tune/ft_poison.py)"
@@ -155,38 +155,18 @@ def prepare_retune(config: RetuneConfig) -> RetunePlan:
 
 
 # ----- running it ---------------------------------------------------------------------------------------
-def retune_model(model: nn.Module, dataset: Dataset, config: RetuneConfig, device: str) -> list[dict[str, Any]]:
-    """Plain fine-tuning as the authors' script does it; returns one row per epoch (loss, train accuracy)."""
-    model.to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=0.0)
-    criterion = nn.CrossEntropyLoss()
+def retune_model(model: nn.Module, num_classes: int, dataset: Dataset, config: RetuneConfig,
+                 device: str) -> list[dict[str, Any]]:
+    """Plain fine-tuning as the authors' script does it: the core's loop in ``vanilla-ft`` mode (every parameter,
+    the whole model in train mode) without head-norm projection, at a constant learning rate; one row per epoch
+    (loss, train accuracy)."""
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=False,
                         num_workers=config.num_workers,
                         generator=torch.Generator().manual_seed(config.random_seed))
-    history = []
-    for epoch in range(config.epochs):
-        model.train()
-        loss_sum, correct, seen, batches = 0.0, 0, 0, 0
-        for inputs, targets in progress(loader, config.show_progress, f"retune epoch {epoch + 1}/{config.epochs}"):
-            inputs, targets = inputs.to(device), targets.to(device)
-            logits = model(inputs)
-            loss = criterion(logits, targets)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"the retune loss became {loss.item()} in epoch {epoch + 1}",
-                                       f"lower --lr (now {config.lr}); nothing was written")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.item()
-            correct += (logits.argmax(1) == targets).sum().item()
-            seen += targets.numel()
-            batches += 1
-        history.append({"epoch": epoch, "batch": batches, "train_epoch_loss_avg_over_batch": loss_sum / batches,
-                        "train_acc": correct / seen})
-        log.info("retune epoch %d/%d: loss %.4f train acc %.4f", epoch + 1, config.epochs,
-                 loss_sum / batches, correct / seen)
-    model.eval()
-    return history
+    settings = TuningConfig(epochs=config.epochs, lr=config.lr, momentum=0.9, weight_decay=0.0, projection=False,
+                            lr_schedule="constant", device=device, seed=config.random_seed,
+                            show_progress=config.show_progress)
+    return tune(model, find_head(model, num_classes), get_mode("vanilla-ft"), loader, settings)
 
 
 def run_retune(config: RetuneConfig) -> RetuneResult:
@@ -204,8 +184,7 @@ def run_retune(config: RetuneConfig) -> RetuneResult:
     before = evaluate()
     log.info("before retune (%s): C-Acc %.4f ASR %.4f RA %.4f", cfg.defense, before["test_acc"],
              before["test_asr"], before["test_ra"])
-    seed_everything(cfg.random_seed)
-    history = retune_model(plan.model, plan.tuning.dataset(), cfg, plan.device)
+    history = retune_model(plan.model, plan.num_classes, plan.tuning.dataset(), cfg, plan.device)
     after = evaluate()
     history[-1].update(after)
     wall = time.time() - started
