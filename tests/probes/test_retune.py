@@ -110,6 +110,15 @@ def test_a_record_without_bd_train_exits_2_and_writes_nothing(ws, capsys):
     assert snapshot(ws.root) == before
 
 
+def test_a_diverging_retune_exits_2_with_the_learning_rate_to_lower_and_writes_nothing(ws, capsys):
+    before = snapshot(ws.root)
+    code = cli_main(["retune", "--record", str(ws.attacked), "--defense", "fst", "--device", "cpu", "--epochs", "2",
+                     "--dataset_path", str(ws.root / "data"), "--ratio", "0.25", "--lr", "1e30"])
+    err = capsys.readouterr().err
+    assert code == 2 and "the loss became" in err and "lr=1e+30" in err and "alpha" not in err
+    assert snapshot(ws.root) == before
+
+
 def test_a_defense_folder_linked_outside_the_record_is_refused(ws, capsys, tmp_path):
     outside = tmp_path / "elsewhere"
     shutil.copytree(ws.attacked / "defense" / "fst", outside)
