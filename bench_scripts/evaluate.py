@@ -13,13 +13,13 @@ class's, and the silhouette of target-class clean vs poisoned features (common.f
 defense's run_info.json. Per-model results are cached next to the model (bench_eval.json, keyed by the
 file's size and mtime), so re-running after adding defenses only evaluates the new ones.
 
-Retuning attack (issue 11, fst_plugin.retune): ``retune_acc``, ``retune_asr``, ``retune_ra`` are each model's
+Retuning attack (issue 11, fst_plugin.probes.retune): ``retune_acc``, ``retune_asr``, ``retune_ra`` are each model's
 numbers after the attack, measured the same way from ``defense/<variant>/retune/retune_result.pt`` wherever it
 exists; ``--retune`` runs the missing ones first (≈ 1–2 min each on the cpu protocol). The clean reference (a
 record of the same protocol and seed at rate 0, ``<attack>_0_s<seed>``, or ``--reference NAME``) then gets a row
 of its own, ``clean-reference``, measured on this record's test sets and retuned with its poisoned images.
 
-Query-based reactivation attack (issue 11 part 4, fst_plugin.qra): ``qra_asr`` (the model's ASR on the poisoned test
+Query-based reactivation attack (issue 11 part 4, fst_plugin.probes.qra): ``qra_asr`` (the model's ASR on the poisoned test
 images with the learned perturbation), ``qra_clean_target`` (its rate of predicting the target on the perturbed
 clean test images) and ``qra_ref_asr`` (the clean reference's ASR on the same perturbed poisoned images: a real
 reactivation fools the purified model, not the clean one) come from ``defense/<variant>/retune/qra/run_info.json``
@@ -61,11 +61,11 @@ from bench_scripts.common import (
 )
 from fst_plugin.core import defense_effectiveness_rating
 from fst_plugin.errors import FSTError
-from fst_plugin.probe_config import CLEAN_REFERENCE, QraConfig, RetuneConfig
-from fst_plugin.qra import read_metrics, run_qra
+from fst_plugin.probes.config import CLEAN_REFERENCE, QraConfig, RetuneConfig
+from fst_plugin.probes.qra import read_metrics, run_qra
+from fst_plugin.probes.retune import run_retune
 from fst_plugin.record import load_attack_record
 from fst_plugin.record.layout import DefenseLayout, defense_results
-from fst_plugin.retune import run_retune
 from fst_plugin.runtime import resolve_device
 
 log = logging.getLogger("bench.evaluate")

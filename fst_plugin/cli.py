@@ -15,7 +15,7 @@ from fst_plugin import __version__
 from fst_plugin.adapter.launcher import EXIT_USAGE, main as run_defense, report_error
 from fst_plugin.errors import FSTError
 from fst_plugin.options import add_options, from_options
-from fst_plugin.probe_config import QraConfig, RetuneConfig
+from fst_plugin.probes.config import QraConfig, RetuneConfig
 
 EPILOG = """examples:
   fst-plugin list
@@ -100,7 +100,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_retune(args: argparse.Namespace) -> int:
-    from fst_plugin.retune import run_retune
+    from fst_plugin.probes.retune import run_retune
 
     result = run_retune(from_options(RetuneConfig, args))
     print(f"{result.defense}: C-Acc {100 * result.before['test_acc']:.2f} -> {100 * result.after['test_acc']:.2f}, "
@@ -118,7 +118,7 @@ def _add_retune_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_qra(args: argparse.Namespace) -> int:
-    from fst_plugin.qra import run_qra
+    from fst_plugin.probes.qra import run_qra
 
     result = run_qra(from_options(QraConfig, args))
     pct = {name: {k: 100 * v for k, v in m.items()} for name, m in result.metrics.items()}

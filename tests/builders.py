@@ -10,7 +10,7 @@ The builder
     The model is **untrained** (0 attack epochs): no test needs a real backdoor. The tests on this fixture
     check formats, plumbing, outputs, bad input, faults and reproducibility; none asserts that a defense lowers
     the ASR (the only tests that train a backdoor, ``workflows/test_demo.py`` and the wheel test, run
-    ``fst-plugin demo`` itself, and ``workflows/test_retune.py`` and ``bench/test_pipeline.py`` build the
+    ``fst-plugin demo`` itself, and ``probes/test_retune.py`` and ``bench/test_pipeline.py`` build the
     trained models they measure). Untrained also makes the fixture cheap and bit-identical on any machine.
 
 Seeding and threads, decided here and nowhere else

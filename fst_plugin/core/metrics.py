@@ -1,13 +1,19 @@
-"""C-Acc, ASR and RA as BackdoorBench defines them, and the defense effectiveness rating (DER)."""
+"""C-Acc, ASR and RA as BackdoorBench defines them, and the defense effectiveness rating (DER).
+
+Two entry points: :func:`evaluate_backdoor` over data loaders (one model, with the losses; the defenses and the
+retuning attack), and :func:`backdoor_rates` over test sets held as tensors (several models on the same batches,
+through an input map such as a perturbation; QRA).
+"""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Iterable
+from typing import Callable, Iterable, Mapping, Optional
 
 import torch
 from torch import nn
 
 from fst_plugin.distributed import EvalShard, all_reduce_sum
+from fst_plugin.runtime import progress
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,45 @@ def evaluate_backdoor(model: nn.Module, clean_loader: Iterable, bd_loader: Itera
     bd_loss, asr, ra = _accuracy(model, bd_loader, device)
     model.train(was_training)
     return BackdoorMetrics(acc, asr, ra, clean_loss, bd_loss)
+
+
+@dataclass(frozen=True)
+class BackdoorTestSets:
+    """A clean and a poisoned test set as tensors (inputs before the ``prepare`` map of :func:`backdoor_rates`)."""
+
+    clean_inputs: torch.Tensor
+    clean_labels: torch.Tensor
+    bd_inputs: torch.Tensor
+    bd_labels: torch.Tensor           # the backdoor labels (ASR counts predictions equal to them)
+    bd_original_labels: torch.Tensor  # the true labels (RA)
+
+
+@torch.no_grad()
+def backdoor_rates(models: Mapping[str, nn.Module], tests: BackdoorTestSets, device: str | torch.device,
+                   prepare: Callable[[torch.Tensor], torch.Tensor], target: Optional[int] = None,
+                   batch_size: int = 256, show_progress: Optional[bool] = None) -> dict[str, dict[str, float]]:
+    """Each model's C-Acc (``acc``), ASR and RA, plus with ``target`` the share of clean test images predicted
+    as ``target`` (``clean_target``, the target class's own images included); keys in the order acc,
+    clean_target, asr, ra. ``prepare`` maps an input batch to the models' input once per batch, shared by the
+    models (a normalisation, a perturbation). The models are used as they are (put them in eval mode)."""
+    clean_wanted = {"acc": tests.clean_labels}
+    if target is not None:
+        clean_wanted["clean_target"] = torch.full_like(tests.clean_labels, target)
+    bd_wanted = {"asr": tests.bd_labels, "ra": tests.bd_original_labels}
+    rates: dict[str, dict[str, float]] = {name: {} for name in models}
+    for set_name, inputs, wanted in (("clean", tests.clean_inputs, clean_wanted),
+                                     ("poisoned", tests.bd_inputs, bd_wanted)):
+        hits = {(name, key): 0 for name in models for key in wanted}
+        for start in progress(range(0, len(inputs), batch_size), show_progress, f"measure ({set_name})"):
+            batch = prepare(inputs[start:start + batch_size].to(device))
+            labels = {key: values[start:start + batch_size].to(device) for key, values in wanted.items()}
+            for name, model in models.items():
+                pred = model(batch).argmax(1)
+                for key, wanted_labels in labels.items():
+                    hits[(name, key)] += int((pred == wanted_labels).sum().item())
+        for (name, key), count in hits.items():
+            rates[name][key] = count / len(inputs) if len(inputs) else float("nan")
+    return rates
 
 
 def defense_effectiveness_rating(acc_before: float, asr_before: float, acc_after: float, asr_after: float) -> float:

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 
 PROJECTION_BOUNDS = ("equal", "at_most")
+LR_SCHEDULES = ("cosine", "constant")
 
 
 @dataclass
@@ -50,6 +51,8 @@ class TuningConfig:
     # "equal": W ← W·‖W₀‖/‖W‖ after every step (the official code); "at_most": only when ‖W‖ > ‖W₀‖ (the
     # paper's constraint ‖W‖ ≤ ‖W₀‖), which leaves a small re-initialised head small until it grows
     projection_bound: str = "equal"
+    # "cosine": annealed to 0 over the epochs (the paper's); "constant": lr throughout (the retuning attack's)
+    lr_schedule: str = "cosine"
     device: str = "cpu"
     amp: bool = False
     seed: int = 0
@@ -58,6 +61,8 @@ class TuningConfig:
     def __post_init__(self) -> None:
         if self.projection_bound not in PROJECTION_BOUNDS:
             raise ValueError(f"projection_bound is {self.projection_bound!r}; use one of {', '.join(PROJECTION_BOUNDS)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule is {self.lr_schedule!r}; use one of {', '.join(LR_SCHEDULES)}")
 
     def projection_for(self, mode: TuningMode) -> bool:
         return mode.project_head_norm if self.projection is None else self.projection
@@ -145,7 +150,9 @@ class TuningRun:
             raise ValueError(f"mode {mode.name} leaves no parameter to train")
         self.optimizer = torch.optim.SGD(trainable, lr=config.lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=config.epochs)
+        self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=config.epochs)
+                          if config.lr_schedule == "cosine" else
+                          torch.optim.lr_scheduler.ConstantLR(self.optimizer, factor=1.0, total_iters=0))
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
         self.use_amp = config.amp and self.device.type == "cuda"
@@ -188,7 +195,8 @@ class TuningRun:
         if not math.isfinite(loss_value):  # the same value on every rank: all stop together
             raise TrainingDiverged(
                 f"the loss became {loss_value} in epoch {epoch + 1} (batch {batch_index + 1}) of {mode.name}",
-                f"lower the learning rate (lr={config.lr}) or alpha (alpha={config.alpha}); no model was kept",
+                f"lower the learning rate (lr={config.lr})"
+                + (f" or alpha (alpha={config.alpha})" if mode.feature_shift_penalty else "") + "; no model was kept",
             )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()

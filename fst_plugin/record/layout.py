@@ -3,7 +3,7 @@
 ``record/<record>/defense/<name>/`` holds, in BackdoorBench's names, ``defense_result.pt``, ``<method>_df.csv``,
 ``<method>_df_summary.csv``, the two plots, ``run_info.json``, ``checkpoint/last.pt`` (while a run is
 unfinished), ``log/<timestamp>.log`` and ``log/index.txt``; ``retune/`` is kept for re-tuning runs and ``retune/qra/`` for the
-query-based reactivation attack that needs the retuned model (fst_plugin.qra). ``<name>`` is
+query-based reactivation attack that needs the retuned model (fst_plugin.probes.qra). ``<name>`` is
 the method, or a variant's own name (an ablation) so variants never overwrite each other.
 """
 from __future__ import annotations

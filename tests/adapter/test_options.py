@@ -9,7 +9,7 @@ import pytest
 
 from fst_plugin.cli import build_parser
 from fst_plugin.options import add_options, from_options, option, parse_fraction
-from fst_plugin.probe_config import QraConfig, RetuneConfig
+from fst_plugin.probes.config import QraConfig, RetuneConfig
 
 
 @pytest.mark.parametrize("command, cls", [("retune", RetuneConfig), ("qra", QraConfig)])

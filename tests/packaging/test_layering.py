@@ -14,9 +14,9 @@ LAYERS = [
     {"fst_plugin", "errors", "io_utils", "runtime", "distributed", "options"},  # fst_plugin = __init__ (the version only)
     {"core"},                                              # pure PyTorch
     {"models", "data", "record"},                          # formats and building blocks
-    {"config", "attacks", "plugins", "probe_config"},
+    {"config", "attacks", "plugins", "probes"},            # probes: the retuning attack and QRA
     {"adapter", "backdoor"},
-    {"api", "installer", "exporter", "retune", "qra"},  # qra imports retune (same layer, no cycle)
+    {"api", "installer", "exporter"},
     {"demo", "cli", "__main__"},
 ]
 CORE_MAY_IMPORT = {"core", "errors", "runtime", "distributed"}

@@ -1,10 +1,10 @@
-"""The retuning-attack workspace (tests/workflows/retune_builders.py), built once per session for test_retune.py
+"""The retuning-attack workspace (tests/probes/retune_builders.py), built once per session for test_retune.py
 and test_qra.py: read it, never write into it (their ``ws`` fixtures give private copies)."""
 from __future__ import annotations
 
 import pytest
 
-from tests.workflows.retune_builders import RetuneWorkspace, build_retune_workspace
+from tests.probes.retune_builders import RetuneWorkspace, build_retune_workspace
 
 
 @pytest.fixture(scope="session")

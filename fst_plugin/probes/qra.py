@@ -2,7 +2,7 @@
 
 Min et al. (NeurIPS 2024, "Uncovering, Explaining, and Mitigating the Superficial Safety of Backdoor Defense")
 propose QRA as the second probe of post-purification robustness, after the retuning attack
-(:mod:`fst_plugin.retune`): instead of changing the purified model's weights, an attacker who can only query it
+(:mod:`fst_plugin.probes.retune`): instead of changing the purified model's weights, an attacker who can only query it
 learns a small per-image perturbation that makes the *purified* model behave like its *retuned* version (the
 one whose backdoor came back), while a *clean* model still classifies the perturbed images correctly. If that
 succeeds, the purified model still carries the backdoor's path and a perturbation re-opens it; the clean-model
@@ -29,7 +29,7 @@ What we take from the authors' script (``fine_tune/qra.py`` of AISafety-HKUST/st
 Where we differ, on purpose:
 
 * the clean images are the first ``clean_num`` of the defense's own tuning subset (its ``log/index.txt``, or the
-  seeded ``choose_index`` draw when a model has none, exactly as :func:`fst_plugin.retune.clean_subset` picks
+  seeded ``choose_index`` draw when a model has none, exactly as :func:`fst_plugin.probes.sources.clean_subset` picks
   the retune's subset); the script takes the first 500 of a fresh ``choose_index_v2(split_ratio)`` draw;
 * the poisoned pool is ordered by original index before a ``random.Random(seed)`` shuffle (the script shuffles
   a ``glob`` listing, whose order depends on the file system, with the global RNG), so every model of a record
@@ -57,7 +57,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -67,96 +67,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
-from torchvision import transforms
 
-from fst_plugin.data import PoisonedTestSet, TransformedDataset, dataset_info, get_transform, load_clean_split, materialise
+from fst_plugin.core.metrics import BackdoorTestSets, backdoor_rates
+from fst_plugin.data import PoisonedTestSet, TransformedDataset, dataset_info, materialise
 from fst_plugin.errors import ConfigError, RecordError, TrainingDiverged
-from fst_plugin.io_utils import atomic_torch_save, atomic_write_text
-from fst_plugin.models import build_model
-from fst_plugin.models.factory import load_weights
-from fst_plugin.probe_config import CLEAN_REFERENCE, QraConfig, RetuneConfig
-from fst_plugin.record import AttackRecord, PoisonedImage, load_attack_record, load_untrusted
-from fst_plugin.record.defense_output import environment_versions
+from fst_plugin.probes import sources
+from fst_plugin.probes.config import QraConfig
+from fst_plugin.probes.output import ProbeResult, ProbeRun, run_info, write_probe_outputs
+from fst_plugin.probes.perturbation import Perturbation, ReactivationAE, pixel_transform
+from fst_plugin.record import AttackRecord, PoisonedImage, load_attack_record
 from fst_plugin.record.layout import QRA_RESULT_NAME, RUN_INFO_NAME, DefenseLayout
 from fst_plugin.record.poison_pool import PoisonPool, poisoned_pool
-from fst_plugin.retune import (
-    clean_subset,
-    inside_record,
-    load_model_to_retune,
-    pick_poisoned,
-    read_poisoned_image,
-    state_dict_of,
-)
 from fst_plugin.runtime import progress, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
-HIDDEN = 1024
 MODELS = ("purified", "retuned", "clean_reference")  # the run_info "metrics" keys
+PROTOCOL = "query-based reactivation attack (stable_backdoor_purification fine_tune/qra.py)"
 
 
-# ----- configuration and result ---------------------------------------------------------------------------
 @dataclass(frozen=True)
-class QraResult:
-    defense: str
-    save_dir: Path
+class QraResult(ProbeResult):
+    """The attack's target class and each model's rates without and with the learned perturbation."""
+
     target: int
     metrics: dict[str, dict[str, float]]      # MODELS → acc, clean_target, asr, ra (+ the same with _qra)
-    n_clean: int
-    poisoned_indices: tuple[int, ...]
-    clean_index_source: str
-    wall_time_s: float
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-
-# ----- the generator and the perturbation -------------------------------------------------------------------
-class ReactivationAE(nn.Module):
-    """The script's autoencoder: an MLP on the flattened normalised image, tanh out (a direction in [-1, 1])."""
-
-    def __init__(self, shape: tuple[int, int, int], hidden: int = HIDDEN) -> None:
-        super().__init__()
-        self.shape = tuple(shape)
-        pixels = int(np.prod(shape))
-        self.net = nn.Sequential(nn.Linear(pixels, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                 nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, pixels), nn.Tanh())
-
-    def forward(self, normalised: torch.Tensor) -> torch.Tensor:
-        return self.net(normalised.flatten(1)).view(-1, *self.shape)
-
-
-class Perturbation(nn.Module):
-    """Pixels in [0, 1] → the model input: normalise(clamp(pixels + clamp(eps·AE(normalise(pixels)), ±eps), 0, 1))."""
-
-    def __init__(self, ae: ReactivationAE, eps: float, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-        super().__init__()
-        self.ae, self.eps = ae, float(eps)
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
-
-    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
-        return (pixels - self.mean) / self.std
-
-    def perturbed_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        delta = torch.clamp(self.ae(self.normalise(pixels)) * self.eps, -self.eps, self.eps)
-        return torch.clamp(pixels + delta, 0, 1)
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.normalise(self.perturbed_pixels(pixels))
-
-
-def pixel_transform(dataset: str) -> transforms.Compose:
-    """The dataset's test transform without its final Normalize: images as [0, 1] tensors, the space of eps."""
-    steps = get_transform(dataset, train=False).transforms
-    assert isinstance(steps[-1], transforms.Normalize), steps
-    return transforms.Compose(steps[:-1])
-
-
-def load_perturbation(path: Path, trust: bool = False) -> Perturbation:
-    """A saved ``qra_result.pt`` as a ready :class:`Perturbation` (eval mode)."""
-    saved = load_untrusted(path, "QRA result", trust=trust)
-    ae = ReactivationAE(tuple(saved["shape"]), int(saved["hidden"]))
-    ae.load_state_dict(saved["model"])
-    return Perturbation(ae, saved["eps"], tuple(saved["mean"]), tuple(saved["std"])).eval()
 
 
 # ----- building the pieces ------------------------------------------------------------------------------
@@ -193,34 +128,21 @@ def attack_target(record: AttackRecord, pool: PoisonPool) -> int:
     """The all-to-one target of the record's poisoned pool (QRA needs one target)."""
     if len(pool.targets) != 1:
         raise RecordError(f"attack record {record.record_dir} is not all-to-one (backdoor labels "
-                          f"{list(pool.targets[:5])})", "QRA reactivates one target class: use an all-to-one attack's record")
+                          f"{list(pool.targets[:5])})",
+                          "QRA reactivates one target class: use an all-to-one attack's record")
     return pool.targets[0]
 
 
-def load_retuned(config: QraConfig, record: AttackRecord) -> tuple[nn.Module, str]:
-    """The retuned version of the purified model (``retune/retune_result.pt``), or the command that makes it."""
-    path = DefenseLayout.of(record.record_dir, config.defense).retune_result
-    if not path.is_file():
-        raise RecordError(f"{config.defense!r} has no retune result in {record.record_dir} (no {path})",
-                          f"run `fst-plugin retune --record {record.record_dir} --defense {config.defense}` first")
-    inside_record(path, record.record_dir, "retune result")
-    state, name, classes = state_dict_of(load_untrusted(path, "retune result", trust=config.trust_record), path)
-    name, classes = name or record.model_name, classes or record.num_classes
-    model = build_model(name, classes, dataset_info(record.clean_data).channels)
-    load_weights(model, state, name)
-    return model, name
-
-
-def build_qra_set(record: AttackRecord, train_split: Dataset, subset: np.ndarray, index_source: str,
-                  config: QraConfig, poisoned: list[PoisonedImage], target: int) -> QraSet:
+def build_qra_set(record: AttackRecord, train_split: Dataset, subset: sources.CleanSubset, clean_num: int,
+                  poisoned: list[PoisonedImage], target: int) -> QraSet:
     """Clean images (the subset's first ``clean_num``) then the poisoned ones, all as [0, 1] test-transform pixels."""
-    if config.clean_num > len(subset):
-        raise ConfigError(f"--clean_num {config.clean_num} is larger than the clean tuning subset "
-                          f"({len(subset)} images, {index_source})",
-                          f"pass --clean_num {len(subset)} or fewer (or a larger --ratio)")
+    if clean_num > len(subset.indices):
+        raise ConfigError(f"--clean_num {clean_num} is larger than the clean tuning subset "
+                          f"({len(subset.indices)} images, {subset.source})",
+                          f"pass --clean_num {len(subset.indices)} or fewer (or a larger --ratio)")
     to_pixels = pixel_transform(record.clean_data)
-    mode = "L" if dataset_info(record.clean_data).channels == 1 else "RGB"
-    clean_indices = np.asarray(subset[:config.clean_num], dtype=np.int64)
+    channels = dataset_info(record.clean_data).channels
+    clean_indices = np.asarray(subset.indices[:clean_num], dtype=np.int64)
     images, labels, true = [], [], []
     for index in clean_indices.tolist():
         image, label = train_split[index][:2]
@@ -228,45 +150,43 @@ def build_qra_set(record: AttackRecord, train_split: Dataset, subset: np.ndarray
         labels.append(int(label))
         true.append(int(label))
     for img in poisoned:
-        images.append(to_pixels(read_poisoned_image(img, mode)))
+        images.append(to_pixels(sources.read_poisoned_image(img, channels)))
         labels.append(target)
         true.append(img.original_label)
-    return QraSet(torch.stack(images), torch.tensor(labels), torch.tensor(true), clean_indices, poisoned, index_source)
+    return QraSet(torch.stack(images), torch.tensor(labels), torch.tensor(true), clean_indices, poisoned,
+                  subset.source)
 
 
 def prepare_qra(config: QraConfig) -> QraPlan:
     """Validate everything and build the three models, the training set and the test sets; writes nothing."""
     config.validate()
+    assert config.reference_record is not None  # validate() requires it
     record = load_attack_record(config.record, trust=config.trust_record)
     save_dir = DefenseLayout.of(record.record_dir, config.defense).qra_dir
-    inside_record(save_dir, record.record_dir, "QRA output folder")
+    sources.inside_record(save_dir, record.record_dir, "QRA output folder")
     pool = poisoned_pool(record)
     target = attack_target(record, pool)
-    poisoned = pick_poisoned(pool, config.poison_num, config.random_seed, record,
+    poisoned = sources.pick_poisoned(pool, config.poison_num, config.random_seed, record,
                              outside_class=target)  # fail fast, before loading
     device = resolve_device(config.device)
-    as_retune = RetuneConfig(record=config.record, defense=config.defense, random_seed=config.random_seed,
-                             ratio=config.ratio, dataset_path=config.dataset_path, trust_record=config.trust_record)
-    purified, model_name, _ = load_model_to_retune(as_retune, record)
-    retuned, _ = load_retuned(config, record)
-    clean, _, _ = load_model_to_retune(RetuneConfig(record=config.record, defense=CLEAN_REFERENCE,
-                                                    reference_record=config.reference_record,
-                                                    trust_record=config.trust_record), record)
-    models = {"purified": purified, "retuned": retuned, "clean_reference": clean}
+    purified = sources.model_to_probe(record, config.defense, None, config.trust_record)
+    retuned = sources.retuned_model(record, config.defense, config.trust_record)
+    clean = sources.reference_model(record, config.reference_record, config.trust_record)
+    models = {"purified": purified.model, "retuned": retuned.model, "clean_reference": clean.model}
     for model in models.values():
         model.eval().requires_grad_(False)  # the generator is the only thing trained
-    root = record.clean_data_folder(config.dataset_path)
-    train_split = load_clean_split(record.clean_data, root, train=True)
-    test_split = load_clean_split(record.clean_data, root, train=False)
-    subset, source = clean_subset(as_retune, record, len(train_split))
-    training = build_qra_set(record, train_split, subset, source, config, poisoned, target)
+    train_split, test_split = sources.clean_splits(record, config.dataset_path)
+    subset = sources.clean_subset(record, config.defense, config.ratio, config.random_seed, len(train_split))
+    training = build_qra_set(record, train_split, subset, config.clean_num, poisoned, target)
     log.info("qra %s: target %d, %d clean (%s) + %d poisoned training images (train indices %s...)", config.defense,
-             target, len(training.clean_indices), source, len(poisoned), [p.original_index for p in poisoned[:5]])
+             target, len(training.clean_indices), subset.source, len(poisoned),
+             [p.original_index for p in poisoned[:5]])
     to_pixels = pixel_transform(record.clean_data)
     channels = dataset_info(record.clean_data).channels
     clean_test = materialise(TransformedDataset(test_split, to_pixels))
     bd_test = materialise(PoisonedTestSet(record.bd_test.images, channels, to_pixels))
-    return QraPlan(config, record, save_dir, device, target, models, model_name, training, clean_test, bd_test, pool)
+    return QraPlan(config, record, save_dir, device, target, models, purified.name, training, clean_test, bd_test,
+                   pool)
 
 
 # ----- running it ---------------------------------------------------------------------------------------
@@ -316,34 +236,16 @@ def train_generator(plan: QraPlan, perturb: Perturbation) -> list[dict[str, Any]
     return history
 
 
-@torch.no_grad()
-def measure(plan: QraPlan, perturb: Perturbation, batch_size: int = 256) -> dict[str, dict[str, float]]:
+def measure(plan: QraPlan, perturb: Perturbation) -> dict[str, dict[str, float]]:
     """Each model's C-Acc and target rate on the clean test images, ASR and RA on the poisoned ones, without and
     with the perturbation (``*_qra``); one perturbation per batch, shared by the three models."""
-    device, target = plan.device, plan.target
-    out: dict[str, dict[str, float]] = {name: {} for name in MODELS}
-    # (name, data, key counting "prediction == backdoor label", key counting "prediction == true label")
-    for set_name, data, target_key, true_key in (("clean", plan.clean_test, "clean_target", "acc"),
-                                                 ("poisoned", plan.bd_test, "asr", "ra")):
-        hits = {(name, key + suffix): 0 for name in MODELS for key in (target_key, true_key) for suffix in ("", "_qra")}
-        for batch in progress(DataLoader(data, batch_size=batch_size, shuffle=False), plan.config.show_progress,
-                              f"qra measure ({set_name})"):
-            pixels = batch[0].to(device)
-            if set_name == "clean":
-                true = batch[1].to(device)
-                wanted = {target_key: torch.full_like(true, target), true_key: true}
-            else:
-                wanted = {target_key: batch[1].to(device), true_key: batch[4].to(device)}
-            inputs = {"": perturb.normalise(pixels), "_qra": perturb(pixels)}
-            for name in MODELS:
-                for suffix, x in inputs.items():
-                    pred = plan.models[name](x).argmax(1)
-                    for key, labels in wanted.items():
-                        hits[(name, key + suffix)] += int((pred == labels).sum().item())
-        for (name, key), count in hits.items():
-            out[name][key] = count / len(data)
-    order = ("acc", "clean_target", "asr", "ra")
-    return {name: {k: out[name][k] for k in [*order, *(o + "_qra" for o in order)]} for name in MODELS}
+    clean, bd = plan.clean_test.tensors, plan.bd_test.tensors
+    tests = BackdoorTestSets(clean[0], clean[1], bd[0], bd[1], bd[4])
+    models = {name: plan.models[name] for name in MODELS}
+    plain, perturbed = (backdoor_rates(models, tests, plan.device, prepare, plan.target,
+                                       show_progress=plan.config.show_progress)
+                        for prepare in (perturb.normalise, perturb))
+    return {name: {**plain[name], **{key + "_qra": rate for key, rate in perturbed[name].items()}} for name in MODELS}
 
 
 def run_qra(config: QraConfig) -> QraResult:
@@ -364,31 +266,19 @@ def run_qra(config: QraConfig) -> QraResult:
     log.info("qra %s: purified ASR %.4f -> %.4f, clean images to target %.4f -> %.4f; clean reference ASR %.4f -> "
              "%.4f (%.0f s)", cfg.defense, p["asr"], p["asr_qra"], p["clean_target"], p["clean_target_qra"], r["asr"],
              r["asr_qra"], wall)
-    result = QraResult(cfg.defense, plan.save_dir, plan.target, metrics, len(plan.training.clean_indices),
-                       tuple(img.original_index for img in plan.training.poisoned), plan.training.index_source, wall,
-                       history)
+    result = QraResult(cfg.defense, plan.save_dir, plan.training.index_source, len(plan.training.clean_indices),
+                       tuple(img.original_index for img in plan.training.poisoned), wall, history, plan.target,
+                       metrics)
     write_qra_outputs(plan, result, perturb)
     return result
 
 
 def write_qra_outputs(plan: QraPlan, result: QraResult, perturb: Perturbation) -> None:
     """``qra_df.csv``, ``run_info.json``, then ``qra_result.pt`` (its presence means the run finished)."""
-    atomic_write_text(plan.save_dir / "qra_df.csv", pd.DataFrame(result.history).to_csv())
-    info = {"method": "qra", "protocol": "query-based reactivation attack (stable_backdoor_purification "
-                                         "fine_tune/qra.py)",
-            "defense": result.defense, "record": str(plan.record.record_dir),
-            "reference_record": str(plan.config.reference_record), "model_name": plan.model_name,
-            "device": plan.device, "seed": plan.config.random_seed, "target": result.target,
-            "clean_index_source": result.clean_index_source, "n_clean": result.n_clean,
-            "n_poisoned": len(result.poisoned_indices), "poisoned_train_indices": list(result.poisoned_indices),
-            "poison_pool": plan.pool.summary(), "wall_time_s": result.wall_time_s, "metrics": result.metrics, "config": asdict(plan.config),
-            "versions": environment_versions()}
-    atomic_write_text(plan.save_dir / RUN_INFO_NAME, json.dumps(info, indent=2, default=str))
-    ae = perturb.ae
-    atomic_torch_save({"shape": list(ae.shape), "hidden": HIDDEN, "eps": perturb.eps,
-                       "mean": perturb.mean.flatten().tolist(), "std": perturb.std.flatten().tolist(),
-                       "model": {k: v.detach().cpu() for k, v in ae.state_dict().items()}},
-                      plan.save_dir / QRA_RESULT_NAME)
+    run = ProbeRun("qra", PROTOCOL, plan.record, plan.model_name, plan.device, plan.pool, plan.config)
+    info = run_info(run, result, {"metrics": result.metrics}, plan.config.reference_record, result.target)
+    write_probe_outputs(plan.save_dir, "qra_df.csv", pd.DataFrame(result.history), info, QRA_RESULT_NAME,
+                        perturb.saved_form())
 
 
 def read_metrics(save_dir: Path) -> Optional[dict[str, dict[str, float]]]:

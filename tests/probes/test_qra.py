@@ -1,7 +1,7 @@
 """The query-based reactivation attack (issue 11 part 4): the eps budget on real images, determinism, bad input,
 and the eps = 0 identity.
 
-The fixture is the retuning-attack workspace of tests/workflows/retune_builders.py (an untrained BadNets record
+The fixture is the retuning-attack workspace of tests/probes/retune_builders.py (an untrained BadNets record
 with 20 poisoned training images, a fake ``fst`` output, a clean reference trained on the clean images) with the
 retuning attack run once for ``fst`` and ``none`` (1 epoch: QRA only needs a retuned model to distil from) and
 QRA run once on ``fst`` through the CLI. QRA runs with tiny sizes (10 clean + 10 poisoned images, 2 epochs,
@@ -20,13 +20,14 @@ import torch
 
 from fst_plugin.cli import main as cli_main
 from fst_plugin.data import TransformedDataset, load_clean_split, materialise
-from fst_plugin.probe_config import QraConfig
-from fst_plugin.qra import MODELS, load_perturbation, pixel_transform, prepare_qra, run_qra
+from fst_plugin.probes.config import QraConfig
+from fst_plugin.probes.perturbation import load_perturbation, pixel_transform
+from fst_plugin.probes.qra import MODELS, prepare_qra, run_qra
+from fst_plugin.probes.retune import run_retune
 from fst_plugin.record import load_untrusted
 from fst_plugin.record.layout import DefenseLayout
-from fst_plugin.retune import run_retune
 from tests.builders import snapshot, state_dict_hash
-from tests.workflows.retune_builders import RetuneWorkspace, tiny
+from tests.probes.retune_builders import RetuneWorkspace, tiny
 
 SMALL = dict(clean_num=10, poison_num=10, epochs=2, batch_size=10, ratio=0.25, device="cpu")
 CLI_SMALL = [arg for key, value in SMALL.items() for arg in (f"--{key}", str(value))]

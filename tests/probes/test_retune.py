@@ -1,7 +1,7 @@
 """The retuning attack (issue 11): tuning-set composition, determinism, bad input, a clean model's floor, and
 records in BackdoorBench's own layout.
 
-The fixture is the retuning-attack workspace of tests/workflows/retune_builders.py (built once per session by
+The fixture is the retuning-attack workspace of tests/probes/retune_builders.py (built once per session by
 conftest.py's ``built``).
 """
 from __future__ import annotations
@@ -18,10 +18,10 @@ from PIL import Image
 from fst_plugin.cli import main as cli_main
 from fst_plugin.data import get_transform
 from fst_plugin.models import build_model
+from fst_plugin.probes.retune import prepare_retune, run_retune
 from fst_plugin.record import load_attack_record, load_untrusted
-from fst_plugin.retune import prepare_retune, run_retune
 from tests.builders import snapshot, state_dict_hash
-from tests.workflows.retune_builders import MODEL, TARGET, RetuneWorkspace, flag_unrelabelled, tiny
+from tests.probes.retune_builders import MODEL, TARGET, RetuneWorkspace, flag_unrelabelled, tiny
 
 
 @pytest.fixture()
@@ -107,6 +107,15 @@ def test_a_record_without_bd_train_exits_2_and_writes_nothing(ws, capsys):
     code = cli_main(["retune", "--record", str(ws.attacked), "--defense", "fst", "--device", "cpu",
                      "--dataset_path", str(ws.root / "data")])
     assert code == 2 and "has no bd_train" in capsys.readouterr().err
+    assert snapshot(ws.root) == before
+
+
+def test_a_diverging_retune_exits_2_with_the_learning_rate_to_lower_and_writes_nothing(ws, capsys):
+    before = snapshot(ws.root)
+    code = cli_main(["retune", "--record", str(ws.attacked), "--defense", "fst", "--device", "cpu", "--epochs", "2",
+                     "--dataset_path", str(ws.root / "data"), "--ratio", "0.25", "--lr", "1e30"])
+    err = capsys.readouterr().err
+    assert code == 2 and "the loss became" in err and "lr=1e+30" in err and "alpha" not in err
     assert snapshot(ws.root) == before
 
 

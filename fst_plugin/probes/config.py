@@ -1,7 +1,7 @@
 """The settings of the two post-purification probes, ``fst-plugin retune`` and ``fst-plugin qra``.
 
-Kept apart from :mod:`fst_plugin.retune` and :mod:`fst_plugin.qra` (which import torch and pandas) so that the
-command line can build its parser from these fields (:mod:`fst_plugin.options`) without loading either: a
+Kept apart from :mod:`fst_plugin.probes.retune` and :mod:`fst_plugin.probes.qra` (which import torch and pandas) so
+that the command line can build its parser from these fields (:mod:`fst_plugin.options`) without loading either: a
 default or a help text is written once, here.
 """
 from __future__ import annotations

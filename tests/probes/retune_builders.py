@@ -18,8 +18,8 @@ from fst_plugin.attacks import TrainConfig, badnets_trigger, poison_indices, poi
 from fst_plugin.data import load_clean_split
 from fst_plugin.demo import synthetic_images, write_image_folders
 from fst_plugin.models import build_model
+from fst_plugin.probes.config import RetuneConfig
 from fst_plugin.record import load_attack_record, write_attack_record
-from fst_plugin.probe_config import RetuneConfig
 
 TARGET = 0
 MODEL = "preactresnet_small"
