@@ -16,7 +16,7 @@ LAYERS = [
     {"models", "data", "record"},                          # formats and building blocks
     {"config", "attacks", "plugins", "probe_config"},
     {"adapter", "backdoor"},
-    {"api", "installer", "exporter", "retune", "qra"},  # qra imports retune (same layer, no cycle)
+    {"api", "export", "retune", "qra"},  # qra imports retune (same layer, no cycle)
     {"demo", "cli", "__main__"},
 ]
 CORE_MAY_IMPORT = {"core", "errors", "runtime", "distributed"}

@@ -22,7 +22,7 @@ import pytest
 from fst_plugin import __version__
 from fst_plugin.config import shipped_config, shipped_configs_dir
 from fst_plugin.core.modes import MODES
-from fst_plugin.installer import LAUNCHER, MANIFEST
+from fst_plugin.export.installer import LAUNCHER, MANIFEST
 from tests.builders import CLI_THREADS, REPO, TinyBB, assert_outputs_complete, backdoorbench_tree, copy_record
 
 DATASETS = ("cifar10", "cifar100", "gtsrb", "tiny")
