@@ -24,7 +24,7 @@ Seeding and threads, decided here and nowhere else
       (torchrun's ranks, a killed run and its resumption), and the reproducibility tests compare the weights of
       such processes bit for bit, which needs one fixed thread count. No test compares an in-process result
       with a CLI process's bit for bit; a test that starts two subprocesses of its own and compares them
-      (``adapter/test_export.py``) gives both the same environment.
+      (``export/test_export.py``) gives both the same environment.
 
 Two ways to drive the CLI:
 

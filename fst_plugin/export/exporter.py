@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 from fst_plugin import __version__
 from fst_plugin.config import DefenseConfig
-from fst_plugin.core import TuningConfig, TuningMode, feature_shift_penalty, find_head, project_head_norm, reinit_head, tune
+from fst_plugin.core import TuningConfig, TuningMode, find_head, tune
 from fst_plugin.core.modes import MODES
 from fst_plugin.errors import InstallError
 from fst_plugin.export.core_source import check_script, paste
@@ -29,8 +29,9 @@ from fst_plugin.export.installer import (CONFIG_NAMES, InstallPlan, check_backdo
                                          has_shipped_config, write_plan)
 
 DEFAULT_METHODS = ("fst", "fe-tuning", "ft-init")
-# What the exported script calls; paste() adds everything of the package these reach.
-CORE = (find_head, reinit_head, feature_shift_penalty, project_head_norm, TuningMode, TuningConfig, tune)
+# What the exported script calls; paste() adds everything of the package these reach (TuningRun, the head's
+# re-initialisation, penalty and projection, the errors, the runtime and distributed helpers).
+CORE = (find_head, TuningMode, TuningConfig, tune)
 # DefenseConfig keys the exported script does not read: the plugin's own machinery (a variant's folder, the
 # evaluation subset, the tensor data path, resuming, record trust and location, the argv it logs).
 PLUGIN_ONLY_KEYS = ("save_name", "eval_subset", "data_path", "trust_record", "resume", "record", "terminal_info")
@@ -58,7 +59,7 @@ def exported_arguments() -> list[ExportedArgument]:
         if f.name in PLUGIN_ONLY_KEYS:
             continue
         meta = f.metadata
-        kind = str(f.type).replace("Optional[", "").rstrip("]")
+        kind = "str" if meta["choices"] else str(f.type).replace("Optional[", "").rstrip("]")  # words: auto/on/off
         if kind not in ARGUMENT_TYPES:
             raise TypeError(f"DefenseConfig.{f.name} is a {f.type}, which the exported argparse cannot read")
         flags = (*[flag for flag in meta["flags"] if not flag.startswith("--")], f"--{f.name}",

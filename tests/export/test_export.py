@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import hashlib
 import inspect
+import json
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import pytest
 import torch
 
 from fst_plugin.config import DefenseConfig
-from fst_plugin.core import TuningRun
+from fst_plugin.core import TuningRun, feature_shift_penalty, project_head_norm, reinit_head
 from fst_plugin.core.modes import MODES
 from fst_plugin.errors import InstallError
 from fst_plugin.export.core_source import PasteError, check_script, paste
@@ -93,7 +94,8 @@ def test_changing_a_mode_changes_the_exported_script(monkeypatch: pytest.MonkeyP
     assert "a changed summary" in after and "a changed summary" not in before
 
 
-@pytest.mark.parametrize("core", [*CORE, TuningRun], ids=lambda obj: obj.__name__)
+@pytest.mark.parametrize("core", [*CORE, TuningRun, reinit_head, feature_shift_penalty, project_head_norm],
+                         ids=lambda obj: obj.__name__)
 def test_the_exported_script_holds_the_cores_own_source(core: object) -> None:
     assert textwrap.dedent(inspect.getsource(core)) in render_defense("fst")
 
@@ -109,10 +111,37 @@ def test_the_exported_arguments_and_defaults_are_the_configs_option_declarations
     for name, (flags, kind, choices, text) in rows.items():
         meta = fields[name].metadata
         assert set(flags) == {f"--{name}", *meta["flags"]}
-        assert str(fields[name].type).replace("Optional[", "").rstrip("]") == kind
+        assert kind == ("str" if meta["choices"] else str(fields[name].type).replace("Optional[", "").rstrip("]"))
         assert choices == meta["choices"] and text == EXPORTED_HELP.get(name, meta["help"])
         assert constants["DEFAULTS"][name] == fields[name].default
-    assert rows["projection"][2] == ("auto", "on", "off") and rows["epochs"][1] == "int"
+    assert rows["projection"][1:3] == ("str", ("auto", "on", "off")) and rows["epochs"][1] == "int"
+
+
+# Parses one value for every argument of the exported script with the script's own parser (its BackdoorBench imports
+# are the stand-ins of the tree it runs in) and prints the namespace.
+PARSE_EVERY_ARGUMENT = textwrap.dedent('''
+    import argparse, json, runpy, sys
+    script = runpy.run_path(sys.argv[1], run_name="exported")
+    sample = {"bool": "true", "int": "3", "float": "0.5", "str": "x"}
+    argv = [arg for flags, kind, choices, _ in script["ARGUMENTS"]
+            for arg in (flags[-1], choices[-1] if choices else sample[kind])]
+    parser = argparse.ArgumentParser()
+    script[sys.argv[2]].add_arguments(parser)
+    print(json.dumps(vars(parser.parse_args(argv))))
+''')
+
+
+def test_the_exported_parser_reads_every_argument_as_its_declared_type(bb_tree: Path, tmp_path: Path) -> None:
+    export(bb_tree, ["fe-tuning"])
+    probe = tmp_path / "parse_every_argument.py"
+    probe.write_text(PARSE_EVERY_ARGUMENT)
+    proc = subprocess.run([sys.executable, str(probe), "defense/fe-tuning.py", "fe_tuning"], cwd=bb_tree,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parsed = json.loads(proc.stdout)
+    assert set(parsed) == {a.name for a in exported_arguments()}
+    assert parsed["projection"] == "off" and parsed["projection_bound"] == "at_most" and parsed["amp"] is True
+    assert parsed["epochs"] == 3 and parsed["lr"] == 0.5 and parsed["dataset"] == "x" and parsed["yaml_path"] == "x"
 
 
 def test_a_name_the_template_does_not_import_stops_the_export() -> None:
