@@ -51,8 +51,8 @@ def _top_level_assignment(module: str, name: str) -> str | None:
             bound = [t.id for t in ast.walk(target) if isinstance(t, ast.Name)]
             if name in bound:
                 if len(bound) > 1:
-                    raise PasteError(f"{module}.{name} is bound together with {bound} in one statement",
-                                      f"give {name} a statement of its own to export it")
+                    raise PasteError(f"{module}.{name} is bound together with {bound} in one statement; "
+                                     f"give {name} a statement of its own to export it")
                 return ast.get_source_segment(source, node)
     return None
 
@@ -78,8 +78,8 @@ def _definition(module: str, name: str) -> tuple[str, str] | None:
     value = vars(sys.modules[module])[name]
     if (inspect.isfunction(value) or inspect.isclass(value)) and value.__module__.split(".")[0] == PACKAGE:
         if value.__name__ != name:
-            raise PasteError(f"{module} uses {value.__module__}.{value.__name__} under the name {name}",
-                              "import it under its own name to export it")
+            raise PasteError(f"{module} uses {value.__module__}.{value.__name__} under the name {name}; "
+                             "import it under its own name to export it")
         return value.__module__, textwrap.dedent(inspect.getsource(value)).rstrip() + "\n"
     assigned = _top_level_assignment(module, name)
     if assigned is not None:
@@ -107,8 +107,8 @@ def paste(roots: Iterable[object]) -> PastedSource:
                 continue
             origin, text = found
             if used in pasted.pieces and pasted.pieces[used] != text:
-                raise PasteError(f"two package definitions are named {used} ({origins[used]} and {origin})",
-                                  "rename one of them")
+                raise PasteError(f"two package definitions are named {used} ({origins[used]} and {origin}); "
+                                 "rename one of them")
             origins.setdefault(used, origin)
             visit(used, origin, text)
         visiting.discard(name)
@@ -121,28 +121,30 @@ def paste(roots: Iterable[object]) -> PastedSource:
     return pasted
 
 
-def _module_level_names(tree: ast.Module) -> set[str]:
-    names: set[str] = set()
+def _bound_names(tree: ast.Module) -> tuple[set[str], list[str]]:
+    """(names the module's imports bind, names its definitions and assignments bind, repeats included)."""
+    imported: set[str] = set()
+    defined: list[str] = []
     for node in tree.body:
         if isinstance(node, (ast.Import, ast.ImportFrom)):
-            names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+            imported.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
         elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            names.add(node.name)
+            defined.append(node.name)
         elif isinstance(node, (ast.Assign, ast.AnnAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            names.update(t.id for target in targets for t in ast.walk(target) if isinstance(t, ast.Name))
-    return names
+            defined.extend(t.id for target in targets for t in ast.walk(target) if isinstance(t, ast.Name))
+    return imported, defined
 
 
 def check_script(script: str, pasted: PastedSource) -> None:
-    """Refuse a rendered script that lacks a name the pasted source needs, or binds a pasted name twice."""
-    tree = ast.parse(script)
-    missing = sorted(pasted.needs - _module_level_names(tree))
+    """Refuse a rendered script that lacks a name the pasted source needs, or binds a module-level name twice
+    (the template's own definitions must not shadow the pasted ones)."""
+    imported, defined = _bound_names(ast.parse(script))
+    missing = sorted(pasted.needs - imported - set(defined))
     if missing:
-        raise PasteError(f"the pasted core uses {', '.join(missing)}, which the defense template does not import",
-                          "add the import to fst_plugin/export/defense.py.tmpl")
-    defined = [node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))]
+        raise PasteError(f"the pasted core uses {', '.join(missing)}, which the defense template does not import; "
+                         "add the import to fst_plugin/export/defense.py.tmpl")
     twice = sorted({name for name in defined if defined.count(name) > 1})
     if twice:
-        raise PasteError(f"the defense template defines {', '.join(twice)} as the pasted core does",
-                          "rename the template's definition")
+        raise PasteError(f"the defense template defines {', '.join(twice)} as the pasted core does; "
+                         "rename the template's definition")

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any, Iterator
 
 import pandas as pd
 import pytest
@@ -152,6 +153,8 @@ def test_a_name_the_template_does_not_import_stops_the_export() -> None:
         check_script(script.replace("\nimport math\n", "\n"), pasted)
     with pytest.raises(PasteError, match="defines find_head as the pasted core does"):
         check_script(script + "\n\ndef find_head():\n    pass\n", pasted)
+    with pytest.raises(PasteError, match="defines PROJECTION_BOUNDS as"):
+        check_script(script + "\nPROJECTION_BOUNDS = ()\n", pasted)
 
 
 PROBE_A = '''
@@ -170,11 +173,15 @@ def root(x):
 PROBE_B = '''
 from dataclasses import dataclass
 
-SINGLE = None
+SCALE = 3.0
 
 
 def helper(x):
     return x + 1
+
+
+def scaled(x):
+    return x * SCALE
 
 
 @dataclass
@@ -183,7 +190,9 @@ class Shape:
 '''
 
 
-def test_paste_follows_the_package_through_modules_and_constants(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture()
+def probe_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, Any]]:
+    """The modules a and b of a throwaway package ``probe_pkg``, which paste() treats as the package."""
     package = tmp_path / "probe_pkg"
     package.mkdir()
     (package / "__init__.py").write_text("")
@@ -191,16 +200,23 @@ def test_paste_follows_the_package_through_modules_and_constants(tmp_path: Path,
     (package / "b.py").write_text(PROBE_B)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr("fst_plugin.export.core_source.PACKAGE", "probe_pkg")
-    from probe_pkg import a  # noqa: E402 (the package exists only now)
+    from probe_pkg import a, b
 
+    yield a, b
+    for name in [m for m in sys.modules if m.split(".")[0] == "probe_pkg"]:
+        del sys.modules[name]
+
+
+def test_paste_follows_the_package_through_modules_and_constants(probe_package: tuple[Any, Any]) -> None:
+    a, b = probe_package
     pasted = paste([a.root])
     assert list(pasted.pieces) == ["helper", "SCALE", "Shape", "root"]  # dependencies first, unused ones left out
     assert pasted.needs == {"math", "dataclass"}
     namespace: dict[str, object] = {}
     exec("import math\nfrom dataclasses import dataclass\n" + pasted.text, namespace)
     assert namespace["root"](1.0) == a.root(1.0)
-    for name in [m for m in sys.modules if m.split(".")[0] == "probe_pkg"]:
-        monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(PasteError, match="two package definitions are named SCALE"):
+        paste([a.root, b.scaled])
 
 
 def test_export_writes_scripts_and_the_shipped_yamls_and_nothing_of_backdoorbenchs(bb_tree: Path) -> None:
