@@ -154,7 +154,7 @@ def save_payload(record_dir: Path, payload: Any) -> Path:
 
 def write_yaml(path: Path, **overrides: Any) -> Path:
     """The shipped fst/cifar10.yaml with CPU-friendly values and ``overrides`` applied."""
-    from fst_plugin.config import shipped_config
+    from fst_plugin.defense.shipped import shipped_config
 
     values = yaml.safe_load(shipped_config("fst", "cifar10").read_text())
     values.update(device="cpu", num_workers=0, pin_memory=False, non_blocking=False, batch_size=16,

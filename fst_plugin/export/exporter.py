@@ -20,21 +20,22 @@ from string import Template
 from typing import Any, Optional
 
 from fst_plugin import __version__
-from fst_plugin.config import DefenseConfig
 from fst_plugin.core import TuningConfig, TuningMode, find_head, tune
 from fst_plugin.core.modes import MODES
+from fst_plugin.defense.config import DefenseConfig, parse_projection
 from fst_plugin.errors import InstallError
 from fst_plugin.export.core_source import check_script, paste
 from fst_plugin.export.installer import (CONFIG_NAMES, InstallPlan, check_backdoorbench, default_config,
                                          has_shipped_config, write_plan)
+from fst_plugin.options import option_specs
 
 DEFAULT_METHODS = ("fst", "fe-tuning", "ft-init")
 # What the exported script calls; paste() adds everything of the package these reach (TuningRun, the head's
 # re-initialisation, penalty and projection, the errors, the runtime and distributed helpers).
-CORE = (find_head, TuningMode, TuningConfig, tune)
-# DefenseConfig keys the exported script does not read: the plugin's own machinery (a variant's folder, the
-# evaluation subset, the tensor data path, resuming, record trust and location, the argv it logs).
-PLUGIN_ONLY_KEYS = ("save_name", "eval_subset", "data_path", "trust_record", "resume", "record", "terminal_info")
+CORE = (find_head, TuningMode, TuningConfig, tune, parse_projection)
+# DefenseConfig settings the exported script does not read: the plugin's own machinery (a variant's folder, the
+# evaluation subset, the tensor input pipeline, resuming, record trust and location).
+PLUGIN_ONLY_KEYS = ("save_name", "eval_subset", "input_pipeline", "trust_record", "resume", "record")
 # Help texts that say something else in the exported script than in the plugin.
 EXPORTED_HELP = {"checkpoint_save": "accepted for BackdoorBench compatibility (this defense writes no checkpoint)"}
 ARGUMENT_TYPES = ("bool", "int", "float", "str")
@@ -53,19 +54,19 @@ class ExportedArgument:
 
 
 def exported_arguments() -> list[ExportedArgument]:
-    """DefenseConfig's options, but for PLUGIN_ONLY_KEYS, in declaration order."""
+    """DefenseConfig's settings (:func:`~fst_plugin.options.option_specs`) but PLUGIN_ONLY_KEYS, in declaration
+    order, with the flags the plugin's own parser gives them."""
     out = []
-    for f in dataclasses.fields(DefenseConfig):
-        if f.name in PLUGIN_ONLY_KEYS:
+    for spec in option_specs(DefenseConfig):
+        if spec.name in PLUGIN_ONLY_KEYS:
             continue
-        meta = f.metadata
-        kind = "str" if meta["choices"] else str(f.type).replace("Optional[", "").rstrip("]")  # words: auto/on/off
+        kind = "str" if spec.choices else spec.type.__name__  # words (auto/on/off) are read as text
         if kind not in ARGUMENT_TYPES:
-            raise TypeError(f"DefenseConfig.{f.name} is a {f.type}, which the exported argparse cannot read")
-        flags = (*[flag for flag in meta["flags"] if not flag.startswith("--")], f"--{f.name}",
-                 *[flag for flag in meta["flags"] if flag.startswith("--")])
-        out.append(ExportedArgument(f.name, flags, kind, meta["choices"], EXPORTED_HELP.get(f.name, meta["help"]),
-                                    f.default))
+            raise TypeError(f"DefenseConfig.{spec.name} is a {kind}, which the exported argparse cannot read")
+        flags = (*[flag for flag in spec.flags if not flag.startswith("--")], f"--{spec.name}",
+                 *[flag for flag in spec.flags if flag.startswith("--")])
+        out.append(ExportedArgument(spec.name, flags, kind, spec.choices, EXPORTED_HELP.get(spec.name, spec.help),
+                                    spec.default))
     return out
 
 

@@ -23,14 +23,15 @@ import pandas as pd
 import pytest
 import torch
 
-from fst_plugin.config import DefenseConfig
 from fst_plugin.core import TuningRun, feature_shift_penalty, project_head_norm, reinit_head
 from fst_plugin.core.modes import MODES
+from fst_plugin.defense.config import DefenseConfig
 from fst_plugin.errors import InstallError
 from fst_plugin.export.core_source import PasteError, check_script, paste
 from fst_plugin.export.exporter import (CORE, DEFAULT_METHODS, EXPORTED_HELP, PLUGIN_ONLY_KEYS, export,
                                         exported_arguments, render_defense)
 from fst_plugin.export.installer import MANIFEST, default_config, install, uninstall
+from fst_plugin.options import option_specs
 from tests.builders import TinyBB, backdoorbench_tree
 
 # Runs a script as `python script.py ...` would, with every import of fst_plugin refused.
@@ -103,18 +104,18 @@ def test_the_exported_script_holds_the_cores_own_source(core: object) -> None:
 
 def test_the_exported_arguments_and_defaults_are_the_configs_option_declarations() -> None:
     constants = rendered_constants(render_defense("fst"))
-    fields = {f.name: f for f in dataclasses.fields(DefenseConfig)}
-    assert set(PLUGIN_ONLY_KEYS) < set(fields)  # each exclusion names a real key
-    rows = {next(flag[2:] for flag in flags if flag[2:] in fields): (flags, kind, choices, text)
+    specs = {spec.name: spec for spec in option_specs(DefenseConfig)}
+    assert set(PLUGIN_ONLY_KEYS) < set(specs)  # each exclusion names a real setting
+    rows = {next(flag[2:] for flag in flags if flag[2:] in specs): (flags, kind, choices, text)
             for flags, kind, choices, text in constants["ARGUMENTS"]}
-    assert set(rows) == set(fields) - set(PLUGIN_ONLY_KEYS)  # a new key is exported unless declared plugin-only
+    assert set(rows) == set(specs) - set(PLUGIN_ONLY_KEYS)  # a new setting is exported unless declared plugin-only
     assert set(constants["DEFAULTS"]) == set(rows)
     for name, (flags, kind, choices, text) in rows.items():
-        meta = fields[name].metadata
-        assert set(flags) == {f"--{name}", *meta["flags"]}
-        assert kind == ("str" if meta["choices"] else str(fields[name].type).replace("Optional[", "").rstrip("]"))
-        assert choices == meta["choices"] and text == EXPORTED_HELP.get(name, meta["help"])
-        assert constants["DEFAULTS"][name] == fields[name].default
+        spec = specs[name]
+        assert set(flags) == {f"--{name}", *spec.flags}
+        assert kind == ("str" if spec.choices else spec.type.__name__)
+        assert choices == spec.choices and text == EXPORTED_HELP.get(name, spec.help)
+        assert constants["DEFAULTS"][name] == spec.default
     assert rows["projection"][1:3] == ("str", ("auto", "on", "off")) and rows["epochs"][1] == "int"
 
 
@@ -283,7 +284,8 @@ def test_the_exported_defense_runs_without_this_package_and_ends_with_the_plugin
     runner = tmp_path / "run_hidden.py"
     runner.write_text(HIDING_RUNNER)
     args = ["--result_file", name, "--yaml_path", f"./config/defense/{method}/cifar10.yaml", "--dataset", "cifar10",
-            "--device", "cpu", "--num_workers", "0", "--epochs", "2", "--ratio", "0.5", "--random_seed", "3"]
+            "--device", "cpu", "--num_workers", "0", "--epochs", "2", "--ratio", "0.5", "--random_seed", "3",
+            "--projection", "on"]
     exported = subprocess.run([sys.executable, "-I", str(runner), f"defense/{method}.py", *args],
                               cwd=bb_tree, capture_output=True, text=True, timeout=600)
     assert exported.returncode == 0, exported.stderr[-3000:]
@@ -297,8 +299,8 @@ def test_the_exported_defense_runs_without_this_package_and_ends_with_the_plugin
     # The exported script is BackdoorBench's per-image DataLoader path; the plugin's default tensor path draws its
     # crops and flips from another random stream (same distribution, other values), so the exact-weights
     # comparison runs the plugin on the per-image path.
-    plugin = subprocess.run([sys.executable, "-m", "fst_plugin.cli", "run", method, *args, "--data_path", "backdoorbench"],
-                            cwd=bb_tree, capture_output=True, text=True, timeout=600)
+    plugin = subprocess.run([sys.executable, "-m", "fst_plugin.cli", "run", method, *args,
+                             "--input_pipeline", "backdoorbench"], cwd=bb_tree, capture_output=True, text=True, timeout=600)
     assert plugin.returncode == 0, plugin.stderr[-3000:]
     assert "models, transforms and data from: backdoorbench" in plugin.stderr  # the same stand-in loaders
     ours = bb_tree / "record" / name / "defense" / method

@@ -16,7 +16,7 @@ LAYERS = [
     {"models", "data", "record"},                          # formats and building blocks
     {"attacks", "plugins", "probe_config"},
     {"defense"},                                           # a tuning defense, whoever calls it: config, runner
-    {"adapter", "backdoor", "config"},                     # adapter: BackdoorBench's face; config: a moved-module stub
+    {"adapter", "backdoor"},                               # adapter: BackdoorBench's face
     {"api", "export", "retune", "qra"},  # qra imports retune (same layer, no cycle)
     {"demo", "cli", "__main__"},
 ]
