@@ -42,18 +42,22 @@ def _module_source(module: str) -> tuple[str, ast.Module]:
     return source, ast.parse(source)
 
 
+def _assigned(node: ast.stmt) -> list[str]:
+    """The names an assignment statement binds (none for any other statement)."""
+    targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+    return [t.id for target in targets for t in ast.walk(target) if isinstance(t, ast.Name)]
+
+
 def _top_level_assignment(module: str, name: str) -> str | None:
     """The source of the module-level ``name = ...`` of ``module`` (a constant such as ``SINGLE = World()``)."""
     source, tree = _module_source(module)
     for node in tree.body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
-        for target in targets:
-            bound = [t.id for t in ast.walk(target) if isinstance(t, ast.Name)]
-            if name in bound:
-                if len(bound) > 1:
-                    raise PasteError(f"{module}.{name} is bound together with {bound} in one statement; "
-                                     f"give {name} a statement of its own to export it")
-                return ast.get_source_segment(source, node)
+        bound = _assigned(node)
+        if name in bound:
+            if len(bound) > 1:
+                raise PasteError(f"{module}.{name} is bound together with {bound} in one statement; "
+                                 f"give {name} a statement of its own to export it")
+            return ast.get_source_segment(source, node)
     return None
 
 
@@ -130,9 +134,8 @@ def _bound_names(tree: ast.Module) -> tuple[set[str], list[str]]:
             imported.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
         elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             defined.append(node.name)
-        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            defined.extend(t.id for target in targets for t in ast.walk(target) if isinstance(t, ast.Name))
+        else:
+            defined.extend(_assigned(node))
     return imported, defined
 
 
