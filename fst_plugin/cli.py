@@ -39,7 +39,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_install(args: argparse.Namespace) -> int:
-    from fst_plugin.installer import install
+    from fst_plugin.export.installer import install
 
     written = install(Path(args.backdoorbench), force=args.force)
     for path in written:
@@ -50,7 +50,7 @@ def _cmd_install(args: argparse.Namespace) -> int:
 
 
 def _cmd_uninstall(args: argparse.Namespace) -> int:
-    from fst_plugin.installer import uninstall
+    from fst_plugin.export.installer import uninstall
 
     removed, kept = uninstall(Path(args.backdoorbench))
     for path in removed:
@@ -61,7 +61,7 @@ def _cmd_uninstall(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from fst_plugin.exporter import export
+    from fst_plugin.export.exporter import export
 
     written = export(Path(args.backdoorbench), methods=args.methods, force=args.force)
     for path in written:
@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "install":
             p.add_argument("--force", action="store_true", help="overwrite files fst-plugin did not write")
         p.set_defaults(func=func)
-    from fst_plugin.exporter import DEFAULT_METHODS
+    from fst_plugin.export.exporter import DEFAULT_METHODS
 
     export = sub.add_parser("export", help="write self-contained BackdoorBench defenses (no import of this "
                                            "package) into a checkout, for an upstream pull request")

@@ -24,7 +24,7 @@ Seeding and threads, decided here and nowhere else
       (torchrun's ranks, a killed run and its resumption), and the reproducibility tests compare the weights of
       such processes bit for bit, which needs one fixed thread count. No test compares an in-process result
       with a CLI process's bit for bit; a test that starts two subprocesses of its own and compares them
-      (``adapter/test_export.py``) gives both the same environment.
+      (``export/test_export.py``) gives both the same environment.
 
 Two ways to drive the CLI:
 
@@ -154,7 +154,7 @@ def save_payload(record_dir: Path, payload: Any) -> Path:
 
 def write_yaml(path: Path, **overrides: Any) -> Path:
     """The shipped fst/cifar10.yaml with CPU-friendly values and ``overrides`` applied."""
-    from fst_plugin.installer import shipped_config
+    from fst_plugin.defense.shipped import shipped_config
 
     values = yaml.safe_load(shipped_config("fst", "cifar10").read_text())
     values.update(device="cpu", num_workers=0, pin_memory=False, non_blocking=False, batch_size=16,
@@ -351,7 +351,7 @@ def _context() -> Any:
         _FORKSERVER = multiprocessing.get_context("forkserver")
         _FORKSERVER.set_forkserver_preload(["torch", "torchvision", "pandas", "matplotlib.pyplot", "yaml",
                                             "fst_plugin.cli", "fst_plugin.adapter.defenses",
-                                            "fst_plugin.installer", "tests.builders"])
+                                            "fst_plugin.export.installer", "tests.builders"])
     return _FORKSERVER
 
 

@@ -14,9 +14,10 @@ LAYERS = [
     {"fst_plugin", "errors", "io_utils", "runtime", "distributed", "options"},  # fst_plugin = __init__ (the version only)
     {"core"},                                              # pure PyTorch
     {"models", "data", "record"},                          # formats and building blocks
-    {"config", "attacks", "plugins", "probes"},            # probes: the retuning attack and QRA
-    {"adapter", "backdoor"},
-    {"api", "installer", "exporter"},
+    {"attacks", "plugins", "probes"},                      # probes: the retuning attack and QRA
+    {"defense"},                                           # a tuning defense, whoever calls it: config, runner
+    {"adapter", "backdoor"},                               # adapter: BackdoorBench's face
+    {"api", "export"},
     {"demo", "cli", "__main__"},
 ]
 CORE_MAY_IMPORT = {"core", "errors", "runtime", "distributed"}

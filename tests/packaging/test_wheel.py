@@ -1,6 +1,6 @@
 """The wheel: what it holds, and that after a regular (non-editable) install the ``fst-plugin`` console script
-lists the defenses, installs into a BackdoorBench checkout, runs a defense on a record and runs the demo, from the
-repository root and from any other folder, always with the installed package.
+lists the defenses, installs and exports into a BackdoorBench checkout, runs a defense on a record and runs the
+demo, from the repository root and from any other folder, always with the installed package.
 
 From the repository root, ``python -c``/``python -m fst_plugin`` put the cwd first on ``sys.path``, so there the
 repository's ``fst_plugin/`` shadows the installed one; a console script puts its own folder (the venv's
@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 
 from fst_plugin import __version__
-from fst_plugin.config import shipped_config, shipped_configs_dir
+from fst_plugin.defense.shipped import shipped_config, shipped_configs_dir
 from fst_plugin.core.modes import MODES
-from fst_plugin.installer import LAUNCHER, MANIFEST
+from fst_plugin.export.exporter import render_defense
+from fst_plugin.export.installer import LAUNCHER, MANIFEST
 from tests.builders import CLI_THREADS, REPO, TinyBB, assert_outputs_complete, backdoorbench_tree, copy_record
 
 DATASETS = ("cifar10", "cifar100", "gtsrb", "tiny")
@@ -63,6 +64,7 @@ def test_the_wheel_holds_the_package_every_shipped_yaml_and_the_entry_points(whe
         assert f"{method} = fst_plugin.adapter.defenses:" in entry_points
     assert "fst-plugin = fst_plugin.cli:main" in entry_points
     assert "fst_plugin/core/tuning.py" in names and "fst_plugin/defense_configs/__init__.py" in names
+    assert "fst_plugin/export/defense.py.tmpl" in names  # the exported defense's template (package data)
     assert not any(n.startswith(("tests/", "bench_scripts/", "defense_configs/")) for n in names)
     assert f"Version: {__version__}" in metadata and "Provides-Extra: test" in metadata
 
@@ -139,7 +141,7 @@ def test_a_regular_install_lists_the_defenses_and_finds_its_configs(installed: P
     assert [line.split()[0] for line in listed.splitlines()] == sorted(MODES)
     # a console script puts its own folder (the venv's bin/) first on sys.path, not the cwd: the installed package
     assert package == _site_packages(installed) / "fst_plugin" / "__init__.py"
-    lookup = ("import fst_plugin, fst_plugin.config as c; "
+    lookup = ("import fst_plugin, fst_plugin.defense.shipped as c; "
               "print(fst_plugin.__file__); print(c.shipped_config('fst', 'gtsrb').read_text())")
     out, _ = _installed_run(installed, cwd, tmp_path, "python", "-c", lookup)
     package_file, text = out.split("\n", 1)
@@ -158,8 +160,8 @@ def test_a_regular_install_installs_into_a_backdoorbench_checkout(installed: Pat
                                                                  tmp_path: Path) -> None:
     checkout = backdoorbench_tree(tmp_path / "BackdoorBench")
     ft_before = (checkout / "defense" / "ft.py").read_text()
-    out, package = _installed_run(installed, _where(where, tmp_path), tmp_path, "fst-plugin", "install",
-                                  "--backdoorbench", str(checkout))
+    cwd = _where(where, tmp_path)
+    out, package = _installed_run(installed, cwd, tmp_path, "fst-plugin", "install", "--backdoorbench", str(checkout))
     assert package == _site_packages(installed) / "fst_plugin" / "__init__.py"
     written = {Path(line.removeprefix("wrote ")).relative_to(checkout.resolve()).as_posix()
                for line in out.splitlines() if line.startswith("wrote ")}
@@ -174,6 +176,9 @@ def test_a_regular_install_installs_into_a_backdoorbench_checkout(installed: Pat
         assert default == (REPO / "defense_configs" / method / "cifar10.yaml").read_text()
     assert (checkout / MANIFEST).is_file()
     assert (checkout / "defense" / "ft.py").read_text() == ft_before  # BackdoorBench's own defense untouched
+    # export reads its template from the installed package data and replaces the launcher
+    _installed_run(installed, cwd, tmp_path, "fst-plugin", "export", "--backdoorbench", str(checkout), "--methods", "fst")
+    assert (checkout / "defense" / "fst.py").read_text() == render_defense("fst")
 
 
 @pytest.mark.slow

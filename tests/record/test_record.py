@@ -15,7 +15,7 @@ from fst_plugin.adapter.defenses import FST, LP
 from fst_plugin.models import build_model
 from fst_plugin.record import load_attack_record, load_untrusted
 from fst_plugin.record.defense_output import CSV_COLUMNS
-from fst_plugin.installer import shipped_config
+from fst_plugin.defense.shipped import shipped_config
 from tests.builders import TinyBB, defense_args
 
 

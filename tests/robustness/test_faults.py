@@ -73,7 +73,6 @@ def test_only_io_utils_writes_result_files() -> None:
     allowed = {  # file -> why a plain write is fine there
         "demo.py": "the demo's synthetic input images, not results",
         "record/attack_record.py": "the attack side's poisoned PNGs (the record's attack_result.pt is atomic)",
-        "exporter.py": "the exported script's template: BackdoorBench's own CSV writing, rendered into a checkout",
     }
     offenders = []
     for path in package.rglob("*.py"):

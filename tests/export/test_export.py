@@ -1,4 +1,5 @@
-"""``fst-plugin export``: self-contained BackdoorBench defenses rendered from the mode table and shipped yamls.
+"""``fst-plugin export``: self-contained BackdoorBench defenses rendered from the core's own source, the mode table,
+the config's option declarations and the shipped yamls.
 
 The end-to-end test runs the exported script in a BackdoorBench-shaped tree whose BackdoorBench modules are the
 minimal stand-ins of ``tests/bb_standin/`` (written by us from the documented interfaces), with ``fst_plugin``
@@ -9,24 +10,30 @@ from __future__ import annotations
 import ast
 import dataclasses
 import hashlib
+import inspect
+import json
 import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any, Iterator
 
 import pandas as pd
 import pytest
 import torch
 
+from fst_plugin.core import TuningRun, feature_shift_penalty, project_head_norm, reinit_head
 from fst_plugin.core.modes import MODES
+from fst_plugin.defense.config import DefenseConfig
 from fst_plugin.errors import InstallError
-from fst_plugin.exporter import DEFAULT_METHODS, export, mode_constants, render_defense
-from fst_plugin.installer import MANIFEST, default_config, install, uninstall
+from fst_plugin.export.core_source import PasteError, check_script, paste
+from fst_plugin.export.exporter import (CORE, DEFAULT_METHODS, EXPORTED_HELP, PLUGIN_ONLY_KEYS, export,
+                                        exported_arguments, render_defense)
+from fst_plugin.export.installer import MANIFEST, default_config, install, uninstall
+from fst_plugin.options import option_specs
 from tests.builders import TinyBB, backdoorbench_tree
 
-FLAGS = {"REINIT_HEAD": "reinit_head", "TRAIN_HEAD": "train_head", "TRAIN_BACKBONE": "train_backbone",
-         "FEATURE_SHIFT_PENALTY": "feature_shift_penalty", "PROJECT_HEAD_NORM": "project_head_norm"}
 # Runs a script as `python script.py ...` would, with every import of fst_plugin refused.
 HIDING_RUNNER = textwrap.dedent('''
     import os, runpy, sys
@@ -51,11 +58,18 @@ def snapshot(root: Path) -> dict[str, str]:
 
 
 def rendered_constants(source: str) -> dict[str, object]:
-    """The module-level constants of a rendered script, read from its syntax tree (not executed)."""
-    tree = ast.parse(source)
-    return {node.targets[0].id: ast.literal_eval(node.value) for node in tree.body
-            if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
-            and node.targets[0].id in {*FLAGS, "DEFAULTS"}}
+    """The module-level constants of a rendered script, read from its syntax tree (not executed): ARGUMENTS,
+    DEFAULTS, and MODE as the keywords of its TuningMode(...) call."""
+    constants: dict[str, object] = {}
+    for node in ast.parse(source).body:
+        if not (isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)):
+            continue
+        name = node.targets[0].id
+        if name == "MODE":
+            constants[name] = {k.arg: ast.literal_eval(k.value) for k in node.value.keywords}
+        elif name in ("ARGUMENTS", "DEFAULTS"):
+            constants[name] = ast.literal_eval(node.value)
+    return constants
 
 
 @pytest.fixture()
@@ -67,7 +81,7 @@ def bb_tree(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("method", sorted(MODES))
 def test_the_rendered_mode_flags_equal_the_mode_table(method: str) -> None:
     constants = rendered_constants(render_defense(method))
-    assert {name: constants[name] for name in FLAGS} == {name: getattr(MODES[method], flag) for name, flag in FLAGS.items()}
+    assert constants["MODE"] == dataclasses.asdict(MODES[method])
     assert constants["DEFAULTS"]["projection_bound"] == "equal"
     assert "fst_plugin" not in render_defense(method)
 
@@ -77,9 +91,133 @@ def test_changing_a_mode_changes_the_exported_script(monkeypatch: pytest.MonkeyP
     monkeypatch.setitem(MODES, "fst", dataclasses.replace(MODES["fst"], feature_shift_penalty=False,
                                                          summary="a changed summary"))
     after = render_defense("fst")
-    assert rendered_constants(after)["FEATURE_SHIFT_PENALTY"] is False
+    assert rendered_constants(after)["MODE"]["feature_shift_penalty"] is False
+    assert rendered_constants(before)["MODE"]["feature_shift_penalty"] is True
     assert "a changed summary" in after and "a changed summary" not in before
-    assert mode_constants(MODES["fst"])["feature_shift_penalty"] == "False"
+
+
+@pytest.mark.parametrize("core", [*CORE, TuningRun, reinit_head, feature_shift_penalty, project_head_norm],
+                         ids=lambda obj: obj.__name__)
+def test_the_exported_script_holds_the_cores_own_source(core: object) -> None:
+    assert textwrap.dedent(inspect.getsource(core)) in render_defense("fst")
+
+
+def test_the_exported_arguments_and_defaults_are_the_configs_option_declarations() -> None:
+    constants = rendered_constants(render_defense("fst"))
+    specs = {spec.name: spec for spec in option_specs(DefenseConfig)}
+    assert set(PLUGIN_ONLY_KEYS) < set(specs)  # each exclusion names a real setting
+    rows = {next(flag[2:] for flag in flags if flag[2:] in specs): (flags, kind, choices, text)
+            for flags, kind, choices, text in constants["ARGUMENTS"]}
+    assert set(rows) == set(specs) - set(PLUGIN_ONLY_KEYS)  # a new setting is exported unless declared plugin-only
+    assert set(constants["DEFAULTS"]) == set(rows)
+    for name, (flags, kind, choices, text) in rows.items():
+        spec = specs[name]
+        assert set(flags) == {f"--{name}", *spec.flags}
+        assert kind == ("str" if spec.choices else spec.type.__name__)
+        assert choices == spec.choices and text == EXPORTED_HELP.get(name, spec.help)
+        assert constants["DEFAULTS"][name] == spec.default
+    assert rows["projection"][1:3] == ("str", ("auto", "on", "off")) and rows["epochs"][1] == "int"
+
+
+# Parses one value for every argument of the exported script with the script's own parser (its BackdoorBench imports
+# are the stand-ins of the tree it runs in) and prints the namespace.
+PARSE_EVERY_ARGUMENT = textwrap.dedent('''
+    import argparse, json, runpy, sys
+    script = runpy.run_path(sys.argv[1], run_name="exported")
+    sample = {"bool": "true", "int": "3", "float": "0.5", "str": "x"}
+    argv = [arg for flags, kind, choices, _ in script["ARGUMENTS"]
+            for arg in (flags[-1], choices[-1] if choices else sample[kind])]
+    parser = argparse.ArgumentParser()
+    script[sys.argv[2]].add_arguments(parser)
+    print(json.dumps(vars(parser.parse_args(argv))))
+''')
+
+
+def test_the_exported_parser_reads_every_argument_as_its_declared_type(bb_tree: Path, tmp_path: Path) -> None:
+    export(bb_tree, ["fe-tuning"])
+    probe = tmp_path / "parse_every_argument.py"
+    probe.write_text(PARSE_EVERY_ARGUMENT)
+    proc = subprocess.run([sys.executable, str(probe), "defense/fe-tuning.py", "fe_tuning"], cwd=bb_tree,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parsed = json.loads(proc.stdout)
+    assert set(parsed) == {a.name for a in exported_arguments()}
+    assert parsed["projection"] == "off" and parsed["projection_bound"] == "at_most" and parsed["amp"] is True
+    assert parsed["epochs"] == 3 and parsed["lr"] == 0.5 and parsed["dataset"] == "x" and parsed["yaml_path"] == "x"
+
+
+def test_a_name_the_template_does_not_import_stops_the_export() -> None:
+    pasted = paste(CORE)
+    script = render_defense("fst")
+    assert {"math", "nn", "torch", "tqdm", "DistributedSampler"} <= pasted.needs
+    with pytest.raises(PasteError, match="uses math, which the defense template does not import"):
+        check_script(script.replace("\nimport math\n", "\n"), pasted)
+    with pytest.raises(PasteError, match="defines find_head as the pasted core does"):
+        check_script(script + "\n\ndef find_head():\n    pass\n", pasted)
+    with pytest.raises(PasteError, match="defines PROJECTION_BOUNDS as"):
+        check_script(script + "\nPROJECTION_BOUNDS = ()\n", pasted)
+
+
+PROBE_A = '''
+import math
+
+from probe_pkg.b import helper, Shape
+
+SCALE = 2.0
+log = None
+
+
+def root(x):
+    """Uses a helper of another module, a constant, a class and an outside name."""
+    return helper(x) * SCALE + math.pi + Shape().size
+'''
+PROBE_B = '''
+from dataclasses import dataclass
+
+SCALE = 3.0
+
+
+def helper(x):
+    return x + 1
+
+
+def scaled(x):
+    return x * SCALE
+
+
+@dataclass
+class Shape:
+    size: int = 3
+'''
+
+
+@pytest.fixture()
+def probe_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, Any]]:
+    """The modules a and b of a throwaway package ``probe_pkg``, which paste() treats as the package."""
+    package = tmp_path / "probe_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text(PROBE_A)
+    (package / "b.py").write_text(PROBE_B)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr("fst_plugin.export.core_source.PACKAGE", "probe_pkg")
+    from probe_pkg import a, b
+
+    yield a, b
+    for name in [m for m in sys.modules if m.split(".")[0] == "probe_pkg"]:
+        del sys.modules[name]
+
+
+def test_paste_follows_the_package_through_modules_and_constants(probe_package: tuple[Any, Any]) -> None:
+    a, b = probe_package
+    pasted = paste([a.root])
+    assert list(pasted.pieces) == ["helper", "SCALE", "Shape", "root"]  # dependencies first, unused ones left out
+    assert pasted.needs == {"math", "dataclass"}
+    namespace: dict[str, object] = {}
+    exec("import math\nfrom dataclasses import dataclass\n" + pasted.text, namespace)
+    assert namespace["root"](1.0) == a.root(1.0)
+    with pytest.raises(PasteError, match="two package definitions are named SCALE"):
+        paste([a.root, b.scaled])
 
 
 def test_export_writes_scripts_and_the_shipped_yamls_and_nothing_of_backdoorbenchs(bb_tree: Path) -> None:
@@ -146,7 +284,8 @@ def test_the_exported_defense_runs_without_this_package_and_ends_with_the_plugin
     runner = tmp_path / "run_hidden.py"
     runner.write_text(HIDING_RUNNER)
     args = ["--result_file", name, "--yaml_path", f"./config/defense/{method}/cifar10.yaml", "--dataset", "cifar10",
-            "--device", "cpu", "--num_workers", "0", "--epochs", "2", "--ratio", "0.5", "--random_seed", "3"]
+            "--device", "cpu", "--num_workers", "0", "--epochs", "2", "--ratio", "0.5", "--random_seed", "3",
+            "--projection", "on"]
     exported = subprocess.run([sys.executable, "-I", str(runner), f"defense/{method}.py", *args],
                               cwd=bb_tree, capture_output=True, text=True, timeout=600)
     assert exported.returncode == 0, exported.stderr[-3000:]
@@ -154,13 +293,14 @@ def test_the_exported_defense_runs_without_this_package_and_ends_with_the_plugin
     assert {"defense_result.pt", f"{method}_df.csv", f"{method}_df_summary.csv", "loss_metric_plots.png",
             "acc_like_metric_plots.png"} <= {p.name for p in out.iterdir()}
     assert (out / "log" / "index.txt").is_file() and list((out / "log").glob("*.log"))
+    assert not (out / "checkpoint").exists()  # BackdoorBench's checkpoint_save is named, never made: no empty folder
     out = out.rename(out.with_name(f"{method}_exported"))
 
     # The exported script is BackdoorBench's per-image DataLoader path; the plugin's default tensor path draws its
     # crops and flips from another random stream (same distribution, other values), so the exact-weights
     # comparison runs the plugin on the per-image path.
-    plugin = subprocess.run([sys.executable, "-m", "fst_plugin.cli", "run", method, *args, "--data_path", "backdoorbench"],
-                            cwd=bb_tree, capture_output=True, text=True, timeout=600)
+    plugin = subprocess.run([sys.executable, "-m", "fst_plugin.cli", "run", method, *args,
+                             "--input_pipeline", "backdoorbench"], cwd=bb_tree, capture_output=True, text=True, timeout=600)
     assert plugin.returncode == 0, plugin.stderr[-3000:]
     assert "models, transforms and data from: backdoorbench" in plugin.stderr  # the same stand-in loaders
     ours = bb_tree / "record" / name / "defense" / method

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fst_plugin.errors import InstallError
-from fst_plugin.installer import MANIFEST, install, plan_install, uninstall
+from fst_plugin.export.installer import MANIFEST, install, plan_install, uninstall
 from fst_plugin.record import load_untrusted
 from fst_plugin.plugins import available_defenses, load_defense
 from tests.builders import TinyBB

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fst_plugin.config import shipped_config, shipped_configs_dir
+from fst_plugin.defense.shipped import shipped_config, shipped_configs_dir
 from fst_plugin.errors import InstallError
 from fst_plugin.io_utils import atomic_write_text
 from fst_plugin.plugins import available_defenses
