@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -87,3 +87,22 @@ def evaluate_backdoor(model: nn.Module, clean_loader: Iterable, bd_loader: Itera
 def defense_effectiveness_rating(acc_before: float, asr_before: float, acc_after: float, asr_after: float) -> float:
     """DER = [max(0, ΔASR) − max(0, ΔACC) + 1] / 2 ∈ [0, 1] (FT-SAM paper)."""
     return (max(0.0, asr_before - asr_after) - max(0.0, acc_before - acc_after) + 1.0) / 2.0
+
+
+def evaluate_backdoor_tensors(model: nn.Module, clean: tuple[torch.Tensor, torch.Tensor],
+                              poisoned: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                              prepare: Callable[[torch.Tensor], torch.Tensor] = lambda images: images,
+                              batch_size: int = 500, device: str | torch.device = "cpu") -> BackdoorMetrics:
+    """:func:`evaluate_backdoor` on test sets held in memory: ``clean`` = (images, labels), ``poisoned`` =
+    (images, backdoor labels, original labels). ``prepare`` turns a slice of images into the model's input
+    (e.g. uint8 to normalised float) one batch at a time, so a whole test set is never converted at once."""
+
+    def batches(images: torch.Tensor, *columns: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
+        for start in range(0, len(images), batch_size):
+            part = slice(start, start + batch_size)
+            yield (prepare(images[part]), *(column[part] for column in columns))
+
+    bd_images, bd_labels, original = poisoned
+    index, flag = torch.arange(len(bd_labels)), torch.ones(len(bd_labels), dtype=torch.long)
+    # the poisoned items in BackdoorBench's shape: (image, backdoor label, index, poison flag, original label)
+    return evaluate_backdoor(model, batches(*clean), batches(bd_images, bd_labels, index, flag, original), device)
