@@ -26,28 +26,22 @@ import random
 import time
 from pathlib import Path
 
-from bench_scripts.common import (
-    REPO,
-    add_protocol_args,
-    link_data,
-    log_timing,
-    protocol_from_args,
-    protocol_root,
-    run_defense,
-    setup,
-)
+from bench_scripts.common import DATASET, add_protocol_args, link_data, log_timing, run_defense, start
 from fst_plugin.core import get_mode
 from fst_plugin.data import load_clean_split
 from fst_plugin.record.layout import DefenseLayout
 
 log = logging.getLogger("bench.ablations")
+# the save names of the size and longer-tuning variants, as the report finds them in results.csv
+SIZE_VARIANT = r"_n\d+$"                  # <method>_n<images>
+LONGER_VARIANT = r"_e\d+$|_lr[\d.e-]+$"   # <method>_e<epochs>, <method>_lr<lr>
 
 
 def index_file(record_dir: Path, data_dir: Path, n: int, seed: int) -> Path:
     """``n`` clean training indices drawn like BackdoorBench's choose_index (random.sample, seeded)."""
     path = record_dir / "bench_index" / f"clean_n{n}_s{seed}.txt"
     if not path.is_file():
-        total = len(load_clean_split("cifar10", data_dir, train=True))
+        total = len(load_clean_split(DATASET, data_dir, train=True))
         chosen = random.Random(seed).sample(range(total), n)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(f"{i}\n" for i in chosen))
@@ -84,13 +78,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="*", default=["alpha", "size", "projection"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true")
-    args = parser.parse_args(argv)
-    setup()
-    protocol = protocol_from_args(args)
-    root = protocol_root(args.cache, protocol.name)
-    data_root = link_data(root, args.data)
-    results = args.results or REPO / "bench_results" / protocol.name
-    record_dir = root / "record" / args.record
+    run = start(parser, argv)
+    args, protocol, results = run.args, run.protocol, run.results
+    data_root = link_data(run.root, args.data)
+    record_dir = run.record_dir(args.record)
     for method, name, extra in variants(record_dir, args.data, protocol, args.only, args.seed):
         if DefenseLayout.of(record_dir, name, method).finished and not args.force:
             continue

@@ -1,5 +1,6 @@
-"""What every benchmark script shares: data arrays, triggers by name, the cache layout, running one of the
-package's defenses (with the optional per-epoch test subset), penultimate features and where poisoned features sit.
+"""What every benchmark script shares: its command line (protocol, cache, results), triggers by name, the cache
+layout, timings, running one of the package's defenses (with the optional per-epoch test subset) and loading a
+result as a model. Measuring models is bench_scripts/measures.py.
 
 Cache layout (outside git): ``<cache>/<protocol>/record/<attack>[-<key>]_<rate>_s<seed>/`` are BackdoorBench records
 (``attack_result.pt`` + PNGs, ``defense/<name>/defense_result.pt`` after the defenses), and
@@ -14,12 +15,11 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from fst_plugin.attacks import (
@@ -27,25 +27,22 @@ from fst_plugin.attacks import (
     badnets_trigger,
     blend_pattern,
     blended_trigger,
-    normalise,
     sig_trigger,
-    to_tensor_batch,
     wanet_trigger,
 )
 from fst_plugin import api
 from fst_plugin.adapter.defenses import DefenseResult
-from fst_plugin.core import find_head
-from fst_plugin.data import load_clean_split
 from fst_plugin.models import build_model
 from fst_plugin.models.factory import load_weights
 from fst_plugin.record import AttackRecord, load_untrusted
+
+from bench_scripts.protocols import Protocol, get_protocol
 
 log = logging.getLogger("bench")
 DATASET = "cifar10"
 TARGET = 0
 ATTACKS = ("badnets", "blended", "sig", "wanet")
 CLEAN_LABEL = {"sig"}                       # poison target-class images and keep their labels
-METHODS = ("lp", "vanilla-ft", "fe-tuning", "ft-init", "fst")
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -53,15 +50,6 @@ def setup(threads: Optional[int] = None) -> None:
     """Logging, and torch threads = the machine's cores (2 here) unless told otherwise."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(threads or os.cpu_count() or 1)
-
-
-def load_arrays(data_dir: Path, train: bool) -> tuple[np.ndarray, np.ndarray]:
-    """A clean split as (uint8 NHWC images, int64 labels), in the order the defenses' loader reads it."""
-    ds = load_clean_split(DATASET, data_dir, train)
-    if hasattr(ds, "data") and isinstance(ds.data, np.ndarray):
-        return ds.data, np.asarray(ds.targets, dtype=np.int64)
-    images = np.stack([np.asarray(ds[i][0].convert("RGB")) for i in range(len(ds))])
-    return images, np.asarray(ds.targets, dtype=np.int64)
 
 
 def add_protocol_args(parser: argparse.ArgumentParser, data: bool = True, results: bool = True) -> None:
@@ -80,10 +68,9 @@ def add_protocol_args(parser: argparse.ArgumentParser, data: bool = True, result
         parser.add_argument("--results", type=Path, help="where results go (default bench_results/<protocol>)")
 
 
-def protocol_from_args(args: argparse.Namespace, **more: Any) -> Any:
+def protocol_from_args(args: argparse.Namespace, **more: Any) -> Protocol:
+    """The protocol named by ``--protocol``, with ``--set`` overrides, then ``more`` (non-None values)."""
     import yaml
-
-    from bench_scripts.protocols import get_protocol
 
     overrides = {}
     for item in args.overrides:
@@ -96,6 +83,29 @@ def protocol_from_args(args: argparse.Namespace, **more: Any) -> Any:
     return get_protocol(args.protocol, **overrides)
 
 
+@dataclass(frozen=True)
+class BenchRun:
+    """A script's command line, resolved: the parsed flags, the protocol, its cache folder and its results."""
+
+    args: argparse.Namespace
+    protocol: Protocol
+    root: Path      # <cache>/<protocol>: record/ and data/ as below a BackdoorBench root
+    results: Path   # --results, else bench_results/<protocol>
+
+    def record_dir(self, name: str) -> Path:
+        return self.root / "record" / name
+
+
+def start(parser: argparse.ArgumentParser, argv: Optional[list[str]], protocol_flags: tuple[str, ...] = ()) -> BenchRun:
+    """Parse ``argv``, set up logging and threads, and resolve the protocol; ``protocol_flags`` name parsed flags
+    that, when given, override the protocol field of the same name (``--epochs``)."""
+    args = parser.parse_args(argv)
+    setup()
+    protocol = protocol_from_args(args, **{flag: getattr(args, flag) for flag in protocol_flags})
+    results = getattr(args, "results", None) or REPO / "bench_results" / protocol.name
+    return BenchRun(args, protocol, Path(args.cache) / protocol.name, results)
+
+
 def record_name(attack: str, rate: float, seed: int, key: Optional[str] = None) -> str:
     """``<attack>_<rate>_s<seed>``; a Blended record keyed by an image file is ``blended-<file stem>_...`` so it
     never collides with (or is served from the cache of) the seeded-noise record."""
@@ -105,10 +115,6 @@ def record_name(attack: str, rate: float, seed: int, key: Optional[str] = None) 
 def trigger_key(attack: str, pattern_image: Optional[str]) -> Optional[str]:
     """The name of Blended's key image when one is given (its file stem), else None (seeded noise / no key)."""
     return Path(pattern_image).stem if attack == "blended" and pattern_image else None
-
-
-def protocol_root(cache: Path, protocol: str) -> Path:
-    return Path(cache) / protocol
 
 
 def link_data(root: Path, data_dir: Path) -> Path:
@@ -181,67 +187,3 @@ def load_defended(path: Path) -> nn.Module:
     """A ``defense_result.pt`` (anyone's: ours or BackdoorBench's built-ins) as an eval-mode model."""
     data = load_untrusted(path, "defense result")
     return load_model(data["model_name"], int(data["num_classes"]), data["model"])
-
-
-def read_bd_test(record: AttackRecord) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The record's poisoned test images (uint8 NHWC), backdoor labels and original labels."""
-    images = []
-    for entry in record.bd_test.images:
-        with Image.open(entry.path) as img:
-            images.append(np.asarray(img.convert("RGB")))
-    return (np.stack(images), np.array([e.bd_label for e in record.bd_test.images]),
-            np.array([e.original_label for e in record.bd_test.images]))
-
-
-@torch.no_grad()
-def logits_and_features(model: nn.Module, images: np.ndarray, num_classes: int = 10, device: str = "cpu",
-                        batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and penultimate features (the head's input, captured by a hook, so any architecture works)."""
-    head = find_head(model, num_classes).modules[-1]
-    captured: list[torch.Tensor] = []
-    hook = head.register_forward_pre_hook(lambda _m, inp: captured.append(inp[0].detach().float().cpu()))
-    model.eval().to(device)
-    data = to_tensor_batch(images)
-    logits = []
-    try:
-        for i in range(0, len(data), batch_size):
-            logits.append(model(normalise(data[i:i + batch_size].to(device), DATASET)).float().cpu())
-    finally:
-        hook.remove()
-    return torch.cat(logits).numpy(), torch.cat(captured).numpy()
-
-
-def feature_shift_measures(clean_features: np.ndarray, clean_labels: np.ndarray, poisoned_features: np.ndarray,
-                           poisoned_true_labels: np.ndarray, target: int = TARGET, seed: int = 0) -> dict[str, float]:
-    """Where the poisoned images' penultimate features sit relative to the clean classes (the paper's Figure 3
-    question, as numbers that do not depend on the head):
-
-    * ``feat_target_share``: share of poisoned images whose feature is nearest (cosine) to the target class's
-      centroid of clean test features — a head-free "feature-level ASR". High while the trigger maps into the
-      target cluster; low once the feature extractor has moved the poisoned features out of it.
-    * ``feat_true_share``: share nearest to the centroid of their own true class (a feature-level RA).
-    * ``sep_silhouette``: cosine silhouette of target-class clean features vs poisoned features (> 0: two
-      distinct clusters).
-
-    A linear probe separating target-class clean from poisoned features was tried first and dropped: it scored
-    ≈ 0.98 for every model, because the poisoned images come from the nine other classes and stay
-    distinguishable from class-``target`` images whatever the defense does.
-    """
-    from sklearn.metrics import silhouette_score
-
-    def unit(x: np.ndarray) -> np.ndarray:
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-    classes = np.unique(clean_labels)
-    centroids = unit(np.stack([clean_features[clean_labels == c].mean(0) for c in classes]))
-    nearest = classes[(unit(poisoned_features) @ centroids.T).argmax(1)]
-
-    target_feats = clean_features[clean_labels == target]
-    n = min(len(target_feats), len(poisoned_features))
-    rng = np.random.default_rng(seed)
-    a = target_feats[rng.choice(len(target_feats), n, replace=False)]
-    b = poisoned_features[rng.choice(len(poisoned_features), n, replace=False)]
-    silhouette = silhouette_score(np.concatenate([a, b]), np.r_[np.zeros(n), np.ones(n)], metric="cosine")
-    return {"feat_target_share": float((nearest == target).mean()),
-            "feat_true_share": float((nearest == poisoned_true_labels).mean()),
-            "sep_silhouette": float(silhouette)}

@@ -19,6 +19,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -26,30 +27,42 @@ from torch import nn
 
 from bench_scripts.common import (
     DATASET,
-    METHODS,
-    REPO,
     TARGET,
     add_protocol_args,
     bench_info,
-    make_trigger,
-    feature_shift_measures,
-    load_arrays,
     load_defended,
     load_model,
     log_timing,
-    logits_and_features,
-    protocol_from_args,
-    protocol_root,
-    setup,
+    make_trigger,
+    start,
 )
-from bench_scripts.evaluate import TestSets
-from fst_plugin.attacks import normalise, to_tensor_batch
+from bench_scripts.measures import (
+    TestSets,
+    feature_shift_measures,
+    features_of,
+    measure_with_features,
+    model_input,
+    nearest_class,
+    unit_rows,
+)
+from bench_scripts.protocols import METHODS
+from fst_plugin.attacks import to_tensor_batch
 from fst_plugin.core import find_head
+from fst_plugin.data.arrays import load_split_arrays
 from fst_plugin.io_utils import atomic_write_text
-from fst_plugin.record import load_attack_record
 from fst_plugin.record.layout import DefenseLayout
 
 log = logging.getLogger("bench.diagnostics")
+
+
+def record_models(record_dir: Path, sets: TestSets, methods: tuple[str, ...],
+                  attacked_label: str) -> list[tuple[str, Callable[[], nn.Module]]]:
+    """The backdoored model (named ``attacked_label``) and each of ``methods``' finished defense results, as
+    (name, loader) pairs: a model is loaded only when its turn comes."""
+    rec = sets.record
+    models = [(attacked_label, lambda: load_model(rec.model_name, rec.num_classes, rec.state_dict))]
+    return models + [(m, lambda p=DefenseLayout.of(record_dir, m).result: load_defended(p))
+                     for m in methods if DefenseLayout.of(record_dir, m).finished]
 
 
 def tsne_figure(record_dir: Path, data_dir: Path, points: int, out: Path, methods: tuple[str, ...] = METHODS,
@@ -65,20 +78,17 @@ def tsne_figure(record_dir: Path, data_dir: Path, points: int, out: Path, method
     clean_idx = np.concatenate([rng.choice(pool, size=min(points, len(pool)), replace=False)
                                 for pool in (np.flatnonzero(sets.clean_y == c) for c in np.unique(sets.clean_y))])
     bd_idx = rng.choice(len(sets.bd_label), size=min(points, len(sets.bd_label)), replace=False)
-    rec = sets.record
-    models = [("no defense", lambda: load_model(rec.model_name, rec.num_classes, rec.state_dict))]
-    models += [(m, lambda p=DefenseLayout.of(record_dir, m).result: load_defended(p))
-               for m in methods if DefenseLayout.of(record_dir, m).finished]
+    models = record_models(record_dir, sets, methods, "no defense")
     cols = 3
     rows = int(np.ceil(len(models) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4 * rows), squeeze=False)
     for ax, (name, build) in zip(axes.flat, models):
-        model = build()
-        _, f_all = logits_and_features(model, sets.clean_x[clean_idx])
-        bd_logits, f_bd = logits_and_features(model, sets.bd_x[bd_idx])
+        metrics, f_all, f_bd = measure_with_features(
+            build(), (sets.clean_x[clean_idx], sets.clean_y[clean_idx]),
+            (sets.bd_x[bd_idx], sets.bd_label[bd_idx], sets.bd_orig[bd_idx]))
         shift = feature_shift_measures(f_all, sets.clean_y[clean_idx], f_bd, sets.bd_orig[bd_idx], TARGET, seed)
         f_clean = f_all[sets.clean_y[clean_idx] == TARGET]
-        asr = float((bd_logits.argmax(1) == sets.bd_label[bd_idx]).mean())
+        asr = metrics.test_asr
         feats = np.concatenate([f_clean, f_bd])
         perplexity = float(min(30, max(2, (len(feats) - 1) // 3)))
         emb = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(feats)
@@ -112,14 +122,16 @@ def fresh_head_probe(record_dir: Path, data_dir: Path, seed: int = 0) -> dict[st
     index_file = DefenseLayout.of(record_dir, "fst").index
     if not index_file.is_file():
         raise SystemExit(f"{index_file} is missing: run the fst defense on {record_dir.name} first")
-    rec = load_attack_record(record_dir)
+    sets = TestSets(record_dir, data_dir)
+    rec = sets.record
     model = load_model(rec.model_name, rec.num_classes, rec.state_dict)
     head = find_head(model, rec.num_classes).modules[-1]
     idx = np.loadtxt(index_file, dtype=int)
-    train_x, train_y = load_arrays(data_dir, train=True)
-    sets = TestSets(record_dir, data_dir)
-    _, tune_feat = logits_and_features(model, train_x[idx])
-    test_logits, test_feat = logits_and_features(model, sets.clean_x)
+    train_x, train_y = load_split_arrays(DATASET, data_dir, train=True)
+    tune_feat = features_of(model, train_x[idx], rec.num_classes)
+    no_poisoned = (sets.bd_x[:0], sets.bd_label[:0], sets.bd_orig[:0])  # only the clean test set is asked about
+    metrics, test_feat, _ = measure_with_features(model, (sets.clean_x, sets.clean_y), no_poisoned,
+                                                  num_classes=rec.num_classes)
     scores = {c: cross_val_score(LogisticRegression(max_iter=2000, C=c), tune_feat, train_y[idx], cv=5).mean()
               for c in (0.001, 0.01, 0.1, 1.0)}
     best_c = max(scores, key=scores.get)
@@ -127,7 +139,7 @@ def fresh_head_probe(record_dir: Path, data_dir: Path, seed: int = 0) -> dict[st
     w0 = float(head.weight.detach().norm())
     return {"record": record_dir.name, "tuning_images": int(len(idx)), "w0_norm": w0, "w0_norm_sq": w0 ** 2,
             "feature_norm_mean": float(np.linalg.norm(tune_feat, axis=1).mean()), "feature_dim": int(tune_feat.shape[1]),
-            "original_head_acc": float((test_logits.argmax(1) == sets.clean_y).mean()),
+            "original_head_acc": metrics.test_acc,
             "fresh_head_acc": float((probe.predict(test_feat) == sets.clean_y).mean()), "fresh_head_C": best_c,
             "fresh_head_cv_acc": float(scores[best_c])}
 
@@ -152,7 +164,7 @@ def stage_features(model: nn.Module, images: np.ndarray, num_classes: int, batch
     data = to_tensor_batch(images)
     try:
         for i in range(0, len(data), batch_size):
-            model(normalise(data[i:i + batch_size], DATASET))
+            model(model_input(data[i:i + batch_size]))
     finally:
         for h in handles:
             h.remove()
@@ -182,12 +194,7 @@ def layer_probe(record_dir: Path, data_dir: Path, methods: tuple[str, ...], n_im
                           for members in (np.flatnonzero(sets.clean_y == c) for c in np.unique(sets.clean_y))])
     half = len(chosen) // 2
     rec = sets.record
-    models = [("none", lambda: load_model(rec.model_name, rec.num_classes, rec.state_dict))]
-    models += [(m, lambda p=DefenseLayout.of(record_dir, m).result: load_defended(p))
-               for m in methods if DefenseLayout.of(record_dir, m).result.is_file()]
-
-    def unit(x: np.ndarray) -> np.ndarray:
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    models = record_models(record_dir, sets, methods, "none")
 
     out: dict = {"record": record_dir.name, "attack": info["attack"], "n_images": int(len(chosen)), "models": {}}
     for name, build in models:
@@ -206,13 +213,13 @@ def layer_probe(record_dir: Path, data_dir: Path, methods: tuple[str, ...], n_im
             probe = LogisticRegression(max_iter=2000, C=0.1).fit(scaler.transform(x_fit), y)
             labels = sets.clean_y[ref]
             classes = np.unique(labels)
-            centroids = unit(np.stack([f_ref[stage][labels == c].mean(0) for c in classes]))
-            nearest = classes[(unit(b) @ centroids.T).argmax(1)]
+            centroids = unit_rows(np.stack([f_ref[stage][labels == c].mean(0) for c in classes]))
+            nearest = nearest_class(b, centroids, classes)
             spread = float(np.sqrt(a.var(0).sum()))
             rows[stage] = {"trigger_probe_acc": float(probe.score(scaler.transform(x_test), y_test)),
                            "shift_over_spread": float(np.linalg.norm((b - a).mean(0)) / max(spread, 1e-12)),
                            "target_share": float((nearest == TARGET).mean()),
-                           "clean_target_share": float((classes[(unit(a) @ centroids.T).argmax(1)] == TARGET).mean())}
+                           "clean_target_share": float((nearest_class(a, centroids, classes) == TARGET).mean())}
         out["models"][name] = rows
         log.info("%s %s: %s", record_dir.name, name, {k: round(v["target_share"], 3) for k, v in rows.items()})
     return out
@@ -231,12 +238,10 @@ def main(argv: list[str] | None = None) -> None:
                              "(results/layers_<record>.json; default: the five modes)")
     parser.add_argument("--no-tsne", action="store_true", help="skip the t-SNE figure")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    setup()
-    protocol = protocol_from_args(args)
-    results = args.results or REPO / "bench_results" / protocol.name
+    run = start(parser, argv)
+    args, protocol, results = run.args, run.protocol, run.results
     started = time.time()
-    record_dir = protocol_root(args.cache, protocol.name) / "record" / args.record
+    record_dir = run.record_dir(args.record)
     if args.fresh_head:
         probe = fresh_head_probe(record_dir, args.data, args.seed)
         atomic_write_text(results / f"fresh_head_{args.record}.json", json.dumps(probe, indent=1))

@@ -9,7 +9,8 @@ evaluated on the record's clean test images (the whole CIFAR-10 test split unles
 and the record's poisoned test images (its bd_test PNGs: every non-target test image with the trigger):
 C-Acc, ASR, RA, DER against "none", and where the poisoned images' penultimate features sit: the share nearest
 to the target class's clean-feature centroid (a head-free feature-level ASR), the share nearest to their own
-class's, and the silhouette of target-class clean vs poisoned features (common.feature_shift_measures). The defense wall time comes from the
+class's, and the silhouette of target-class clean vs poisoned features (bench_scripts/measures.py: C-Acc, ASR
+and RA through fst_plugin.core.metrics, the package's one evaluator). The defense wall time comes from the
 defense's run_info.json. Per-model results are cached next to the model (bench_eval.json, keyed by the
 file's size and mtime), so re-running after adding defenses only evaluates the new ones.
 
@@ -39,26 +40,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from torch import nn
 
-from bench_scripts.common import (
-    METHODS,
-    REPO,
-    TARGET,
-    add_protocol_args,
-    bench_info,
-    feature_shift_measures,
-    link_data,
-    load_arrays,
-    load_defended,
-    load_model,
-    log_timing,
-    logits_and_features,
-    protocol_from_args,
-    protocol_root,
-    read_bd_test,
-    setup,
-)
+from bench_scripts.common import add_protocol_args, link_data, load_defended, load_model, log_timing, start
+from bench_scripts.measures import TestSets, measure
+from bench_scripts.protocols import GRID_VARIANTS
 from fst_plugin.core import defense_effectiveness_rating
 from fst_plugin.errors import FSTError
 from fst_plugin.probes.config import CLEAN_REFERENCE, QraConfig, RetuneConfig
@@ -70,34 +55,11 @@ from fst_plugin.runtime import resolve_device
 
 log = logging.getLogger("bench.evaluate")
 EVAL_VERSION = 2
-RETUNE_VARIANTS = ("none", *METHODS, "ft", "ft-sam", "anp", "i-bau", "nad", CLEAN_REFERENCE)
+RETUNE_VARIANTS = (*GRID_VARIANTS, CLEAN_REFERENCE)
 QRA_VARIANTS = tuple(v for v in RETUNE_VARIANTS if v != CLEAN_REFERENCE)  # QRA attacks a model against the reference
 # the result columns each probe owns (filled by Retune.columns / Qra.columns, rounded by main)
 RETUNE_COLUMNS = ("retune_acc", "retune_asr", "retune_ra")
 QRA_COLUMNS = ("qra_asr", "qra_clean_target", "qra_ref_asr")
-
-
-class TestSets:
-    """A record's clean and poisoned test sets as arrays, read once per record."""
-
-    def __init__(self, record_dir: Path, data_dir: Path) -> None:
-        self.record = load_attack_record(record_dir)
-        self.info = bench_info(self.record)
-        images, labels = load_arrays(data_dir, train=False)
-        keep = np.asarray(self.info.get("test_indices") or np.arange(len(labels)))
-        self.clean_x, self.clean_y = images[keep], labels[keep]
-        self.bd_x, self.bd_label, self.bd_orig = read_bd_test(self.record)
-
-
-def measure(model: nn.Module, sets: TestSets, device: str) -> dict[str, float]:
-    clean_logits, clean_feat = logits_and_features(model, sets.clean_x, device=device)
-    bd_logits, bd_feat = logits_and_features(model, sets.bd_x, device=device)
-    clean_pred, bd_pred = clean_logits.argmax(1), bd_logits.argmax(1)
-    out = {"test_acc": float((clean_pred == sets.clean_y).mean()),
-           "test_asr": float((bd_pred == sets.bd_label).mean()),
-           "test_ra": float((bd_pred == sets.bd_orig).mean())}
-    out.update(feature_shift_measures(clean_feat, sets.clean_y, bd_feat, sets.bd_orig, TARGET))
-    return out
 
 
 def cached_measure(path: Path, loader, sets: TestSets, device: str, cache: Path | None = None) -> dict[str, float]:
@@ -266,21 +228,19 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--retune-variants", nargs="*", default=list(RETUNE_VARIANTS),
                         help="which models --retune attacks (default: none, the five modes, BackdoorBench's built-ins "
                              "and the clean reference; 'all' adds the ablation variants)")
-    args = parser.parse_args(argv)
-    setup()
-    protocol = protocol_from_args(args)
-    root = protocol_root(args.cache, protocol.name)
+    run = start(parser, argv)
+    args, protocol, root = run.args, run.protocol, run.root
     names = args.records or sorted(p.name for p in (root / "record").glob("*") if (p / "attack_result.pt").is_file())
     device = resolve_device(protocol.device if protocol.device != "cuda" else "auto")
     started = time.time()
-    out = args.out or REPO / "bench_results" / protocol.name / "results.csv"
+    out = args.out or run.results / "results.csv"
     data_root = link_data(root, args.data) if args.retune or args.qra else root / "data"
     retune = Retune(args.retune, data_root, device, args.reference,
                     out.parent, protocol.defense_ratio,
                     None if "all" in args.retune_variants else set(args.retune_variants))
     qra = Qra(args.qra, data_root, device, out.parent, protocol.defense_ratio,
               None if "all" in args.qra_variants else set(args.qra_variants))
-    rows = [row for name in names for row in evaluate_record(root / "record" / name, args.data, device, retune, qra)]
+    rows = [row for name in names for row in evaluate_record(run.record_dir(name), args.data, device, retune, qra)]
     df = pd.DataFrame(rows)
     for col in ("alpha", "n_clean", "projection", "projection_bound", "epochs"):
         if col not in df:

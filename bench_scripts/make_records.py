@@ -28,23 +28,21 @@ import numpy as np
 import torch
 
 from bench_scripts.common import (
-    add_protocol_args,
-    protocol_from_args,
     CLEAN_LABEL,
     DATASET,
-    REPO,
     TARGET,
+    add_protocol_args,
     link_data,
-    load_arrays,
     log_timing,
     make_trigger,
-    protocol_root,
     record_name,
     setup,
+    start,
     trigger_key,
 )
 from fst_plugin.attacks import TrainConfig, class_balanced_subset, poison_indices
 from fst_plugin.backdoor import Attack, BackdooredModel, Split, backdoor_and_record
+from fst_plugin.data.arrays import load_split_arrays
 from fst_plugin.errors import FSTError
 from fst_plugin.runtime import resolve_device
 
@@ -72,8 +70,8 @@ def make_record(protocol, data_dir: Path, root: Path, attack: str, rate: float, 
     started = time.time()
     device = resolve_device(protocol.device)
     rng = np.random.default_rng(seed)
-    x_train, y_train = load_arrays(data_dir, train=True)
-    x_test, y_test = load_arrays(data_dir, train=False)
+    x_train, y_train = load_split_arrays(DATASET, data_dir, train=True)
+    x_test, y_test = load_split_arrays(DATASET, data_dir, train=False)
     train_size, test_size = len(y_train), len(y_test)
     train_idx = (class_balanced_subset(y_train, protocol.train_per_class, rng) if protocol.train_per_class
                  else np.arange(train_size))
@@ -183,14 +181,11 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--force", action="store_true", help="retrain even when the record is cached")
     parser.add_argument("--jobs", type=int, default=1,
                         help="records trained side by side, each in its own process (on a GPU they share it)")
-    args = parser.parse_args(argv)
+    run = start(parser, argv, protocol_flags=("epochs",))
+    args, protocol, root, results = run.args, run.protocol, run.root, run.results
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
-    setup()
-    protocol = protocol_from_args(args, epochs=args.epochs)
-    root = protocol_root(args.cache, protocol.name)
     link_data(root, args.data)
-    results = args.results or REPO / "bench_results" / protocol.name
     jobs = [RecordJob(protocol, args.data, root, attack, rate, args.seed, args.blend_pattern, args.force, results)
             for attack, rate in dict.fromkeys(parse_grid(args.attacks, protocol.grid))]
     outcomes = run_jobs(jobs, args.jobs)

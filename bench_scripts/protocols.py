@@ -19,6 +19,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+# the package's five tuning modes, and BackdoorBench's built-in defenses the grid can run from its checkout
+METHODS = ("lp", "vanilla-ft", "fe-tuning", "ft-init", "fst")
+BB_METHODS = ("ft", "ft-sam", "anp", "i-bau", "nad")
+GRID_VARIANTS = ("none", *METHODS, *BB_METHODS)  # the backdoored model ("none") and every grid defense
+REINIT_METHODS = ("fst", "ft-init", "fe-tuning")  # the modes that re-initialise the head (the size ablation's)
+
 # (attack, poisoning rate) pairs; the low-rate grid is what the paper's Table 1/2 claims are about.
 CPU_GRID = (("badnets", 0.01), ("badnets", 0.005), ("badnets", 0.05), ("blended", 0.01), ("blended", 0.005),
             ("sig", 0.01), ("sig", 0.05), ("wanet", 0.05), ("wanet", 0.1), ("badnets", 0.1))
@@ -55,9 +61,9 @@ class Protocol:
     # ablations
     alphas: tuple = (0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
     tuning_sizes: tuple = (50, 100, 250, 500)
-    size_methods: tuple = ("fst", "ft-init", "fe-tuning")
+    size_methods: tuple = REINIT_METHODS
     # projection matters where the head is re-initialised; LP / vanilla FT start at ||W0|| anyway
-    projection_methods: tuple = ("fst", "ft-init", "fe-tuning", "lp", "vanilla-ft")
+    projection_methods: tuple = (*REINIT_METHODS, "lp", "vanilla-ft")
     long_epochs: int = 20                   # the "longer tuning" check: does C-Acc keep recovering?
     long_methods: tuple = ("fst",)
     ablation_lrs: tuple = (0.05,)           # the "larger lr" check (the paper's lr is defense_lr = 0.01)
@@ -74,7 +80,7 @@ PROTOCOLS: dict[str, Protocol] = {
                     # trimmed to what fits a shared 2-core machine in one session; the gpu protocol runs all
                     # (alpha 0 is FT-init with projection, i.e. the grid's ft-init run: not repeated)
                     alphas=(0.05, 0.2, 0.5, 1.0), size_methods=("fst",),
-                    projection_methods=("fst", "ft-init", "fe-tuning"),
+                    projection_methods=REINIT_METHODS,
                     notes="2-core CPU; per-epoch curves on 2000+2000 seeded test images"),
     "gpu": Protocol("gpu", model="preactresnet18", device="cuda", epochs=100, batch_size=128, lr=0.01,
                     momentum=0.9, nesterov=False, schedule="cosine", weight_decay=5e-4,

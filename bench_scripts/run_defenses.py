@@ -27,21 +27,11 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from bench_scripts.common import (
-    METHODS,
-    REPO,
-    add_protocol_args,
-    link_data,
-    log_timing,
-    protocol_from_args,
-    protocol_root,
-    run_defense,
-    setup,
-)
+from bench_scripts.common import DATASET, add_protocol_args, link_data, log_timing, run_defense, start
+from bench_scripts.protocols import BB_METHODS, METHODS
 from fst_plugin.record.layout import DefenseLayout
 
 log = logging.getLogger("bench.run_defenses")
-BB_DEFENSES = ("ft", "ft-sam", "anp", "i-bau", "nad")
 
 
 def list_records(root: Path, names: list[str] | None) -> list[Path]:
@@ -89,8 +79,8 @@ def run_backdoorbench(records: list[Path], defenses: list[str], bb_root: Path, p
         for defense in defenses:
             if DefenseLayout.of(record_dir, defense).finished and not force:
                 continue
-            cmd = [sys.executable, f"./defense/{defense}.py", "--result_file", name, "--dataset", "cifar10",
-                   "--yaml_path", f"./config/defense/{defense}/cifar10.yaml", "--device", device,
+            cmd = [sys.executable, f"./defense/{defense}.py", "--result_file", name, "--dataset", DATASET,
+                   "--yaml_path", f"./config/defense/{defense}/{DATASET}.yaml", "--device", device,
                    "--num_workers", str(protocol.num_workers), *extra_args]
             log.info("BackdoorBench: %s", " ".join(cmd))
             started = time.time()
@@ -105,17 +95,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backdoorbench", type=Path, help="a BackdoorBench checkout: also run its built-ins")
-    parser.add_argument("--bb-defenses", nargs="*", default=list(BB_DEFENSES))
+    parser.add_argument("--bb-defenses", nargs="*", default=list(BB_METHODS))
     parser.add_argument("--bb-args", default="", help="extra arguments for BackdoorBench's defense scripts, "
                         "e.g. --bb-args='--epochs 1 --amp True'")
     parser.add_argument("--force", action="store_true")
-    args = parser.parse_args(argv)
-    setup()
-    protocol = protocol_from_args(args)
-    root = protocol_root(args.cache, protocol.name)
-    data_root = link_data(root, args.data)
-    results = args.results or REPO / "bench_results" / protocol.name
-    records = list_records(root, args.records)
+    run = start(parser, argv)
+    args, protocol, results = run.args, run.protocol, run.results
+    data_root = link_data(run.root, args.data)
+    records = list_records(run.root, args.records)
     run_ours(records, args.methods, protocol, data_root, results, args.seed, args.force)
     if args.backdoorbench:
         run_backdoorbench(records, args.bb_defenses, args.backdoorbench, protocol, results, args.force,

@@ -1,19 +1,19 @@
 """C-Acc, ASR and RA as BackdoorBench defines them, and the defense effectiveness rating (DER).
 
-Two entry points: :func:`evaluate_backdoor` over data loaders (one model, with the losses; the defenses and the
-retuning attack), and :func:`backdoor_rates` over test sets held as tensors (several models on the same batches,
-through an input map such as a perturbation; QRA).
+One evaluator, :func:`evaluate_backdoor`, over data loaders (one model, with the losses; the defenses and the
+retuning attack). :func:`evaluate_backdoor_tensors` feeds it test sets held in memory (the benchmark), and
+:func:`backdoor_rates` several models through an input map such as a perturbation, with the clean images' rate
+of the target class (QRA).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Mapping, Optional
+from typing import Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 from torch import nn
 
 from fst_plugin.distributed import EvalShard, all_reduce_sum
-from fst_plugin.runtime import progress
 
 
 @dataclass(frozen=True)
@@ -101,34 +101,46 @@ class BackdoorTestSets:
     bd_original_labels: torch.Tensor  # the true labels (RA)
 
 
-@torch.no_grad()
 def backdoor_rates(models: Mapping[str, nn.Module], tests: BackdoorTestSets, device: str | torch.device,
                    prepare: Callable[[torch.Tensor], torch.Tensor], target: Optional[int] = None,
-                   batch_size: int = 256, show_progress: Optional[bool] = None) -> dict[str, dict[str, float]]:
-    """Each model's C-Acc (``acc``), ASR and RA, plus with ``target`` the share of clean test images predicted
-    as ``target`` (``clean_target``, the target class's own images included); keys in the order acc,
-    clean_target, asr, ra. ``prepare`` maps an input batch to the models' input once per batch, shared by the
-    models (a normalisation, a perturbation). The models are used as they are (put them in eval mode)."""
-    clean_wanted = {"acc": tests.clean_labels}
-    if target is not None:
-        clean_wanted["clean_target"] = torch.full_like(tests.clean_labels, target)
-    bd_wanted = {"asr": tests.bd_labels, "ra": tests.bd_original_labels}
-    rates: dict[str, dict[str, float]] = {name: {} for name in models}
-    for set_name, inputs, wanted in (("clean", tests.clean_inputs, clean_wanted),
-                                     ("poisoned", tests.bd_inputs, bd_wanted)):
-        hits = {(name, key): 0 for name in models for key in wanted}
-        for start in progress(range(0, len(inputs), batch_size), show_progress, f"measure ({set_name})"):
-            batch = prepare(inputs[start:start + batch_size].to(device))
-            labels = {key: values[start:start + batch_size].to(device) for key, values in wanted.items()}
-            for name, model in models.items():
-                pred = model(batch).argmax(1)
-                for key, wanted_labels in labels.items():
-                    hits[(name, key)] += int((pred == wanted_labels).sum().item())
-        for (name, key), count in hits.items():
-            rates[name][key] = count / len(inputs) if len(inputs) else float("nan")
+                   batch_size: int = 256) -> dict[str, dict[str, float]]:
+    """Each model's C-Acc (``acc``), ASR and RA through :func:`evaluate_backdoor_tensors`, plus with ``target``
+    the share of clean test images predicted as ``target`` (``clean_target``, the target class's own images
+    included; the clean set scored against the target); keys in the order acc, clean_target, asr, ra. ``prepare``
+    maps an input batch to the models' input (a normalisation, a perturbation)."""
+    clean = (tests.clean_inputs, tests.clean_labels)
+    poisoned = (tests.bd_inputs, tests.bd_labels, tests.bd_original_labels)
+    rates: dict[str, dict[str, float]] = {}
+    for name, model in models.items():
+        metrics = evaluate_backdoor_tensors(model, clean, poisoned, prepare, batch_size, device)
+        rates[name] = {"acc": metrics.test_acc}
+        if target is not None:
+            to_target = (tests.clean_inputs, torch.full_like(tests.clean_labels, target))
+            rates[name]["clean_target"] = evaluate_backdoor_tensors(model, to_target, poisoned, prepare, batch_size,
+                                                                    device).test_acc
+        rates[name].update(asr=metrics.test_asr, ra=metrics.test_ra)
     return rates
 
 
 def defense_effectiveness_rating(acc_before: float, asr_before: float, acc_after: float, asr_after: float) -> float:
     """DER = [max(0, ΔASR) − max(0, ΔACC) + 1] / 2 ∈ [0, 1] (FT-SAM paper)."""
     return (max(0.0, asr_before - asr_after) - max(0.0, acc_before - acc_after) + 1.0) / 2.0
+
+
+def evaluate_backdoor_tensors(model: nn.Module, clean: tuple[torch.Tensor, torch.Tensor],
+                              poisoned: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                              prepare: Callable[[torch.Tensor], torch.Tensor] = lambda images: images,
+                              batch_size: int = 500, device: str | torch.device = "cpu") -> BackdoorMetrics:
+    """:func:`evaluate_backdoor` on test sets held in memory: ``clean`` = (images, labels), ``poisoned`` =
+    (images, backdoor labels, original labels). ``prepare`` turns a slice of images into the model's input
+    (e.g. uint8 to normalised float) one batch at a time, so a whole test set is never converted at once."""
+
+    def batches(images: torch.Tensor, *columns: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
+        for start in range(0, len(images), batch_size):
+            part = slice(start, start + batch_size)
+            yield (prepare(images[part].to(device)), *(column[part] for column in columns))
+
+    bd_images, bd_labels, original = poisoned
+    index, flag = torch.arange(len(bd_labels)), torch.ones(len(bd_labels), dtype=torch.long)
+    # the poisoned items in BackdoorBench's shape: (image, backdoor label, index, poison flag, original label)
+    return evaluate_backdoor(model, batches(*clean), batches(bd_images, bd_labels, index, flag, original), device)

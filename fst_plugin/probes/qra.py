@@ -238,12 +238,11 @@ def train_generator(plan: QraPlan, perturb: Perturbation) -> list[dict[str, Any]
 
 def measure(plan: QraPlan, perturb: Perturbation) -> dict[str, dict[str, float]]:
     """Each model's C-Acc and target rate on the clean test images, ASR and RA on the poisoned ones, without and
-    with the perturbation (``*_qra``); one perturbation per batch, shared by the three models."""
+    with the perturbation (``*_qra``); the same evaluator as every other measurement."""
     clean, bd = plan.clean_test.tensors, plan.bd_test.tensors
     tests = BackdoorTestSets(clean[0], clean[1], bd[0], bd[1], bd[4])
     models = {name: plan.models[name] for name in MODELS}
-    plain, perturbed = (backdoor_rates(models, tests, plan.device, prepare, plan.target,
-                                       show_progress=plan.config.show_progress)
+    plain, perturbed = (backdoor_rates(models, tests, plan.device, prepare, plan.target)
                         for prepare in (perturb.normalise, perturb))
     return {name: {**plain[name], **{key + "_qra": rate for key, rate in perturbed[name].items()}} for name in MODELS}
 

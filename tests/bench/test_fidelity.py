@@ -40,7 +40,7 @@ def test_make_record_hands_the_protocols_schedule_to_the_trainer(monkeypatch, tm
         raise Stop
 
     monkeypatch.setattr(backdoor, "train_classifier", fake_train)  # make_record trains through backdoor_and_record
-    monkeypatch.setattr(make_records, "load_arrays", lambda data_dir, train: (
+    monkeypatch.setattr(make_records, "load_split_arrays", lambda dataset, folder, train: (
         np.zeros((20, 32, 32, 3), np.uint8), np.arange(20) % 10))
     protocol = get_protocol("gpu", device="cpu", model="preactresnet_small")
     with pytest.raises(Stop):

@@ -13,7 +13,9 @@ import torch
 pytest.importorskip("sklearn")
 
 from bench_scripts import ablations, diagnostics, evaluate, make_records, make_table, run_defenses
-from bench_scripts.common import METHODS, make_trigger
+from bench_scripts.common import make_trigger
+from bench_scripts.protocols import METHODS
+from bench_scripts.report.tables import row_label
 from fst_plugin.data import materialise
 from fst_plugin.demo import synthetic_images, write_image_folders
 from fst_plugin.record import load_attack_record
@@ -114,8 +116,8 @@ def test_an_image_keyed_blended_record_is_its_own_record(bench, tmp_path):
     assert json.loads(noise.extra["bench_json"])["trigger_key"] is None
     first = [np.asarray(Image.open(rec.bd_test.images[0].path)) for rec in (noise, image)]
     assert not np.array_equal(*first)
-    assert make_table.row_label("blended", 0.01, "flower") == "blended (flower key) 1%"
-    assert make_table.row_label("blended", 0.01, float("nan")) == "blended 1%"  # a CSV's empty cell
+    assert row_label("blended", 0.01, "flower") == "blended (flower key) 1%"
+    assert row_label("blended", 0.01, float("nan")) == "blended 1%"  # a CSV's empty cell
 
 
 def test_gpu_protocol_runs_on_a_tiny_subset_on_the_cpu(bench, tmp_path):
