@@ -27,7 +27,6 @@ from fst_plugin.attacks import (
     badnets_trigger,
     blend_pattern,
     blended_trigger,
-    normalise,
     sig_trigger,
     to_tensor_batch,
     wanet_trigger,
@@ -36,6 +35,7 @@ from fst_plugin import api
 from fst_plugin.adapter.defenses import DefenseResult
 from fst_plugin.core import find_head
 from fst_plugin.data import load_clean_split
+from fst_plugin.data.tensor_transforms import normalize_for
 from fst_plugin.models import build_model
 from fst_plugin.models.factory import load_weights
 from fst_plugin.record import AttackRecord, load_untrusted
@@ -205,7 +205,7 @@ def logits_and_features(model: nn.Module, images: np.ndarray, num_classes: int =
     logits = []
     try:
         for i in range(0, len(data), batch_size):
-            logits.append(model(normalise(data[i:i + batch_size].to(device), DATASET)).float().cpu())
+            logits.append(model(normalize_for(data[i:i + batch_size].to(device), DATASET)).float().cpu())
     finally:
         hook.remove()
     return torch.cat(logits).numpy(), torch.cat(captured).numpy()

@@ -43,7 +43,8 @@ from bench_scripts.common import (
     setup,
 )
 from bench_scripts.evaluate import TestSets
-from fst_plugin.attacks import normalise, to_tensor_batch
+from fst_plugin.attacks import to_tensor_batch
+from fst_plugin.data.tensor_transforms import normalize_for
 from fst_plugin.core import find_head
 from fst_plugin.io_utils import atomic_write_text
 from fst_plugin.record import load_attack_record
@@ -152,7 +153,7 @@ def stage_features(model: nn.Module, images: np.ndarray, num_classes: int, batch
     data = to_tensor_batch(images)
     try:
         for i in range(0, len(data), batch_size):
-            model(normalise(data[i:i + batch_size], DATASET))
+            model(normalize_for(data[i:i + batch_size], DATASET))
     finally:
         for h in handles:
             h.remove()

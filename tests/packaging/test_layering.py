@@ -15,7 +15,7 @@ LAYERS = [
     {"core"},                                              # pure PyTorch
     {"models", "data", "record"},                          # formats and building blocks
     {"config", "attacks", "plugins", "probe_config"},
-    {"adapter", "backdoor"},
+    {"adapter"},
     {"api", "installer", "exporter", "retune", "qra"},  # qra imports retune (same layer, no cycle)
     {"demo", "cli", "__main__"},
 ]
