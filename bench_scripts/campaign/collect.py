@@ -45,7 +45,7 @@ def provenance(plan: Plan, state: State, commit: str | None) -> dict[str, Any]:
         "torchvision": torchvision.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
         "gpu": torch.cuda.get_device_name(0) if cuda else None, "gpu_count": torch.cuda.device_count() if cuda else 0,
         "platform": platform.platform(), "cpu_count": __import__("os").cpu_count(),
-        "command": " ".join(sys.argv), "profile": plan.profile.name, "protocol": plan.profile.protocol,
+        "command": " ".join(["python -m bench_scripts.campaign", *sys.argv[1:]]), "profile": plan.profile.name, "protocol": plan.profile.protocol,
         "budget_s": plan.budget_s, "stages": state.data["stages"],
     }
 

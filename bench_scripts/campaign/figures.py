@@ -34,12 +34,13 @@ FST_EPOCH_IN_DEFENSE = Figure(3.2, f"{H100} README: FST 31.7 s inside the defens
 COMPUTE_LIMIT_10_EPOCHS = Figure(2.69, f"{H100} README: compute limit 0.86 s fwd+bwd + 1.82 s eval for 10 epochs")
 EVALUATE_PER_MODEL = Figure(0.91, f"{H100} timings.jsonl: evaluate wall_s 27.3 for 30 models")
 
-# --- the tiny campaign on the shared 2-core CPU (docs/campaign.md) -------------------------------------------
-TINY = "tiny campaign, 2-core CPU, 2026-12-04"
-TINY_SMOKE = Figure(40.0, f"{TINY}: smoke stage wall")
-TINY_SPEED = Figure(20.0, f"{TINY}: speed stage wall")
-TINY_RECORD_EPOCH = Figure(2.0, f"{TINY}: make_records epoch of 400 images, preactresnet_small")
-TINY_RECORD_OVERHEAD = Figure(8.0, f"{TINY}: make_records process start and record writing")
-TINY_DEFENSE = Figure(5.0, f"{TINY}: one defense run (2 epochs, 100 images)")
-TINY_EVALUATE_PER_MODEL = Figure(0.5, f"{TINY}: evaluate per model")
-TINY_TABLE = Figure(10.0, f"{TINY}: make_table wall")
+# --- the tiny campaign on the shared 2-core CPU (load average about 12), 2026-12-04: stage walls --------------
+TINY = "tiny campaign, 2-core CPU at load 12, 2026-12-04 (state.json wall_s)"
+TINY_SMOKE = Figure(47.7, f"{TINY}: smoke 47.7 s")
+TINY_SPEED = Figure(34.1, f"{TINY}: speed 34.1 s")
+TINY_RECORDS = Figure(60.0, f"{TINY}: records 60.0 s (4 records x 3 epochs, 2 side by side)")
+TINY_DEFENSES = Figure(169.2, f"{TINY}: defenses 169.2 s (4 records x 6 runs, 2 side by side)")
+TINY_REFERENCE = Figure(29.9, f"{TINY}: reference 29.9 s")
+TINY_RETUNE = Figure(56.0, f"{TINY}: retune 56.0 s")
+TINY_EVALUATE = Figure(18.6, f"{TINY}: evaluate 18.6 s (29 models)")
+TINY_TABLE = Figure(14.1, f"{TINY}: make_table 14.1 s")

@@ -43,6 +43,8 @@ def to_tensor_batch(images: np.ndarray) -> torch.Tensor:
 
 @dataclass
 class TrainConfig:
+    """The attack training's settings; ``fingerprint_settings`` are those a checkpoint must match to be resumed."""
+
     epochs: int = 10
     batch_size: int = 128
     lr: float = 0.05
