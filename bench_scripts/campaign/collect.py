@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -43,8 +44,9 @@ def provenance(plan: Plan, state: State, commit: str | None) -> dict[str, Any]:
         "commit": git.stdout.strip() if git.returncode == 0 else commit or "unknown",
         "backdoorbench_fst": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
         "torchvision": torchvision.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-        "gpu": torch.cuda.get_device_name(0) if cuda else None, "gpu_count": torch.cuda.device_count() if cuda else 0,
-        "platform": platform.platform(), "cpu_count": __import__("os").cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if cuda else None,
+        "gpu_count": torch.cuda.device_count() if cuda else 0,
+        "platform": platform.platform(), "cpu_count": os.cpu_count(),
         "command": " ".join(["python -m bench_scripts.campaign", *sys.argv[1:]]), "profile": plan.profile.name, "protocol": plan.profile.protocol,
         "budget_s": plan.budget_s, "stages": state.data["stages"],
     }

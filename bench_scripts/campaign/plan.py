@@ -128,7 +128,8 @@ def _stage(p: Profile, name: str, issue: int, what: str, jobs: Iterable[Job] = (
 def build_plan(p: Profile, paths: Paths, budget_s: float, backdoorbench: Optional[Path] = None,
                commit: Optional[str] = None) -> Plan:
     data = ("--data", str(paths.data))
-    protocol = ("--protocol", p.protocol, *(("--set", *p.record_set) if p.record_set else ()), "--cache", str(paths.cache))
+    protocol = ("--protocol", p.protocol, *(("--set", *p.record_set) if p.record_set else ()),
+                "--cache", str(paths.cache))
     common = (*protocol, "--results", str(paths.results), *data)
     smoke_cache, speed_cache = paths.work / "smoke", paths.work / "speed"
     smoke_root = smoke_cache / p.protocol

@@ -26,7 +26,15 @@ from fst_plugin.attacks import checkpoint
 from fst_plugin.attacks.checkpoint import Checkpointing, TrainingPaused
 from fst_plugin.attacks.triggers import Trigger
 from fst_plugin.data.tensor_data import TensorBatches, TensorImages
-from fst_plugin.data.tensor_transforms import CROP_PADDING, crop, crop_offsets, flip_mask, flip_where, flips, normalize_for
+from fst_plugin.data.tensor_transforms import (
+    CROP_PADDING,
+    crop,
+    crop_offsets,
+    flip_mask,
+    flip_where,
+    flips,
+    normalize_for,
+)
 from fst_plugin.errors import ConfigError, TrainingDiverged
 from fst_plugin.runtime import progress
 
