@@ -209,12 +209,16 @@ def format_plan(plan: Plan, progress: Optional[dict[str, str]] = None) -> str:
              f"{reserve:.0f} s reserved for {', '.join(FINISH)}", *(f"  {n}" for n in plan.notes), ""]
     used = 0.0
     for stage in plan.stages:
+        room = plan.budget_s - reserve - used
         if stage.skip:
             state = f"skipped: {stage.skip}"
+        elif stage.name in FINISH:
+            state = "time reserved, runs at the end of every call"
         else:
             used += stage.seconds
-            fits = used + (0 if stage.name in FINISH else reserve) <= plan.budget_s
-            state = f"cumulative {used / 60:.1f} min, {'fits' if fits else 'beyond this budget'}"
+            state = (f"cumulative {used / 60:.1f} min, fits" if stage.seconds <= room else
+                     f"this call: {max(room, 0) / 60:.1f} min of it ({100 * max(room, 0) / stage.seconds:.0f}%), "
+                     "the rest in a later call" if room >= stage.min_s else "a later call")
         done = f" [{progress[stage.name]}]" if stage.name in progress else ""
         lines.append(f"{stage.name:9s} (issue {stage.issue}) est {stage.seconds / 60:5.1f} min  {state}{done}")
         lines.append(f"          {stage.what}")
