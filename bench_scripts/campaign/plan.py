@@ -135,6 +135,9 @@ def build_plan(p: Profile, paths: Paths, budget_s: float, backdoorbench: Optiona
     smoke_root = smoke_cache / p.protocol
     smoke_common = ("--protocol", p.protocol, "--cache", str(smoke_cache), "--results",
                     str(paths.work / "smoke_results"))
+    smoke_args = ("--record", str(smoke_root / "record" / SMOKE_RECORD), "--reference",
+                  str(smoke_root / "record" / SMOKE_REFERENCE), "--dataset_path", str(smoke_root / "data"),
+                  "--device", p.device)
     names = [s.name() for s in RECORDS if not s.hello_kitty or backdoorbench is not None]
     registered = registered_defenses()
 
@@ -142,14 +145,10 @@ def build_plan(p: Profile, paths: Paths, budget_s: float, backdoorbench: Optiona
                    f"one step; torchrun --nproc_per_node 1 ({'nccl' if p.device == 'cuda' else 'gloo'})", (
                       Job(bench("make_records", *smoke_common, *data, "--attacks", "badnets:0.1", "badnets:0",
                                 "--set", *p.smoke_set)),
-                      Job((sys.executable, "-m", "bench_scripts.campaign.smoke", "--record",
-                           str(smoke_root / "record" / SMOKE_RECORD), "--reference",
-                           str(smoke_root / "record" / SMOKE_REFERENCE), "--dataset_path", str(smoke_root / "data"),
-                           "--device", p.device, *(("--compile-check",) if p.compile else ()))),
+                      Job((sys.executable, "-m", "bench_scripts.campaign.smoke", *smoke_args,
+                           *(("--compile-check",) if p.compile else ()))),
                       Job((sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-                           "-m", "fst_plugin", "run", "fst", "--record", str(smoke_root / "record" / SMOKE_RECORD),
-                           "--dataset_path", str(smoke_root / "data"), "--epochs", "1", "--device", p.device,
-                           "--save_name", "smoke_torchrun", "--num_workers", "0"))),
+                           "-m", "bench_scripts.campaign.smoke", *smoke_args, "--distributed"))),
                   must_pass=True)
     speed_record = speed_cache / p.protocol / "record" / SPEED_RECORD
     speed = _stage(p, "speed", 20, "bench_scripts.speed: the compute limit, FST on the tensor and the per-image path, "

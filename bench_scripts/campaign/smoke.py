@@ -4,7 +4,13 @@ the tensor and on the per-image path with AMP, then ``retune`` and ``qra`` for o
 one attack epoch with torch.compile and writes whether that worked to ``<record>/../../compile_check.json``,
 so the records stage only compiles where it works.
 
+``--distributed`` (under ``torchrun``) instead opens the process group itself (nccl on CUDA, gloo on the CPU),
+checks an all-reduce, and runs FST for one epoch inside the group: with one process the plugin would not open a
+group at all, so this is what proves nccl on a one-GPU machine.
+
     python -m bench_scripts.campaign.smoke --record R --reference C --dataset_path D --device cuda [--compile-check]
+    torchrun --standalone --nproc_per_node 1 -m bench_scripts.campaign.smoke --record R --reference C \
+        --dataset_path D --device cuda --distributed
 
 Exits 1 at the first failure, naming it.
 """
@@ -13,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,6 +38,26 @@ def _run(argv: list[str]) -> float:
     seconds = time.time() - started
     print(f"smoke ok ({seconds:.1f} s): fst-plugin {' '.join(argv)}", flush=True)
     return seconds
+
+
+def distributed_check(common: list[str], device: str) -> None:
+    """Inside a process group of torchrun's world: an all-reduce, then FST for one epoch."""
+    import torch
+    import torch.distributed as dist
+
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    try:
+        total = torch.ones(1, device=f"cuda:{torch.cuda.current_device()}" if backend == "nccl" else "cpu")
+        dist.all_reduce(total)
+        if int(total.item()) != dist.get_world_size():
+            raise SystemExit(f"smoke failed: {backend} all-reduce gave {total.item()}, not {dist.get_world_size()}")
+        print(f"smoke ok: {backend} process group of {dist.get_world_size()}, all-reduce checked", flush=True)
+        _run(["run", "fst", *common, "--epochs", "1", "--save_name", "smoke_torchrun", "--num_workers", "0"])
+    finally:
+        dist.destroy_process_group()
 
 
 def compile_check(record: Path, dataset_path: Path, device: str) -> dict:
@@ -63,10 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset_path", type=Path, required=True)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--compile-check", action="store_true")
+    parser.add_argument("--distributed", action="store_true", help="under torchrun: the process-group check only")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     workers = "4" if args.device.startswith("cuda") else "0"
     common = ["--record", str(args.record), "--dataset_path", str(args.dataset_path), "--device", args.device]
+    if args.distributed:
+        distributed_check(common, args.device)
+        return 0
     for method in METHODS:
         for data_path in ("tensor", "backdoorbench"):
             _run(["run", method, *common, "--epochs", "1", "--amp", "True", "--data_path", data_path,
