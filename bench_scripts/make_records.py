@@ -6,7 +6,10 @@ Attacks: badnets (3×3 white patch, bottom-right), blended (alpha 0.2, a seeded 
 IMAGE), sig (clean-label sinusoid, delta 40, f 6), wanet (a fixed warp, k 4, s 0.5, static poisoning);
 all-to-one, target label 0; the rate is the fraction of the whole training set that is poisoned. Everything is
 seeded by --seed (poisoned indices, trigger keys, training order). A record whose ``attack_result.pt`` exists
-is reused (the cache), unless --force. ``--jobs N`` trains N records side by side in separate processes. A
+is reused (the cache), unless --force. ``--jobs N`` trains N records side by side in separate processes.
+``--checkpoint-every E`` saves each record's training state every E epochs under ``<cache>/<protocol>/
+attack_checkpoint/`` and a re-run resumes from it; ``--stop-after-s S`` pauses training (checkpoint saved) when
+the next epoch would end S seconds after the start, and ``--compile`` adds torch.compile (CUDA graphs on CUDA). A
 record whose training fails (a NaN/inf loss: ``TrainingDiverged``) is not written; the others still finish, and
 the script exits with status 2 and one line per failed record.
 """
@@ -40,8 +43,16 @@ from bench_scripts.common import (
     start,
     trigger_key,
 )
-from fst_plugin.attacks import TrainConfig, class_balanced_subset, poison_indices
-from fst_plugin.backdoor import Attack, BackdooredModel, Split, backdoor_and_record
+from fst_plugin.attacks import (
+    Attack,
+    BackdooredModel,
+    Checkpointing,
+    Split,
+    TrainConfig,
+    backdoor_and_record,
+    class_balanced_subset,
+    poison_indices,
+)
 from fst_plugin.data.arrays import load_split_arrays
 from fst_plugin.errors import FSTError
 from fst_plugin.runtime import resolve_device
@@ -59,8 +70,23 @@ def parse_grid(items: list[str] | None, default: tuple) -> list[tuple[str, float
     return out
 
 
+@dataclass(frozen=True)
+class Resumable:
+    """How record training checkpoints (every ``every`` epochs, 0: never), pauses (a Unix time) and compiles."""
+
+    every: int = 0
+    deadline: Optional[float] = None
+    compile: bool = False
+
+    def checkpointing(self, root: Path, name: str) -> Checkpointing:
+        if not self.every:
+            return Checkpointing(deadline=self.deadline)
+        return Checkpointing(root / "attack_checkpoint" / f"{name}.pt", self.every, self.deadline)
+
+
 def make_record(protocol, data_dir: Path, root: Path, attack: str, rate: float, seed: int,
-                blend_pattern: str | None = None, force: bool = False, results_dir: Path | None = None) -> Path:
+                blend_pattern: str | None = None, force: bool = False, results_dir: Path | None = None,
+                resumable: Resumable = Resumable()) -> Path:
     """Train one backdoored model and write ``root/record/<record_name(...)>``; return its folder."""
     key = trigger_key(attack, blend_pattern)
     record_dir = root / "record" / record_name(attack, rate, seed, key)
@@ -110,7 +136,9 @@ def make_record(protocol, data_dir: Path, root: Path, attack: str, rate: float, 
         train_config=TrainConfig(epochs=protocol.epochs, batch_size=protocol.batch_size, lr=protocol.lr,
                                  momentum=protocol.momentum, nesterov=protocol.nesterov, schedule=protocol.schedule,
                                  weight_decay=protocol.weight_decay, label_smoothing=protocol.label_smoothing,
-                                 device=device, amp=protocol.amp, seed=seed, show_progress=False),
+                                 device=device, amp=protocol.amp, seed=seed, show_progress=False,
+                                 compile=resumable.compile,
+                                 checkpointing=resumable.checkpointing(root, record_dir.name)),
         keep_bd_train=True, on_epoch_end=on_epoch, record_extra=describe)
     train_s, acc, asr = result.train_s, result.test_acc, result.test_asr
     wall = time.time() - started
@@ -133,6 +161,7 @@ class RecordJob:
     blend_pattern: Optional[str]
     force: bool
     results_dir: Optional[Path]
+    resumable: Resumable = Resumable()
 
     @property
     def name(self) -> str:
@@ -149,7 +178,7 @@ def run_job(job: RecordJob) -> tuple[Optional[Path], Optional[str]]:
     torch.manual_seed(job.seed)
     try:
         return make_record(job.protocol, job.data_dir, job.root, job.attack, job.rate, job.seed,
-                           job.blend_pattern, job.force, job.results_dir), None
+                           job.blend_pattern, job.force, job.results_dir, job.resumable), None
     except FSTError as exc:
         return None, str(exc)
     except Exception as exc:  # noqa: BLE001 - a job's failure must not stop the other jobs
@@ -181,12 +210,23 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--force", action="store_true", help="retrain even when the record is cached")
     parser.add_argument("--jobs", type=int, default=1,
                         help="records trained side by side, each in its own process (on a GPU they share it)")
+    parser.add_argument("--checkpoint-every", type=int, default=0, metavar="EPOCHS",
+                        help="save the training state every EPOCHS epochs and resume from it (0: never)")
+    parser.add_argument("--stop-after-s", type=float, metavar="S",
+                        help="pause training (checkpoint saved) before an epoch would end S seconds from now")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA graphs on CUDA)")
     run = start(parser, argv, protocol_flags=("epochs",))
     args, protocol, root, results = run.args, run.protocol, run.root, run.results
-    if args.jobs < 1:
-        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    if args.jobs < 1 or args.checkpoint_every < 0:
+        parser.error(f"--jobs must be at least 1 and --checkpoint-every at least 0, got {args.jobs} and "
+                     f"{args.checkpoint_every}")
+    if args.stop_after_s is not None and not args.checkpoint_every:
+        parser.error("--stop-after-s needs --checkpoint-every (a paused training must leave a checkpoint)")
+    resumable = Resumable(args.checkpoint_every,
+                          None if args.stop_after_s is None else time.time() + args.stop_after_s, args.compile)
     link_data(root, args.data)
-    jobs = [RecordJob(protocol, args.data, root, attack, rate, args.seed, args.blend_pattern, args.force, results)
+    jobs = [RecordJob(protocol, args.data, root, attack, rate, args.seed, args.blend_pattern, args.force, results,
+                      resumable)
             for attack, rate in dict.fromkeys(parse_grid(args.attacks, protocol.grid))]
     outcomes = run_jobs(jobs, args.jobs)
     failures = [(job, reason) for job, (_, reason) in zip(jobs, outcomes) if reason is not None]

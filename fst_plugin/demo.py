@@ -21,8 +21,15 @@ import pandas as pd
 from PIL import Image
 
 from fst_plugin.api import run_defense
-from fst_plugin.attacks import TrainConfig, badnets_trigger, class_balanced_subset, poison_indices
-from fst_plugin.backdoor import Attack, Split, backdoor_and_record
+from fst_plugin.attacks import (
+    Attack,
+    Split,
+    TrainConfig,
+    backdoor_and_record,
+    badnets_trigger,
+    class_balanced_subset,
+    poison_indices,
+)
 from fst_plugin.core.modes import MODES
 from fst_plugin.data import load_clean_split
 from fst_plugin.errors import DataError

@@ -3,7 +3,7 @@
 The builder
     :func:`build_tiny_bb` writes ``data/cifar10/{train,test}/<class>/*.png`` (the demo's synthetic images,
     32x32) and ``record/tiny_badnet/`` (a BadNets record of a ``preactresnet_small``) through
-    :func:`fst_plugin.backdoor.backdoor_and_record`, the code that writes the demo's and the benchmark's records.
+    :func:`fst_plugin.attacks.backdoor_and_record`, the code that writes the demo's and the benchmark's records.
     ``tests/conftest.py`` builds it once per session as the fixtures ``bb`` (read-only) and ``fresh_bb`` (a
     private copy); the robustness suite, the torchrun tests and the wheel test use that same instance.
 
@@ -99,8 +99,7 @@ def build_tiny_bb(root: Path, train_per_class: int = 20, test_per_class: int = 2
     ``bd_test`` holds every non-target test image with the 3x3 trigger; no training image is poisoned (the
     model is never trained, so a poisoned training split would be written nowhere and used by nothing).
     """
-    from fst_plugin.attacks import TrainConfig, badnets_trigger
-    from fst_plugin.backdoor import Attack, Split, backdoor_and_record
+    from fst_plugin.attacks import Attack, Split, TrainConfig, backdoor_and_record, badnets_trigger
     from fst_plugin.demo import synthetic_images, write_image_folders
 
     root = Path(root)

@@ -7,7 +7,7 @@ import pytest
 
 from bench_scripts import make_records
 from bench_scripts.protocols import get_protocol
-from fst_plugin import backdoor
+from fst_plugin.attacks import record_writer
 from fst_plugin.attacks import blended_trigger, sig_trigger
 
 
@@ -39,7 +39,7 @@ def test_make_record_hands_the_protocols_schedule_to_the_trainer(monkeypatch, tm
         seen["config"] = config
         raise Stop
 
-    monkeypatch.setattr(backdoor, "train_classifier", fake_train)  # make_record trains through backdoor_and_record
+    monkeypatch.setattr(record_writer, "train_classifier", fake_train)  # make_record trains through backdoor_and_record
     monkeypatch.setattr(make_records, "load_split_arrays", lambda dataset, folder, train: (
         np.zeros((20, 32, 32, 3), np.uint8), np.arange(20) % 10))
     protocol = get_protocol("gpu", device="cpu", model="preactresnet_small")

@@ -16,7 +16,7 @@ LAYERS = [
     {"models", "data", "record"},                          # formats and building blocks
     {"attacks", "plugins", "probes"},                      # probes: the retuning attack and QRA
     {"defense"},                                           # a tuning defense, whoever calls it: config, runner
-    {"adapter", "backdoor"},                               # adapter: BackdoorBench's face
+    {"adapter"},                                           # adapter: BackdoorBench's face
     {"api", "export"},
     {"demo", "cli", "__main__"},
 ]

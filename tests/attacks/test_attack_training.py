@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from fst_plugin.attacks import TrainConfig, _scheduler, train_classifier
+from fst_plugin.attacks import TrainConfig, train_classifier
+from fst_plugin.attacks.training import _scheduler
 from fst_plugin.errors import ConfigError, TrainingDiverged
 from fst_plugin.models import build_model
 

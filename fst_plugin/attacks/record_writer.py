@@ -2,8 +2,8 @@
 workspace (``fst_plugin.demo``), the test fixtures and the benchmark's records (``bench_scripts/make_records``).
 
 The caller chooses the data, the trigger and the poisoned indices (so its random stream stays its own); this
-module poisons, trains with :func:`fst_plugin.attacks.train_classifier`, measures C-Acc / ASR and writes the
-record with :func:`fst_plugin.record.write_attack_record`.
+module poisons, trains with :func:`fst_plugin.attacks.training.train_classifier`, measures C-Acc / ASR and writes
+the record with :func:`fst_plugin.record.write_attack_record`.
 """
 from __future__ import annotations
 
@@ -17,14 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fst_plugin.attacks import (
-    TrainConfig,
-    Trigger,
-    accuracy_and_asr,
-    poison_split,
-    poisoned_test_items,
-    train_classifier,
-)
+from fst_plugin.attacks.training import TrainConfig, accuracy_and_asr, train_classifier
+from fst_plugin.attacks.triggers import Trigger, poison_split
 from fst_plugin.data import dataset_info
 from fst_plugin.models import build_model
 from fst_plugin.record import write_attack_record
@@ -62,6 +56,18 @@ class BackdooredModel:
     test_acc: float          # on the clean test images (fraction)
     test_asr: float          # on the triggered non-target test images (fraction)
     train_s: float
+
+
+def poisoned_test_items(images: np.ndarray, labels: np.ndarray, trigger: Trigger,
+                        target: int) -> list[tuple[int, "object", int, int]]:
+    """BackdoorBench's bd_test: every non-target test image with the trigger, as record-writer items."""
+    from PIL import Image
+
+    keep = np.flatnonzero(labels != target)
+    triggered = trigger(images[keep])
+    mode = "L" if images.shape[-1] == 1 else "RGB"
+    return [(int(i), Image.fromarray(img.squeeze(-1) if mode == "L" else img, mode), int(target), int(labels[i]))
+            for i, img in zip(keep, triggered)]
 
 
 def backdoor_and_record(record_dir: Path, *, model_name: str, dataset: str, train: Split, test: Split, attack: Attack,
