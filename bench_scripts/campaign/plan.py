@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from bench_scripts.campaign.profiles import BUILTINS, CLEAN_REFERENCE, HELLO_KITTY, RECORDS, Profile, RecordSpec
+from bench_scripts.campaign.profiles import CLEAN_REFERENCE, HELLO_KITTY, RECORDS, Profile, RecordSpec
+from bench_scripts.protocols import BB_METHODS
 
 STOP_AFTER = "{stop_after_s}"
 SMOKE_RECORD, SMOKE_REFERENCE = "badnets_0.1_s0", "badnets_0_s0"
@@ -170,11 +171,11 @@ def build_plan(p: Profile, paths: Paths, budget_s: float, backdoorbench: Optiona
     builtin_skip = ("no BackdoorBench checkout (--backdoorbench)" if backdoorbench is None else
                     None if p.protocol.startswith("gpu") else
                     f"BackdoorBench cannot build the {p.protocol} protocol's model")
-    builtins = _stage(p, "builtins", 21, f"BackdoorBench's {', '.join(BUILTINS)} (run_defenses --backdoorbench), default "
+    builtins = _stage(p, "builtins", 21, f"BackdoorBench's {', '.join(BB_METHODS)} (run_defenses --backdoorbench), default "
                      f"settings, each capped at {p.builtin_cap_s} s",
                      tuple(Job(bench("run_defenses", *common, "--records", n, "--methods", "--backdoorbench",
                                      str(backdoorbench or "BACKDOORBENCH"), "--bb-defenses", d), needs=n)
-                           for n in names for d in BUILTINS), parallel=p.jobs, skip=builtin_skip)
+                           for n in names for d in BB_METHODS), parallel=p.jobs, skip=builtin_skip)
     reference = _records_stage(p, paths, common, backdoorbench, (CLEAN_REFERENCE,), "reference", 21,
                                "the clean reference (rate 0) that retune and QRA compare against")
     retune = _stage(p, "retune", 21, "evaluate --retune: the retuning attack on every model, with the clean reference",

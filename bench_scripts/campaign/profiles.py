@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from bench_scripts.campaign import figures as fig
+from bench_scripts.protocols import BB_METHODS
 
 HELLO_KITTY = "resource/blended/hello_kitty.jpeg"   # in a BackdoorBench checkout; read there, never copied
-BUILTINS = ("ft", "anp", "nad", "i-bau", "ft-sam")  # BackdoorBench's built-ins the campaign runs (issue 21)
 
 
 @dataclass(frozen=True)
@@ -97,8 +97,8 @@ def _gpu_estimates(p: Profile) -> dict[str, Estimate]:
         "defenses": Estimate(fig.FIVE_MODES.seconds + fig.FST_DEFENSE.seconds, min_s=fig.FST_DEFENSE.seconds, basis=
                              f"records side by side: five modes [{fig.FIVE_MODES.source}] + FST at lr 0.05 "
                              f"[{fig.FST_DEFENSE.source}]"),
-        "builtins": Estimate(len(BUILTINS) * p.builtin_cap_s, min_s=p.builtin_cap_s, basis=
-                             f"{len(BUILTINS)} built-ins x their cap {p.builtin_cap_s} s, records side by side "
+        "builtins": Estimate(len(BB_METHODS) * p.builtin_cap_s, min_s=p.builtin_cap_s, basis=
+                             f"{len(BB_METHODS)} built-ins x their cap {p.builtin_cap_s} s, records side by side "
                              "(never measured on a GPU)"),
         "reference": Estimate(p.epochs * fig.ATTACK_EPOCH_ALONE.seconds + fig.RECORD_OVERHEAD.seconds,
                               min_s=3 * fig.ATTACK_EPOCH_ALONE.seconds + 30, basis=
