@@ -80,8 +80,10 @@ def find_head(
             convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.out_channels == num_classes]
             if convs:  # SqueezeNet: a 1x1 convolution produces the logits
                 raise ModelError(
-                    f"{type(model).__name__}'s classifier is a convolution ({convs[-1]}), not an nn.Linear layer",
-                    "feature shift tuning needs a linear head: use a model with an nn.Linear classifier",
+                    f"no nn.Linear layer with {num_classes} outputs found in {type(model).__name__}: its classifier "
+                    f"is a convolution ({convs[-1]})",
+                    "feature shift tuning needs a linear head (--head cannot name a convolution): use a model with an "
+                    "nn.Linear classifier",
                 )
             raise ModelError(
                 f"no nn.Linear layer with {num_classes} outputs found in {type(model).__name__}",
