@@ -31,7 +31,8 @@ from fst_plugin.errors import DataError
 # reads under <dataset_path>/<dataset>: torchvision's CIFAR10 / CIFAR100 / MNIST folders, its dataset/GTSRB.py's
 # CSV lists and dataset/Tiny.py's ImageFolder splits.
 EXPECTED_LAYOUT = {
-    "cifar10": "cifar-10-batches-py/ (torchvision's; make_cifar10.py DEST --batches-py) or train/<class>/ + test/<class>/",
+    "cifar10": "cifar-10-batches-py/ (torchvision's; make_cifar10.py DEST --batches-py) "
+               "or train/<class>/ + test/<class>/",
     "cifar100": "cifar-100-python/ (torchvision's) or train/<class>/ + test/<class>/",
     "gtsrb": "Train/<00000..00042>/GT-<class>.csv + images and Test/GT-final_test.csv + images",
     "tiny": "tiny-imagenet-200/train/<wnid>/images/ and tiny-imagenet-200/val/ (images/ + val_annotations.txt)",

@@ -65,8 +65,8 @@ def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
         return _OWN_MODELS[name](num_classes=num_classes, in_channels=in_channels)
     if name not in _torchvision_names():
         raise ModelError(f"unknown model_name {name!r}",
-                         "use a BackdoorBench model name (preactresnet18, vgg19_bn, vit_b_16, ...), preactresnet_small, "
-                         "resnet9_cpu or a torchvision classification model name")
+                         "use a BackdoorBench model name (preactresnet18, vgg19_bn, vit_b_16, ...), "
+                         "preactresnet_small, resnet9_cpu or a torchvision classification model name")
     if in_channels != 3:
         raise ModelError(f"model {name!r} takes 3-channel images, not {in_channels}",
                          "use preactresnet18, senet18 or resnext29 for a grayscale dataset")

@@ -116,8 +116,8 @@ def _reduced(name: str) -> tuple[nn.Module, int]:
     elif name == "mnasnet1_0":
         net = tv.MNASNet(0.25, CLASSES)
     elif name.startswith("efficientnet"):
-        net = tv.EfficientNet([efficientnet.MBConvConfig(1, 3, 1, 8, 8, 1), efficientnet.MBConvConfig(6, 3, 2, 8, 16, 1)],
-                              dropout=0.2, num_classes=CLASSES)
+        blocks = [efficientnet.MBConvConfig(1, 3, 1, 8, 8, 1), efficientnet.MBConvConfig(6, 3, 2, 8, 16, 1)]
+        net = tv.EfficientNet(blocks, dropout=0.2, num_classes=CLASSES)
     elif name == "convnext_tiny":
         net = tv.ConvNeXt([convnext.CNBlockConfig(8, 16, 1), convnext.CNBlockConfig(16, None, 1)], num_classes=CLASSES)
     elif name == "googlenet":  # no width option: the full model, whose auxiliary heads the factory silences
