@@ -76,18 +76,20 @@ def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
 def load_weights(model: nn.Module, state_dict: dict, model_name: str) -> None:
     """Load ``state_dict`` (a DataParallel ``module.`` prefix is stripped) or say what does not fit.
 
-    The state_dict's ``_metadata`` (each module's version) travels along: MNASNet refuses a state_dict without it.
+    The state_dict's ``_metadata`` (each module's version) travels along; a plain dict without it (as a record
+    loader may hand over) is read as written by this torchvision: MNASNet refuses a state_dict without a version.
     """
     def strip(key: str) -> str:
         return key[7:] if key.startswith("module.") else "" if key == "module" else key
 
     metadata = getattr(state_dict, "_metadata", None)
     state_dict = OrderedDict((strip(k), v) for k, v in state_dict.items())
-    if metadata is not None:
-        state_dict._metadata = OrderedDict((strip(k), v) for k, v in metadata.items())  # type: ignore[attr-defined]
+    if metadata is None:
+        metadata = getattr(model.state_dict(), "_metadata", {})
+    state_dict._metadata = OrderedDict((strip(k), v) for k, v in metadata.items())  # type: ignore[attr-defined]
     try:
         model.load_state_dict(state_dict)
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()
         detail = " ".join(line.strip() for line in first[:3])[:300]
         raise ModelError(f"the record's state_dict does not fit model {model_name!r} ({detail})",

@@ -51,6 +51,7 @@ def test_the_factory_builds_backdoorbench_state_dict_layout_and_finds_the_head(n
     model = _full_size_on_meta(name)
     assert fingerprint(model.state_dict()) == expected()[name]
     load_weights(model, nn.DataParallel(model).state_dict(), name)  # saved with DataParallel's "module." prefix
+    load_weights(model, dict(model.state_dict()), name)  # a plain dict, without the modules' versions (_metadata)
     if name in NO_LINEAR_HEAD:
         refusal = r"no nn.Linear layer with 10 outputs found in SqueezeNet: its classifier is a convolution \(classifier.1"
         with pytest.raises(ModelError, match=refusal) as err:
