@@ -1,10 +1,13 @@
 """Finding the classifier head of an arbitrary image classifier.
 
 The head is the last ``nn.Linear`` whose ``out_features`` equals the class count (``linear`` in
-BackdoorBench's PreActResNet18, ``fc`` in torchvision ResNets, ``classifier.6`` in VGG, ``heads.head`` in
-ViT). ``head_name`` overrides the search with a dotted module name. ``whole_classifier`` widens the head to
-every ``nn.Linear`` inside the head's parent block (the paper's choice for VGG19-BN's three-layer
-classifier): all of them are re-initialised, penalised and projected.
+BackdoorBench's PreActResNet18, ``fc`` in torchvision ResNets, ``classifier.6`` in VGG and AlexNet,
+``classifier.1`` / ``.2`` / ``.3`` in EfficientNet / ConvNeXt / MobileNet-v3, ``1.heads.head`` in BackdoorBench's
+``Sequential(Resize, ViT)``; ``fc`` rather than the auxiliary heads of Inception-v3 and GoogLeNet). A model whose
+logits come from a convolution (SqueezeNet) has no such head and is refused. ``head_name`` overrides the search
+with a dotted module name. ``whole_classifier`` widens the head to every ``nn.Linear`` inside the head's parent
+block (the paper's choice for VGG19-BN's three-layer classifier): all of them are re-initialised, penalised and
+projected.
 """
 from __future__ import annotations
 
@@ -74,6 +77,14 @@ def find_head(
         candidates = [(n, m) for n, m in model.named_modules()
                       if isinstance(m, nn.Linear) and m.out_features == num_classes]
         if not candidates:
+            convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.out_channels == num_classes]
+            if convs:  # SqueezeNet: a 1x1 convolution produces the logits
+                raise ModelError(
+                    f"no nn.Linear layer with {num_classes} outputs found in {type(model).__name__}: its classifier "
+                    f"is a convolution ({convs[-1]})",
+                    "feature shift tuning needs a linear head (--head cannot name a convolution): use a model with an "
+                    "nn.Linear classifier",
+                )
             raise ModelError(
                 f"no nn.Linear layer with {num_classes} outputs found in {type(model).__name__}",
                 "pass --head with the dotted name of the classifier layer, or check num_classes",

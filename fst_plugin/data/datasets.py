@@ -4,14 +4,12 @@
 BackdoorBench's "dataset without transform" — from the folder BackdoorBench would use
 (``<dataset_path>/<dataset>``), in one of these layouts:
 
-* cifar10: ``cifar-10-batches-py/`` (torchvision's pickles, read here without its md5 check) or
-  ``train/<class>/*`` + ``test/<class>/*`` image folders;
-* cifar100: ``cifar-100-python/`` or image folders;
-* gtsrb, tiny: image folders (``train``/``Train`` and ``test``/``Test``/``val``; Tiny-ImageNet's
-  ``val/val_annotations.txt`` is understood);
+* cifar10, cifar100: torchvision's ``cifar-10-batches-py/`` / ``cifar-100-python/`` pickles (read here without
+  torchvision's md5 check) or ``train/<class>/*`` + ``test/<class>/*`` image folders;
+* gtsrb, tiny: the folders and lists BackdoorBench's own readers take (see :mod:`fst_plugin.data.folders`);
 * mnist: torchvision's ``MNIST/raw`` files (never downloaded).
 
-Image-folder classes are ordered like torchvision's ImageFolder (numerically when all names are numbers).
+A missing or unreadable layout is a one-line ``DataError`` that names the layout expected (``EXPECTED_LAYOUT``).
 """
 from __future__ import annotations
 
@@ -25,10 +23,21 @@ from PIL import Image
 from torch.utils.data import Dataset, TensorDataset, default_collate
 from torchvision import datasets as tv_datasets
 
+from fst_plugin.data.folders import gtsrb_split, image_folder, tiny_split
 from fst_plugin.data.transforms import dataset_info
 from fst_plugin.errors import DataError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
+# What BackdoorBench's dataset_and_transform_generate (utils/aggregate_block/dataset_and_transform_generate.py)
+# reads under <dataset_path>/<dataset>: torchvision's CIFAR10 / CIFAR100 / MNIST folders, its dataset/GTSRB.py's
+# CSV lists and dataset/Tiny.py's ImageFolder splits.
+EXPECTED_LAYOUT = {
+    "cifar10": "cifar-10-batches-py/ (torchvision's; make_cifar10.py DEST --batches-py) "
+               "or train/<class>/ + test/<class>/",
+    "cifar100": "cifar-100-python/ (torchvision's) or train/<class>/ + test/<class>/",
+    "gtsrb": "Train/<00000..00042>/GT-<class>.csv + images and Test/GT-final_test.csv + images",
+    "tiny": "tiny-imagenet-200/train/<wnid>/images/ and tiny-imagenet-200/val/ (images/ + val_annotations.txt)",
+    "mnist": "MNIST/raw/ (torchvision's train-/t10k- idx files)",
+}
 
 
 class _DataPickleUnpickler(pickle.Unpickler):
@@ -83,58 +92,26 @@ def _cifar_pickles(folder: Path, train: bool, files_train: list[str], file_test:
     return ArrayImageDataset(np.concatenate(images), labels)
 
 
-class ImageFolderDataset(tv_datasets.ImageFolder):
-    """torchvision's ImageFolder, with numeric class names sorted as numbers (GTSRB's 0..42)."""
-
-    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
-        classes = sorted(e.name for e in Path(directory).iterdir() if e.is_dir())
-        if classes and all(c.isdigit() for c in classes):
-            classes.sort(key=int)
-        if not classes:
-            raise DataError(f"no class folders in {directory}", "put the images in <split>/<class>/ folders")
-        return classes, {c: i for i, c in enumerate(classes)}
-
-
-class TinyValDataset(Dataset):
-    """Tiny-ImageNet's flat ``val/images`` folder labelled by ``val_annotations.txt``."""
-
-    def __init__(self, folder: Path, class_to_idx: dict[str, int]) -> None:
-        self.samples = []
-        for line in (folder / "val_annotations.txt").read_text().splitlines():
-            parts = line.split("\t")
-            if len(parts) >= 2 and parts[1] in class_to_idx:
-                self.samples.append((folder / "images" / parts[0], class_to_idx[parts[1]]))
-        self.targets = [t for _, t in self.samples]
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        path, target = self.samples[index]
-        with Image.open(path) as img:
-            return img.convert("RGB"), target
-
-
 def _first_existing(root: Path, names: Sequence[str]) -> Optional[Path]:
     return next((root / n for n in names if (root / n).is_dir()), None)
 
 
-def _image_folder(root: Path, train: bool, dataset: str) -> Dataset:
+def _no_split(root: Path, dataset: str, train: bool) -> DataError:
+    split = "train" if train else "test"
+    return DataError(f"dataset folder {root} has no {split} split in a known layout",
+                     f"put {dataset} under --dataset_path/{dataset} as {EXPECTED_LAYOUT[dataset]}")
+
+
+def _folder_split(root: Path, train: bool, dataset: str) -> Dataset:
+    """GTSRB's CSV lists, Tiny-ImageNet's folders, else ``train/<class>/`` + ``test/<class>/`` image folders."""
+    special = {"gtsrb": gtsrb_split, "tiny": tiny_split}.get(dataset)
+    found = special(root, train) if special else None
+    if found is not None:
+        return found
     split = _first_existing(root, ["train", "Train"] if train else ["test", "Test", "val", "Val"])
     if split is None:
-        raise DataError(
-            f"dataset folder {root} has no {'train' if train else 'test'} split in a known layout",
-            f"point --dataset_path at the folder holding {dataset}/ with {'train' if train else 'test'}/<class>/ images"
-            + (" (for CIFAR-10: make_cifar10.py DEST --batches-py)" if dataset == "cifar10" else ""),
-        )
-    try:
-        if dataset == "tiny" and (split / "val_annotations.txt").is_file():
-            train_folder = ImageFolderDataset(str(_first_existing(root, ["train", "Train"]) or split))
-            return TinyValDataset(split, train_folder.class_to_idx)
-        return ImageFolderDataset(str(split), is_valid_file=lambda p: p.lower().endswith(IMAGE_EXTENSIONS))
-    except FileNotFoundError as exc:  # torchvision: a class folder without any image
-        raise DataError(f"dataset folder {split} has a class folder with no image ({str(exc).split('. ')[0]})",
-                        f"put the images in {split}/<class>/ folders ({', '.join(IMAGE_EXTENSIONS)})") from None
+        raise _no_split(root, dataset, train)
+    return image_folder(split)
 
 
 def load_clean_split(dataset: str, root: str | Path, train: bool) -> Dataset:
@@ -143,8 +120,8 @@ def load_clean_split(dataset: str, root: str | Path, train: bool) -> Dataset:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"dataset folder {root} does not exist",
-                        f"pass --dataset_path pointing at the folder that holds {dataset}/"
-                        + (" (create it with make_cifar10.py DEST --batches-py)" if dataset == "cifar10" else ""))
+                        f"pass --dataset_path pointing at the folder that holds {dataset}/, laid out as "
+                        f"{EXPECTED_LAYOUT[dataset]}")
     if dataset == "cifar10" and (root / "cifar-10-batches-py").is_dir():
         ds = _cifar_pickles(root / "cifar-10-batches-py", train,
                             [f"data_batch_{i}" for i in range(1, 6)], "test_batch", "labels")
@@ -154,9 +131,9 @@ def load_clean_split(dataset: str, root: str | Path, train: bool) -> Dataset:
         try:
             ds = tv_datasets.MNIST(str(root), train=train, download=False)
         except RuntimeError:
-            raise DataError(f"no MNIST files under {root}", "put torchvision's MNIST/raw files there") from None
+            raise DataError(f"no MNIST files under {root}", f"put them there as {EXPECTED_LAYOUT['mnist']}") from None
     else:
-        ds = _image_folder(root, train, dataset)
+        ds = _folder_split(root, train, dataset)
     classes = len(set(getattr(ds, "targets", [])))
     if classes > info.num_classes:
         raise DataError(f"dataset folder {root} holds {classes} classes but {dataset} has {info.num_classes}",

@@ -21,9 +21,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from fst_plugin.data.transforms import dataset_info
+from fst_plugin.data.transforms import CROP_PADDING, dataset_info
 
-CROP_PADDING = 4  # BackdoorBench's RandomCrop(padding=4)
 
 
 def _as_batch(images: torch.Tensor) -> tuple[torch.Tensor, bool]:
