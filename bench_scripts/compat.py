@@ -1,0 +1,203 @@
+"""The compatibility matrix against a real BackdoorBench checkout (issue 18, part 2).
+
+Runs each of BackdoorBench's attack scripts for one epoch on a small class-balanced CIFAR-10 subset, then on
+every record it wrote: ``fst-plugin install`` once, the five modes through the installed launchers
+``python defense/<m>.py``, ``fst-plugin retune`` and ``fst-plugin qra`` on FST's result, and last the exported
+scripts (``fst-plugin export``; ``install`` is run again afterwards so the checkout ends with the launchers).
+Only public command lines are used. Each cell is ``ok`` or a one-line reason; results.csv and README.md go to
+``--out``. The checkout is the user's, outside this repository: its records, the subset (``data/compat``) and
+the logs (``compat_logs/``) are written there.
+
+    python -m bench_scripts.compat --backdoorbench BB --data DATA --out bench_results/compat
+
+Run it with the interpreter BackdoorBench runs with (it also runs every command); that interpreter must import
+this package (``pip install -e .``). A record whose ``attack_result.pt`` exists is reused (``--force`` re-runs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bench_scripts.compat_matrix import (
+    EXPORTED, MODES, OK, Cell, Row, check_pool, failure_reason, render_readme, write_cifar10_subset, write_csv,
+)
+
+log = logging.getLogger("compat")
+
+DATA = "./data/compat"            # the subset, relative to the BackdoorBench root (its records keep this path)
+PREFIX = "compat_"                # record folder prefix
+CLEAN = "clean"                   # the clean reference (badnet at pratio 0) for QRA
+COMMON = ["--yaml_path", "./config/attack/prototype/cifar10.yaml", "--dataset_path", DATA, "--epochs", "1",
+          "--device", "cpu", "--amp", "False", "--num_workers", "0", "--pin_memory", "False",
+          "--non_blocking", "False", "--random_seed", "0"]
+DEFENSE = ["--dataset_path", DATA, "--epochs", "1", "--ratio", "0.1", "--device", "cpu", "--num_workers", "0"]
+PROBE = ["--dataset_path", DATA, "--device", "cpu", "--epochs", "1"]
+QRA = ["--clean_num", "50", "--poison_num", "50"]
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One BackdoorBench attack script and the arguments that make it a 1-epoch CPU run."""
+
+    name: str
+    script: str
+    args: tuple[str, ...] = ()
+    bd_yaml: str | None = ""        # "": config/attack/<name>/default.yaml; None: the script takes none
+
+    def command(self) -> list[str]:
+        bd_yaml = [] if self.bd_yaml is None else ["--bd_yaml_path",
+                                                   self.bd_yaml or f"./config/attack/{self.name}/default.yaml"]
+        return [f"attack/{self.script}.py", *COMMON, *bd_yaml, *self.args, "--save_folder_name", PREFIX + self.name]
+
+
+TROJANNN_YAML = "compat_logs/trojannn.yaml"   # its clean model comes from prototype.py (see trojannn_yaml)
+HELPERS = (AttackSpec("prototype", "prototype", bd_yaml=None),   # clean training: trojannn's clean model
+           AttackSpec(CLEAN, "badnet", ("--pratio", "0"), "./config/attack/badnet/default.yaml"))  # QRA's reference
+ATTACKS = (
+    AttackSpec("badnet", "badnet"), AttackSpec("blended", "blended"), AttackSpec("sig", "sig"),
+    AttackSpec("wanet", "wanet"), AttackSpec("inputaware", "inputaware", ("--clean_train_epochs", "1")),
+    AttackSpec("bpp", "bpp"), AttackSpec("lf", "lf"), AttackSpec("ctrl", "ctrl"),
+    AttackSpec("trojannn", "trojannn", ("--mask_update_iters", "50"), TROJANNN_YAML),
+    AttackSpec("blind", "blind"),
+    AttackSpec("lira", "lira", ("--both_train_epochs", "1", "--epochs", "2"), "./config/attack/lira/cifar10.yaml"),
+    AttackSpec("poison_ink", "poison_ink"),
+)
+
+
+class Runner:
+    """Runs commands from the BackdoorBench root with this interpreter; logs each to ``compat_logs/``."""
+
+    def __init__(self, backdoorbench: Path, timeout: int) -> None:
+        self.root, self.timeout = backdoorbench, timeout
+        (backdoorbench / "compat_logs").mkdir(exist_ok=True)
+
+    def __call__(self, label: str, argv: list[str], plugin: bool = False) -> Cell:
+        """``plugin``: argv is an ``fst-plugin`` command line (run as ``python -m fst_plugin``)."""
+        full = [sys.executable, *(["-m", "fst_plugin"] if plugin else []), *argv]
+        shown = shlex.join((["fst-plugin"] if plugin else ["python"]) + argv)
+        log.info("%s: %s", label, shown)
+        logfile = self.root / "compat_logs" / f"{label}.log"
+        try:
+            proc = subprocess.run(full, cwd=self.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True, timeout=self.timeout)
+            output, code = proc.stdout, proc.returncode
+        except subprocess.TimeoutExpired as exc:   # its output is bytes whatever text= says
+            output, code = (exc.output or b"").decode(errors="replace"), 124
+        logfile.write_text(f"$ {shown}\n{output}")
+        status = OK if code == 0 else failure_reason(output, self.root, code)
+        log.info("%s: %s", label, status)
+        return Cell(status, shown)
+
+
+def trojannn_yaml(root: Path) -> None:
+    """BackdoorBench's trojannn yaml plus ``pretrain_model_path``: its ``--pretrain_model_path`` flag is typed int
+    (attack/trojannn.py), so a path can only come through the yaml. The clean model is prototype.py's."""
+    source = (root / "config/attack/trojannn/preactresnet18.yaml").read_text()
+    (root / TROJANNN_YAML).write_text(source.rstrip() + f"\npretrain_model_path: ./record/{PREFIX}prototype/clean_model.pth\n")
+
+
+def run_attack(run: Runner, spec: AttackSpec, force: bool) -> Cell:
+    record = run.root / "record" / (PREFIX + spec.name)
+    done = record / ("clean_model.pth" if spec.name == "prototype" else "attack_result.pt")
+    if done.exists() and not force:
+        return Cell(OK, shlex.join(["python", *spec.command()]))
+    if record.exists():
+        subprocess.run(["rm", "-rf", str(record)], check=True)   # BackdoorBench's os.mkdir refuses an existing folder
+    cell = run(f"{spec.name}__attack", spec.command())
+    if cell.ok and not done.exists():
+        return Cell(f"exit 0 without writing {done.name}", cell.command)
+    return cell
+
+
+def record_labels(record: Path) -> tuple[dict[int, tuple[int, int]], int]:
+    """bd_train's (bd_label, original_label) per index from ``attack_result.pt``, and the attack target."""
+    result = torch.load(record / "attack_result.pt", map_location="cpu", weights_only=False)
+    data = result["bd_train"]["bd_data_container"]["data_dict"]
+    labels = {int(i): (int(v["other_info"][0]), int(v["other_info"][1])) for i, v in data.items()}
+    bd_test = result["bd_test"]["bd_data_container"]["data_dict"]
+    targets = {int(v["other_info"][0]) for v in bd_test.values()}
+    return labels, min(targets)
+
+
+def probe_record(run: Runner, row: Row) -> None:
+    """retune (and, after it, qra) on FST's result; the pool columns from retune's run_info.json."""
+    rec = f"record/{row.record}"
+    row.cells["retune"] = run(f"{row.attack}__retune", ["retune", "--record", rec, "--defense", "fst", *PROBE], True)
+    if not row.cells["retune"].ok:
+        row.cells["qra"] = Cell(f"not run: retune did not run ({row.cells['retune'].status[:80]})")
+        return
+    info = json.loads((run.root / rec / "defense/fst/retune/run_info.json").read_text())
+    pool = info["poison_pool"]
+    row.pool = {"pool_rule": pool["rule"], "pool_size": str(pool["size"]), "pool_flagged": str(pool["flagged"]),
+                "pool_excluded": str(pool["excluded"])}
+    labels, target = record_labels(run.root / rec)
+    row.pool["pool_check"] = check_pool(info["poisoned_train_indices"], labels, target)
+    row.cells["qra"] = run(f"{row.attack}__qra", ["qra", "--record", rec, "--defense", "fst", "--reference_record",
+                                                  f"record/{PREFIX}{CLEAN}", *PROBE, *QRA], True)
+
+
+def defense_argv(row: Row, method: str) -> list[str]:
+    return [f"defense/{method}.py", "--result_file", row.record, "--yaml_path",
+            f"./config/defense/{method}/cifar10.yaml", *DEFENSE]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backdoorbench", type=Path, required=True, help="root of a BackdoorBench checkout")
+    parser.add_argument("--data", type=Path, required=True, help="folder holding cifar-10-batches-py (full CIFAR-10)")
+    parser.add_argument("--out", type=Path, default=Path("bench_results/compat"))
+    parser.add_argument("--attacks", nargs="+", default=[s.name for s in ATTACKS], help="subset of the attacks")
+    parser.add_argument("--train-per-class", type=int, default=100)
+    parser.add_argument("--test-per-class", type=int, default=20)
+    parser.add_argument("--timeout", type=int, default=3600, help="seconds per command")
+    parser.add_argument("--force", action="store_true", help="re-run attacks whose record exists")
+    parser.add_argument("--commit", default="unknown", help="the checkout's BackdoorBench commit, for the README")
+    parser.add_argument("--notes", type=Path, help="Markdown appended to the README as its Notes")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    root = args.backdoorbench.resolve()
+    unknown = sorted(set(args.attacks) - {s.name for s in ATTACKS})
+    if unknown or not (root / "attack").is_dir():
+        parser.error(f"unknown attacks {unknown}" if unknown else f"{root} has no attack/ folder")
+    subset = root / DATA / "cifar10"
+    if not (subset / "cifar-10-batches-py/test_batch").exists():
+        log.info("subset: %s", write_cifar10_subset(args.data, subset, args.train_per_class, args.test_per_class))
+    run = Runner(root, args.timeout)
+    trojannn_yaml(root)
+    helpers = {spec.name: run_attack(run, spec, args.force) for spec in HELPERS}
+    rows = [Row(spec.name, PREFIX + spec.name, {"attack_run": run_attack(run, spec, args.force)})
+            for spec in ATTACKS if spec.name in args.attacks]
+    ready = [row for row in rows if row.cells["attack_run"].ok]
+    install = run("install", ["install", "--backdoorbench", str(root)], True)
+    for row in ready:
+        for method in MODES:
+            row.cells[method] = (run(f"{row.attack}__{method}", defense_argv(row, method)) if install.ok
+                                 else Cell(f"install failed: {install.status}"))
+        probe_record(run, row)
+    export = run("export", ["export", "--backdoorbench", str(root)], True)
+    for row in ready:
+        cells = {m: run(f"{row.attack}__export_{m}", defense_argv(row, m)) if export.ok else export for m in EXPORTED}
+        failed = [(m, c) for m, c in cells.items() if not c.ok]
+        row.cells["export"] = Cell(f"{failed[0][0]}: {failed[0][1].status}", failed[0][1].command) if failed else Cell(OK)
+    run("reinstall", ["install", "--backdoorbench", str(root)], True)
+    write_csv(rows, args.out / "results.csv")
+    meta = {"commit": args.commit, "date": time.strftime("%Y-%m-%d", time.gmtime()),
+            "train_per_class": str(args.train_per_class), "test_per_class": str(args.test_per_class)}
+    notes = args.notes.read_text() if args.notes and args.notes.exists() else ""
+    (args.out / "README.md").write_text(render_readme(rows, helpers, meta, notes))
+    log.info("wrote %s", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
