@@ -20,9 +20,11 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +38,7 @@ log = logging.getLogger("compat")
 
 DATA = "./data/compat"            # the subset, relative to the BackdoorBench root (its records keep this path)
 PREFIX = "compat_"                # record folder prefix
-CLEAN = "clean"                   # the clean reference (badnet at pratio 0) for QRA
+CLEAN = "clean"                   # QRA's clean reference record (see clean_reference)
 COMMON = ["--yaml_path", "./config/attack/prototype/cifar10.yaml", "--dataset_path", DATA, "--epochs", "1",
           "--device", "cpu", "--amp", "False", "--num_workers", "0", "--pin_memory", "False",
           "--non_blocking", "False", "--random_seed", "0"]
@@ -61,8 +63,7 @@ class AttackSpec:
 
 
 TROJANNN_YAML = "compat_logs/trojannn.yaml"   # its clean model comes from prototype.py (see trojannn_yaml)
-HELPERS = (AttackSpec("prototype", "prototype", bd_yaml=None),   # clean training: trojannn's clean model
-           AttackSpec(CLEAN, "badnet", ("--pratio", "0"), "./config/attack/badnet/default.yaml"))  # QRA's reference
+PROTOTYPE = AttackSpec("prototype", "prototype", bd_yaml=None)   # clean training: trojannn's and QRA's clean model
 ATTACKS = (
     AttackSpec("badnet", "badnet"), AttackSpec("blended", "blended"), AttackSpec("sig", "sig"),
     AttackSpec("wanet", "wanet"), AttackSpec("inputaware", "inputaware", ("--clean_train_epochs", "1")),
@@ -81,10 +82,14 @@ class Runner:
         self.root, self.timeout = backdoorbench, timeout
         (backdoorbench / "compat_logs").mkdir(exist_ok=True)
 
-    def __call__(self, label: str, argv: list[str], plugin: bool = False) -> Cell:
-        """``plugin``: argv is an ``fst-plugin`` command line (run as ``python -m fst_plugin``)."""
+    def __call__(self, label: str, argv: list[str], plugin: bool = False, produces: Path | None = None,
+                 reuse: bool = False) -> Cell:
+        """``plugin``: argv is an ``fst-plugin`` command line (run as ``python -m fst_plugin``). ``produces``: the
+        file a success writes (``ok`` needs it; with ``reuse``, an existing one is taken without running)."""
         full = [sys.executable, *(["-m", "fst_plugin"] if plugin else []), *argv]
-        shown = shlex.join((["fst-plugin"] if plugin else ["python"]) + argv)
+        shown = shlex.join((["fst-plugin"] if plugin else ["python"]) + argv).replace(str(self.root), "BB")
+        if reuse and produces is not None and produces.exists():
+            return Cell(OK, shown)
         log.info("%s: %s", label, shown)
         logfile = self.root / "compat_logs" / f"{label}.log"
         try:
@@ -95,6 +100,8 @@ class Runner:
             output, code = (exc.output or b"").decode(errors="replace"), 124
         logfile.write_text(f"$ {shown}\n{output}")
         status = OK if code == 0 else failure_reason(output, self.root, code)
+        if code == 0 and produces is not None and not produces.exists():
+            status = f"exit 0 without writing {produces.name}"
         log.info("%s: %s", label, status)
         return Cell(status, shown)
 
@@ -103,20 +110,34 @@ def trojannn_yaml(root: Path) -> None:
     """BackdoorBench's trojannn yaml plus ``pretrain_model_path``: its ``--pretrain_model_path`` flag is typed int
     (attack/trojannn.py), so a path can only come through the yaml. The clean model is prototype.py's."""
     source = (root / "config/attack/trojannn/preactresnet18.yaml").read_text()
-    (root / TROJANNN_YAML).write_text(source.rstrip() + f"\npretrain_model_path: ./record/{PREFIX}prototype/clean_model.pth\n")
+    clean_model = f"./record/{PREFIX}{PROTOTYPE.name}/clean_model.pth"
+    (root / TROJANNN_YAML).write_text(source.rstrip() + f"\npretrain_model_path: {clean_model}\n")
 
 
 def run_attack(run: Runner, spec: AttackSpec, force: bool) -> Cell:
     record = run.root / "record" / (PREFIX + spec.name)
     done = record / ("clean_model.pth" if spec.name == "prototype" else "attack_result.pt")
-    if done.exists() and not force:
-        return Cell(OK, shlex.join(["python", *spec.command()]))
-    if record.exists():
-        subprocess.run(["rm", "-rf", str(record)], check=True)   # BackdoorBench's os.mkdir refuses an existing folder
-    cell = run(f"{spec.name}__attack", spec.command())
-    if cell.ok and not done.exists():
-        return Cell(f"exit 0 without writing {done.name}", cell.command)
-    return cell
+    if record.exists() and (force or not done.exists()):
+        shutil.rmtree(record)                       # BackdoorBench's os.mkdir refuses an existing folder
+    return run(f"{spec.name}__attack", spec.command(), produces=done, reuse=not force)
+
+
+def clean_reference(root: Path, template: str, force: bool) -> Cell:
+    """QRA's clean reference record. BackdoorBench writes none (``badnet.py --pratio 0`` exits with "No poison
+    sample generated !", ``prototype.py`` saves ``clean_model.pth`` only), so it is ``template``'s
+    ``attack_result.pt`` with its model replaced by prototype.py's clean model."""
+    clean_model = root / "record" / f"{PREFIX}prototype" / "clean_model.pth"
+    how = f"record/{template}/attack_result.pt with model = record/{PREFIX}prototype/clean_model.pth"
+    target = root / "record" / f"{PREFIX}{CLEAN}" / "attack_result.pt"
+    if not clean_model.exists():
+        return Cell("no clean model: prototype.py did not run", how)
+    if target.exists() and not force:
+        return Cell(OK, how)
+    result = torch.load(root / "record" / template / "attack_result.pt", map_location="cpu", weights_only=False)
+    result["model"] = torch.load(clean_model, map_location="cpu", weights_only=True)
+    target.parent.mkdir(exist_ok=True)
+    torch.save(result, target)
+    return Cell(OK, how)
 
 
 def record_labels(record: Path) -> tuple[dict[int, tuple[int, int]], int]:
@@ -125,25 +146,36 @@ def record_labels(record: Path) -> tuple[dict[int, tuple[int, int]], int]:
     data = result["bd_train"]["bd_data_container"]["data_dict"]
     labels = {int(i): (int(v["other_info"][0]), int(v["other_info"][1])) for i, v in data.items()}
     bd_test = result["bd_test"]["bd_data_container"]["data_dict"]
-    targets = {int(v["other_info"][0]) for v in bd_test.values()}
-    return labels, min(targets)
+    return labels, min(int(v["other_info"][0]) for v in bd_test.values())
 
 
-def probe_record(run: Runner, row: Row) -> None:
-    """retune (and, after it, qra) on FST's result; the pool columns from retune's run_info.json."""
-    rec = f"record/{row.record}"
-    row.cells["retune"] = run(f"{row.attack}__retune", ["retune", "--record", rec, "--defense", "fst", *PROBE], True)
+def defend_and_probe(run: Runner, row: Row, reuse: bool) -> None:
+    """The five launchers, then retune (and after it qra) on FST's result; the pool columns from run_info.json."""
+    rec = run.root / "record" / row.record
+    for method in MODES:
+        row.cells[method] = run(f"{row.attack}__{method}", defense_argv(row, method),
+                                produces=rec / "defense" / method / "defense_result.pt", reuse=reuse)
+    probe = ["--record", f"record/{row.record}", "--defense", "fst", *PROBE]
+    retuned = rec / "defense/fst/retune"
+    row.cells["retune"] = run(f"{row.attack}__retune", ["retune", *probe], True, retuned / "retune_result.pt", reuse)
     if not row.cells["retune"].ok:
         row.cells["qra"] = Cell(f"not run: retune did not run ({row.cells['retune'].status[:80]})")
         return
-    info = json.loads((run.root / rec / "defense/fst/retune/run_info.json").read_text())
+    info = json.loads((retuned / "run_info.json").read_text())
     pool = info["poison_pool"]
+    labels, target = record_labels(rec)
     row.pool = {"pool_rule": pool["rule"], "pool_size": str(pool["size"]), "pool_flagged": str(pool["flagged"]),
-                "pool_excluded": str(pool["excluded"])}
-    labels, target = record_labels(run.root / rec)
-    row.pool["pool_check"] = check_pool(info["poisoned_train_indices"], labels, target)
-    row.cells["qra"] = run(f"{row.attack}__qra", ["qra", "--record", rec, "--defense", "fst", "--reference_record",
-                                                  f"record/{PREFIX}{CLEAN}", *PROBE, *QRA], True)
+                "pool_excluded": str(pool["excluded"]),
+                "pool_check": check_pool(info["poisoned_train_indices"], labels, target)}
+    row.cells["qra"] = run(f"{row.attack}__qra", ["qra", *probe, "--reference_record", f"record/{PREFIX}{CLEAN}", *QRA],
+                           True, retuned / "qra/qra_result.pt", reuse)
+
+
+def run_exported(run: Runner, row: Row, methods: list[str]) -> None:
+    """The exported scripts on the record (they write to the same defense folders as the launchers)."""
+    cells = {m: run(f"{row.attack}__export_{m}", defense_argv(row, m)) for m in methods}
+    failed = [(m, c) for m, c in cells.items() if not c.ok]
+    row.cells["export"] = Cell(f"{failed[0][0]}: {failed[0][1].status}", failed[0][1].command) if failed else Cell(OK)
 
 
 def defense_argv(row: Row, method: str) -> list[str]:
@@ -160,7 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-per-class", type=int, default=100)
     parser.add_argument("--test-per-class", type=int, default=20)
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per command")
-    parser.add_argument("--force", action="store_true", help="re-run attacks whose record exists")
+    parser.add_argument("--force", action="store_true", help="re-run what already has its result file")
+    parser.add_argument("--jobs", type=int, default=1, help="records processed at once")
+    parser.add_argument("--skip-export", action="store_true", help="a partial run: no export phase")
+    parser.add_argument("--export-methods", nargs="+", default=["fst"], choices=EXPORTED,
+                        help="exported scripts to run per record (export writes all of %(choices)s)")
     parser.add_argument("--commit", default="unknown", help="the checkout's BackdoorBench commit, for the README")
     parser.add_argument("--notes", type=Path, help="Markdown appended to the README as its Notes")
     args = parser.parse_args(argv)
@@ -174,25 +210,30 @@ def main(argv: list[str] | None = None) -> int:
         log.info("subset: %s", write_cifar10_subset(args.data, subset, args.train_per_class, args.test_per_class))
     run = Runner(root, args.timeout)
     trojannn_yaml(root)
-    helpers = {spec.name: run_attack(run, spec, args.force) for spec in HELPERS}
-    rows = [Row(spec.name, PREFIX + spec.name, {"attack_run": run_attack(run, spec, args.force)})
-            for spec in ATTACKS if spec.name in args.attacks]
-    ready = [row for row in rows if row.cells["attack_run"].ok]
-    install = run("install", ["install", "--backdoorbench", str(root)], True)
-    for row in ready:
-        for method in MODES:
-            row.cells[method] = (run(f"{row.attack}__{method}", defense_argv(row, method)) if install.ok
-                                 else Cell(f"install failed: {install.status}"))
-        probe_record(run, row)
-    export = run("export", ["export", "--backdoorbench", str(root)], True)
-    for row in ready:
-        cells = {m: run(f"{row.attack}__export_{m}", defense_argv(row, m)) if export.ok else export for m in EXPORTED}
-        failed = [(m, c) for m, c in cells.items() if not c.ok]
-        row.cells["export"] = Cell(f"{failed[0][0]}: {failed[0][1].status}", failed[0][1].command) if failed else Cell(OK)
-    run("reinstall", ["install", "--backdoorbench", str(root)], True)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        helpers = {PROTOTYPE.name: run_attack(run, PROTOTYPE, args.force)}
+        specs = [spec for spec in ATTACKS if spec.name in args.attacks]
+        rows = [Row(spec.name, PREFIX + spec.name, {"attack_run": cell})
+                for spec, cell in zip(specs, pool.map(lambda spec: run_attack(run, spec, args.force), specs))]
+        ready = [row for row in rows if row.cells["attack_run"].ok]
+        if ready:
+            helpers[CLEAN] = clean_reference(root, ready[0].record, args.force)
+        install = run("install", ["install", "--backdoorbench", str(root)], True)
+        if not install.ok:
+            parser.error(f"fst-plugin install failed: {install.status}")
+        list(pool.map(lambda row: defend_and_probe(run, row, not args.force), ready))
+        if not args.skip_export:
+            export = run("export", ["export", "--backdoorbench", str(root)], True)
+            if export.ok:
+                list(pool.map(lambda row: run_exported(run, row, args.export_methods), ready))
+            else:
+                for row in ready:
+                    row.cells["export"] = export
+            run("reinstall", ["install", "--backdoorbench", str(root)], True)
     write_csv(rows, args.out / "results.csv")
     meta = {"commit": args.commit, "date": time.strftime("%Y-%m-%d", time.gmtime()),
-            "train_per_class": str(args.train_per_class), "test_per_class": str(args.test_per_class)}
+            "train_per_class": str(args.train_per_class), "test_per_class": str(args.test_per_class),
+            "export_methods": ", ".join(args.export_methods)}
     notes = args.notes.read_text() if args.notes and args.notes.exists() else ""
     (args.out / "README.md").write_text(render_readme(rows, helpers, meta, notes))
     log.info("wrote %s", args.out)

@@ -123,7 +123,8 @@ def test_csv_round_trip_and_readme(tmp_path):
         [(r.attack, {k: c.status for k, c in r.cells.items()}, r.pool) for r in rows]
     assert back[1].cells["retune"].command == "fst-plugin retune --record record/compat_lira"
     text = render_readme(back, {"clean": Cell(OK, "python attack/badnet.py --pratio 0")},
-                         {"commit": "f02e353", "date": "2026-12-04", "train_per_class": "100", "test_per_class": "20"},
+                         {"commit": "f02e353", "date": "2026-12-04", "train_per_class": "100", "test_per_class": "20",
+                          "export_methods": "fst"},
                          "A note.")
     assert "`f02e353`" in text and "A note." in text
     assert "| lira | ok | — | — | — | — | — | — | error: no bd_train | — |" in text
