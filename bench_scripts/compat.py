@@ -149,12 +149,15 @@ def record_labels(record: Path) -> tuple[dict[int, tuple[int, int]], int]:
     return labels, min(int(v["other_info"][0]) for v in bd_test.values())
 
 
-def defend_and_probe(run: Runner, row: Row, reuse: bool) -> None:
-    """The five launchers, then retune (and after it qra) on FST's result; the pool columns from run_info.json."""
+def defend(run: Runner, row: Row, method: str, reuse: bool) -> None:
+    """One mode through its installed launcher."""
+    result = run.root / "record" / row.record / "defense" / method / "defense_result.pt"
+    row.cells[method] = run(f"{row.attack}__{method}", defense_argv(row, method), produces=result, reuse=reuse)
+
+
+def retune_and_qra(run: Runner, row: Row, reuse: bool) -> None:
+    """retune (and after it qra) on FST's result; the pool columns from retune's run_info.json."""
     rec = run.root / "record" / row.record
-    for method in MODES:
-        row.cells[method] = run(f"{row.attack}__{method}", defense_argv(row, method),
-                                produces=rec / "defense" / method / "defense_result.pt", reuse=reuse)
     probe = ["--record", f"record/{row.record}", "--defense", "fst", *PROBE]
     retuned = rec / "defense/fst/retune"
     row.cells["retune"] = run(f"{row.attack}__retune", ["retune", *probe], True, retuned / "retune_result.pt", reuse)
@@ -221,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         install = run("install", ["install", "--backdoorbench", str(root)], True)
         if not install.ok:
             parser.error(f"fst-plugin install failed: {install.status}")
-        list(pool.map(lambda row: defend_and_probe(run, row, not args.force), ready))
+        list(pool.map(lambda job: defend(run, *job, not args.force), [(row, m) for row in ready for m in MODES]))
+        list(pool.map(lambda row: retune_and_qra(run, row, not args.force), ready))
         if not args.skip_export:
             export = run("export", ["export", "--backdoorbench", str(root)], True)
             if export.ok:

@@ -228,8 +228,8 @@ well any defense works.
 
 `ok` = the command exited 0 and wrote its result (for `attack_run`: BackdoorBench's script wrote
 `record/compat_<attack>/attack_result.pt`); otherwise the one-line reason, prefixed *BackdoorBench's own*
-when BackdoorBench's code raised (file:line of its innermost frame). `—` = not run (no record). Columns: `lp` … `fst` = the launcher `python defense/<mode>.py` written by
-`fst-plugin install`; `export` = `fst-plugin export` (it writes self-contained {', '.join(EXPORTED)}) and the
+when BackdoorBench's code raised (file:line of its innermost frame). `—` = not run (no record). Columns:
+`lp` … `fst` = the launcher `python defense/<mode>.py` written by `fst-plugin install`; `export` = `fst-plugin export` (it writes self-contained {', '.join(EXPORTED)}) and the
 exported {meta['export_methods']} run the same way; `retune` = `fst-plugin retune --defense fst`; `qra` =
 `fst-plugin qra --defense fst` against the clean reference record.
 
