@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -45,6 +46,7 @@ COMMON = ["--yaml_path", "./config/attack/prototype/cifar10.yaml", "--dataset_pa
 DEFENSE = ["--dataset_path", DATA, "--epochs", "1", "--ratio", "0.1", "--device", "cpu", "--num_workers", "0"]
 PROBE = ["--dataset_path", DATA, "--device", "cpu", "--epochs", "1"]
 QRA = ["--clean_num", "50", "--poison_num", "50"]
+NOT_RUN = "not run: the run was stopped first"
 
 
 @dataclass(frozen=True)
@@ -76,10 +78,12 @@ ATTACKS = (
 
 
 class Runner:
-    """Runs commands from the BackdoorBench root with this interpreter; logs each to ``compat_logs/``."""
+    """Runs commands from the BackdoorBench root with this interpreter; logs each to ``compat_logs/``.
 
-    def __init__(self, backdoorbench: Path, timeout: int) -> None:
-        self.root, self.timeout = backdoorbench, timeout
+    ``report_only``: runs nothing; a cell is read back from its result file or its log (``--report``)."""
+
+    def __init__(self, backdoorbench: Path, timeout: int, report_only: bool = False) -> None:
+        self.root, self.timeout, self.report_only = backdoorbench, timeout, report_only
         (backdoorbench / "compat_logs").mkdir(exist_ok=True)
 
     def __call__(self, label: str, argv: list[str], plugin: bool = False, produces: Path | None = None,
@@ -88,22 +92,39 @@ class Runner:
         file a success writes (``ok`` needs it; with ``reuse``, an existing one is taken without running)."""
         full = [sys.executable, *(["-m", "fst_plugin"] if plugin else []), *argv]
         shown = shlex.join((["fst-plugin"] if plugin else ["python"]) + argv).replace(str(self.root), "BB")
-        if reuse and produces is not None and produces.exists():
-            return Cell(OK, shown)
-        log.info("%s: %s", label, shown)
         logfile = self.root / "compat_logs" / f"{label}.log"
+        if (reuse or self.report_only) and produces is not None and produces.exists():
+            return Cell(OK, shown)
+        if self.report_only:
+            return self.read_back(logfile, shown, produces)
+        log.info("%s: %s", label, shown)
         try:
             proc = subprocess.run(full, cwd=self.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   text=True, timeout=self.timeout)
             output, code = proc.stdout, proc.returncode
         except subprocess.TimeoutExpired as exc:   # its output is bytes whatever text= says
             output, code = (exc.output or b"").decode(errors="replace"), 124
-        logfile.write_text(f"$ {shown}\n{output}")
-        status = OK if code == 0 else failure_reason(output, self.root, code)
-        if code == 0 and produces is not None and not produces.exists():
-            status = f"exit 0 without writing {produces.name}"
+        logfile.write_text(f"$ {shown}\n{output}\n[exit {code}]\n")
+        status = self.status(output, code, produces)
         log.info("%s: %s", label, status)
         return Cell(status, shown)
+
+    def status(self, output: str, code: int, produces: Path | None) -> str:
+        if code == 0 and produces is not None and not produces.exists():
+            return f"exit 0 without writing {produces.name}"
+        return OK if code == 0 else failure_reason(output, self.root, code)
+
+    def read_back(self, logfile: Path, shown: str, produces: Path | None) -> Cell:
+        """The cell of a command an earlier run ran (its log ends with ``[exit N]``), or ``NOT_RUN``."""
+        if not logfile.exists():
+            return Cell(NOT_RUN, shown)
+        text = logfile.read_text()
+        exit_line = re.search(r"\[exit (-?\d+)\]\s*$", text)
+        if exit_line:
+            code = int(exit_line.group(1))
+        else:   # a log written before logs ended with their exit code: failed if it shows a refusal or traceback
+            code = 0 if failure_reason(text, self.root, 1).startswith("exit 1:") else 1
+        return Cell(self.status(text, code, produces), shown)
 
 
 def trojannn_yaml(root: Path) -> None:
@@ -117,7 +138,7 @@ def trojannn_yaml(root: Path) -> None:
 def run_attack(run: Runner, spec: AttackSpec, force: bool) -> Cell:
     record = run.root / "record" / (PREFIX + spec.name)
     done = record / ("clean_model.pth" if spec.name == "prototype" else "attack_result.pt")
-    if record.exists() and (force or not done.exists()):
+    if not run.report_only and record.exists() and (force or not done.exists()):
         shutil.rmtree(record)                       # BackdoorBench's os.mkdir refuses an existing folder
     return run(f"{spec.name}__attack", spec.command(), produces=done, reuse=not force)
 
@@ -174,8 +195,20 @@ def retune_and_qra(run: Runner, row: Row, reuse: bool) -> None:
                            True, retuned / "qra/qra_result.pt", reuse)
 
 
+def export_checkout(root: Path) -> Path:
+    """A copy of the checkout's code for ``fst-plugin export``, so the exported scripts never replace the launchers
+    that the defense runs use; its ``record/``, ``data/`` and ``compat_logs/`` are links to the checkout's."""
+    copy = root.parent / f"{root.name}_compat_export"
+    linked = ("record", "data", "compat_logs")
+    if not copy.exists():
+        shutil.copytree(root, copy, symlinks=True, ignore=lambda d, names: linked if Path(d) == root else ())
+        for name in linked:
+            (copy / name).symlink_to(root / name)
+    return copy
+
+
 def run_exported(run: Runner, row: Row, methods: list[str]) -> None:
-    """The exported scripts on the record (they write to the same defense folders as the launchers)."""
+    """The exported scripts on the record (in the export copy; they write to the record's defense folders)."""
     cells = {m: run(f"{row.attack}__export_{m}", defense_argv(row, m)) for m in methods}
     failed = [(m, c) for m, c in cells.items() if not c.ok]
     row.cells["export"] = Cell(f"{failed[0][0]}: {failed[0][1].status}", failed[0][1].command) if failed else Cell(OK)
@@ -198,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="re-run what already has its result file")
     parser.add_argument("--jobs", type=int, default=1, help="records processed at once")
     parser.add_argument("--skip-export", action="store_true", help="a partial run: no export phase")
+    parser.add_argument("--report", action="store_true",
+                        help="run nothing: write the matrix from the results and logs of earlier runs")
     parser.add_argument("--export-methods", nargs="+", default=["fst"], choices=EXPORTED,
                         help="exported scripts to run per record (export writes all of %(choices)s)")
     parser.add_argument("--commit", default="unknown", help="the checkout's BackdoorBench commit, for the README")
@@ -211,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     subset = root / DATA / "cifar10"
     if not (subset / "cifar-10-batches-py/test_batch").exists():
         log.info("subset: %s", write_cifar10_subset(args.data, subset, args.train_per_class, args.test_per_class))
-    run = Runner(root, args.timeout)
+    run = Runner(root, args.timeout, args.report)
     trojannn_yaml(root)
     with ThreadPoolExecutor(args.jobs) as pool:
         helpers = {PROTOTYPE.name: run_attack(run, PROTOTYPE, args.force)}
@@ -227,13 +262,13 @@ def main(argv: list[str] | None = None) -> int:
         list(pool.map(lambda job: defend(run, *job, not args.force), [(row, m) for row in ready for m in MODES]))
         list(pool.map(lambda row: retune_and_qra(run, row, not args.force), ready))
         if not args.skip_export:
-            export = run("export", ["export", "--backdoorbench", str(root)], True)
+            copy = Runner(export_checkout(root), args.timeout, args.report)
+            export = copy("export", ["export", "--backdoorbench", str(copy.root)], True)
             if export.ok:
-                list(pool.map(lambda row: run_exported(run, row, args.export_methods), ready))
+                list(pool.map(lambda row: run_exported(copy, row, args.export_methods), ready))
             else:
                 for row in ready:
                     row.cells["export"] = export
-            run("reinstall", ["install", "--backdoorbench", str(root)], True)
     write_csv(rows, args.out / "results.csv")
     meta = {"commit": args.commit, "date": time.strftime("%Y-%m-%d", time.gmtime()),
             "train_per_class": str(args.train_per_class), "test_per_class": str(args.test_per_class),
