@@ -171,3 +171,33 @@ def test_every_attack_runs_one_epoch_on_the_subset_and_lira_two_stages():
         last_epochs = [argv[i + 1] for i, a in enumerate(argv) if a == "--epochs"][-1]   # argparse keeps the last
         assert last_epochs == ("2" if spec.name == "lira" else "1"), spec.name
         assert argv[-2:] == ["--save_folder_name", compat.PREFIX + spec.name]
+
+
+def test_report_mode_reads_cells_back_without_running_anything(tmp_path):
+    bb = tmp_path / "BackdoorBench"
+    (bb / "attack").mkdir(parents=True)
+    (bb / "attack/lira.py").write_text(FAKE_ATTACK.format(fail="1"))
+    spec = {s.name: s for s in compat.ATTACKS}
+    ran = compat.run_attack(compat.Runner(bb, timeout=60), spec["lira"], force=False)
+    (bb / "attack/lira.py").write_text("raise SystemExit('must not run')")
+    report = compat.Runner(bb, timeout=60, report_only=True)
+    assert compat.run_attack(report, spec["lira"], force=False) == ran
+    assert (bb / "record/compat_lira").is_dir()                     # report mode deletes nothing
+    assert compat.run_attack(report, spec["wanet"], force=False).status == compat.NOT_RUN
+    old_log = bb / "compat_logs/old.log"                            # a log without its exit line
+    old_log.write_text("$ fst-plugin install\nwrote x\n")
+    assert report("old", ["install"], plugin=True).status == OK
+    old_log.write_text("$ fst-plugin retune\nerror: no bd_train. Fix: use another record\n")
+    assert report("old", ["retune"], plugin=True).status == "error: no bd_train. Fix: use another record"
+
+
+def test_export_copy_links_the_records_and_keeps_the_launchers(tmp_path):
+    bb = tmp_path / "BackdoorBench"
+    for folder in ("defense", "record/r", "data/compat", "compat_logs", "utils/data"):
+        (bb / folder).mkdir(parents=True)
+    (bb / "defense/fst.py").write_text("launcher")
+    copy = compat.export_checkout(bb)
+    (copy / "defense/fst.py").write_text("exported")
+    assert (bb / "defense/fst.py").read_text() == "launcher"
+    assert (copy / "record").resolve() == (bb / "record").resolve() and (copy / "record/r").is_dir()
+    assert (copy / "utils/data").is_dir() and not (copy / "utils/data").is_symlink()   # only top-level links
