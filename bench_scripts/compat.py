@@ -46,7 +46,7 @@ COMMON = ["--yaml_path", "./config/attack/prototype/cifar10.yaml", "--dataset_pa
 DEFENSE = ["--dataset_path", DATA, "--epochs", "1", "--ratio", "0.1", "--device", "cpu", "--num_workers", "0"]
 PROBE = ["--dataset_path", DATA, "--device", "cpu", "--epochs", "1"]
 QRA = ["--clean_num", "50", "--poison_num", "50"]
-NOT_RUN = "not run: the run was stopped first"
+NOT_RUN = "not run (stopped at the time limit)"
 
 
 @dataclass(frozen=True)
@@ -183,14 +183,14 @@ def retune_and_qra(run: Runner, row: Row, reuse: bool) -> None:
     retuned = rec / "defense/fst/retune"
     row.cells["retune"] = run(f"{row.attack}__retune", ["retune", *probe], True, retuned / "retune_result.pt", reuse)
     if not row.cells["retune"].ok:
-        row.cells["qra"] = Cell(f"not run: retune did not run ({row.cells['retune'].status[:80]})")
+        row.cells["qra"] = Cell("not run: retune did not run")
         return
     info = json.loads((retuned / "run_info.json").read_text())
     pool = info["poison_pool"]
     labels, target = record_labels(rec)
     row.pool = {"pool_rule": pool["rule"], "pool_size": str(pool["size"]), "pool_flagged": str(pool["flagged"]),
                 "pool_excluded": str(pool["excluded"]),
-                "pool_check": check_pool(info["poisoned_train_indices"], labels, target)}
+                "pool_check": check_pool(info["poisoned_train_indices"], labels, target, pool["rule"])}
     row.cells["qra"] = run(f"{row.attack}__qra", ["qra", *probe, "--reference_record", f"record/{PREFIX}{CLEAN}", *QRA],
                            True, retuned / "qra/qra_result.pt", reuse)
 

@@ -129,14 +129,20 @@ def _one_line(text: str, limit: int = 240) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def check_pool(picked: Sequence[int], labels: Mapping[int, tuple[int, int]], target: int) -> str:
-    """``ok (n/n relabelled to target)`` when every picked index is a backdoor image, else what is wrong.
+def check_pool(picked: Sequence[int], labels: Mapping[int, tuple[int, int]], target: int, rule: str) -> str:
+    """``ok (...)`` when every picked index carries the attack by ``rule``, else what is wrong.
 
     ``labels`` maps a ``bd_train`` index to (bd_label, original_label), as the record's ``data_dict`` says.
+    dirty-label: relabelled to ``target`` from another class; clean-label: a flagged image of ``target``.
     """
     missing = [i for i in picked if i not in labels]
     if missing:
         return f"picked {len(missing)} index(es) not in bd_train: {missing[:5]}"
+    if rule == "clean-label":
+        wrong = [i for i in picked if labels[i] != (target, target)]
+        if wrong:
+            return f"{len(wrong)} of {len(picked)} picked are not flagged images of class {target}"
+        return f"{OK} ({len(picked)}/{len(picked)} flagged images of class {target})"
     cross = [i for i in picked if labels[i][0] == labels[i][1]]
     off_target = [i for i in picked if labels[i][0] != target]
     if cross or off_target:
@@ -242,8 +248,9 @@ results.csv holds the same cells, the pool columns and the command of every fail
 {pool_table(rows)}
 
 `pool_check` looks the images retune used (`run_info.json`'s `poisoned_train_indices`) up in the record's own
-`bd_train` `data_dict` (`other_info = [bd_label, original_label]`): `ok` means every one carries the
-attack's target label and a different original label, i.e. no cross / noise sample reached the attack.
+`bd_train` `data_dict` (`other_info = [bd_label, original_label]`): `ok` means, for a dirty-label record,
+that every one carries the attack's target label and a different original label (no cross / noise sample
+reached the attack) and, for a clean-label record, that every one is a flagged image of the target class.
 
 ## Failures, each with the command that shows it (run from the BackdoorBench root)
 

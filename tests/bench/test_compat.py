@@ -99,10 +99,13 @@ def test_innermost_backdoorbench_frame_wins_over_an_outer_plugin_frame(tmp_path)
 
 def test_pool_check_catches_cross_samples_and_wrong_targets():
     labels = {1: (0, 3), 2: (0, 5), 3: (4, 4), 4: (2, 7)}   # 3 is a WaNet cross sample, 4 an all2all-style image
-    assert check_pool([1, 2], labels, target=0) == f"{OK} (2/2 have bd_label 0 != original label)"
-    assert check_pool([1, 3], labels, target=0).startswith("1 of 2 picked keep their label")
-    assert "not relabelled to 0" in check_pool([4], labels, target=0)
-    assert check_pool([9], labels, target=0).startswith("picked 1 index(es) not in bd_train")
+    assert check_pool([1, 2], labels, 0, "dirty-label") == f"{OK} (2/2 have bd_label 0 != original label)"
+    assert check_pool([1, 3], labels, 0, "dirty-label").startswith("1 of 2 picked keep their label")
+    assert "not relabelled to 0" in check_pool([4], labels, 0, "dirty-label")
+    assert check_pool([9], labels, 0, "dirty-label").startswith("picked 1 index(es) not in bd_train")
+    sig = {5: (0, 0), 6: (0, 0), 7: (3, 3)}                  # clean-label: flagged images keep their label
+    assert check_pool([5, 6], sig, 0, "clean-label") == f"{OK} (2/2 flagged images of class 0)"
+    assert check_pool([5, 7], sig, 0, "clean-label").startswith("1 of 2 picked are not flagged images of class 0")
 
 
 def _rows() -> list[Row]:
