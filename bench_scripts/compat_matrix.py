@@ -235,8 +235,9 @@ well any defense works.
 `ok` = the command exited 0 and wrote its result (for `attack_run`: BackdoorBench's script wrote
 `record/compat_<attack>/attack_result.pt`); otherwise the one-line reason, prefixed *BackdoorBench's own*
 when BackdoorBench's code raised (file:line of its innermost frame). `—` = not run (no record). Columns:
-`lp` … `fst` = the launcher `python defense/<mode>.py` written by `fst-plugin install`; `export` = `fst-plugin export` (it writes self-contained {', '.join(EXPORTED)}) and the
-exported {meta['export_methods']} run the same way; `retune` = `fst-plugin retune --defense fst`; `qra` =
+`lp` … `fst` = the launcher `python defense/<mode>.py` written by `fst-plugin install`; `export` =
+`fst-plugin export` (it writes self-contained {', '.join(EXPORTED)}) and the exported {meta['export_methods']}
+run the same way; `retune` = `fst-plugin retune --defense fst`; `qra` =
 `fst-plugin qra --defense fst` against the clean reference record.
 
 {matrix_table(rows)}
@@ -281,8 +282,9 @@ then `fst-plugin install --backdoorbench BB`, for each record and mode
 `fst-plugin retune --record record/compat_<attack> --defense fst --dataset_path ./data/compat --device cpu
 --epochs 1`, `fst-plugin qra --record record/compat_<attack> --defense fst --reference_record record/compat_clean
 --dataset_path ./data/compat --device cpu --epochs 1 --clean_num 50 --poison_num 50`; then
-`fst-plugin export --backdoorbench BB` and the exported `fst`, `fe-tuning`, `ft-init` with the same defense
-command; last `fst-plugin install` again. Every command's output: `BB/compat_logs/<attack>__<cell>.log`.
+`fst-plugin export --backdoorbench BB_compat_export` (a copy of BB's code beside it, `record/` and `data/`
+linked, so the exported scripts never replace BB's launchers) and, from there, the exported
+{meta['export_methods']} with the same defense command. Every command's output: `BB/compat_logs/<attack>__<cell>.log`.
 
 ## Harness
 
