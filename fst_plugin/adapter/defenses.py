@@ -19,7 +19,7 @@ import logging.handlers
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from pprint import pformat
 from typing import Any, ClassVar, Iterable, Optional
@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from fst_plugin.adapter.backend import backdoorbench_root, make_backend
-from fst_plugin.config import DefenseConfig, add_arguments as add_config_arguments, build_config, merge, read_yaml, resume_values
+from fst_plugin.defense.config import DefenseConfig, add_arguments as add_config_arguments, load_config, overrides_from, resume_values
 from fst_plugin.core import ClassifierHead, TuningConfig, TuningState, evaluate_backdoor, find_head, get_mode, tune
 from fst_plugin.data import PoisonedTestSet, TransformedDataset, dataset_info, materialise
 from fst_plugin.data.tensor_data import TensorBatches, decode, fits_tensor_path, nonstandard_transform
@@ -60,7 +60,7 @@ class DefensePlan:
     head: ClassifierHead
     indices: np.ndarray              # the clean tuning subset (indices into the clean training set)
     checkpoint: Path                 # the per-epoch resume state
-    resume_key: str                  # the settings the checkpoint is valid for (fst_plugin.config.resume_values)
+    resume_key: str                  # the settings the checkpoint is valid for (fst_plugin.defense.config.resume_values)
     resume: Optional[TuningState]    # the state to continue from (--resume), else None
     train_loader: Iterable           # a DataLoader (per-image path) or TensorBatches (tensor path)
     clean_loader: Iterable
@@ -146,14 +146,11 @@ class TuningDefense(_defense_base()):  # type: ignore[misc]
     # ----- BackdoorBench life cycle -----------------------------------------------------------------
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        """BackdoorBench ft's arguments (same names) plus FST's, one per config key (see fst_plugin.config)."""
+        """BackdoorBench ft's arguments (same names) plus FST's, one per config key (see fst_plugin.defense.config)."""
         add_config_arguments(parser)
 
     def __init__(self, args: argparse.Namespace) -> None:
-        yaml_values = read_yaml(args.yaml_path) if getattr(args, "yaml_path", None) else {}
-        cli_values = {k: v for k, v in vars(args).items() if k in DefenseConfig.__dataclass_fields__}
-        self.config: DefenseConfig = build_config(merge(yaml_values, cli_values))
-        self.config.terminal_info = list(sys.argv)
+        self.config: DefenseConfig = replace(load_config(overrides_from(args)), terminal_info=list(sys.argv))
         info = dataset_info(self.config.dataset)
         args.__dict__ = {**self.config.to_dict(), "num_classes": info.num_classes,
                          "input_height": info.height, "input_width": info.width, "input_channel": info.channels,
@@ -272,7 +269,7 @@ class TuningDefense(_defense_base()):  # type: ignore[misc]
         resume = self._load_checkpoint(checkpoint, resume_key) if cfg.resume else None
         eval_rng = np.random.default_rng(cfg.random_seed)  # one generator: the clean subset, then the poisoned one
         poisoned = PoisonedTestSet(record.bd_test.images, info.channels)
-        use_tensors = cfg.data_path == "tensor" and self._tensor_path_ok(backend, len(indices), len(test_raw),
+        use_tensors = cfg.input_pipeline == "tensor" and self._tensor_path_ok(backend, len(indices), len(test_raw),
                                                                           len(poisoned))
         if use_tensors:
             plan_data = self._tensor_data(device, train_raw, test_raw, poisoned, indices, eval_rng)

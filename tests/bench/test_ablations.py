@@ -6,7 +6,8 @@ import pytest
 
 from bench_scripts.ablations import variants
 from bench_scripts.protocols import PROTOCOLS
-from fst_plugin.config import build_config, read_yaml, shipped_config
+from fst_plugin.defense.config import build_config, read_yaml
+from fst_plugin.defense.shipped import shipped_config
 
 
 @pytest.mark.parametrize("protocol", sorted(PROTOCOLS))

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from fst_plugin import __version__
-from fst_plugin.config import shipped_config, shipped_configs_dir
+from fst_plugin.defense.shipped import shipped_config, shipped_configs_dir
 from fst_plugin.core.modes import MODES
 from fst_plugin.installer import LAUNCHER, MANIFEST
 from tests.builders import CLI_THREADS, REPO, TinyBB, assert_outputs_complete, backdoorbench_tree, copy_record
@@ -139,7 +139,7 @@ def test_a_regular_install_lists_the_defenses_and_finds_its_configs(installed: P
     assert [line.split()[0] for line in listed.splitlines()] == sorted(MODES)
     # a console script puts its own folder (the venv's bin/) first on sys.path, not the cwd: the installed package
     assert package == _site_packages(installed) / "fst_plugin" / "__init__.py"
-    lookup = ("import fst_plugin, fst_plugin.config as c; "
+    lookup = ("import fst_plugin, fst_plugin.defense.shipped as c; "
               "print(fst_plugin.__file__); print(c.shipped_config('fst', 'gtsrb').read_text())")
     out, _ = _installed_run(installed, cwd, tmp_path, "python", "-c", lookup)
     package_file, text = out.split("\n", 1)

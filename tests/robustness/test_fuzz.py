@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests import builders as h
-from fst_plugin.config import DefenseConfig, _RANGES, build_config, read_yaml
+from fst_plugin.defense.config import SPECS, DefenseConfig, build_config, read_yaml
 from fst_plugin.errors import ConfigError, FSTError, RecordError
 from fst_plugin.record import AttackRecord, load_attack_record, parse_attack_result
 
@@ -252,7 +252,7 @@ CONFIGS = st.dictionaries(st.one_of(st.sampled_from(KEYS), st.text(max_size=8), 
 
 
 def _check_config(config: DefenseConfig) -> None:
-    for key, (_, ok) in _RANGES.items():
+    for key, (_, ok) in {name: spec.check for name, spec in SPECS.items() if spec.check}.items():
         value = getattr(config, key)
         assert value is None or ok(value), (key, value)
     for key in ("lr", "alpha", "ratio", "sgd_momentum", "wd"):

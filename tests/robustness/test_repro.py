@@ -12,7 +12,7 @@ import torchvision
 
 from tests import builders as h
 from fst_plugin import __version__
-from fst_plugin.config import DefenseConfig
+from fst_plugin.defense.config import DefenseConfig
 
 
 @pytest.fixture(scope="module")
