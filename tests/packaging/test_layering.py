@@ -14,7 +14,7 @@ LAYERS = [
     {"fst_plugin", "errors", "io_utils", "runtime", "distributed", "options"},  # fst_plugin = __init__ (the version only)
     {"core"},                                              # pure PyTorch
     {"models", "data", "record"},                          # formats and building blocks
-    {"attacks", "plugins", "probe_config"},
+    {"attacks", "plugins", "probe_config", "demo_config"},
     {"defense"},                                           # a tuning defense, whoever calls it: config, runner
     {"adapter", "backdoor", "config"},                     # adapter: BackdoorBench's face; config: a moved-module stub
     {"api", "installer", "exporter", "retune", "qra"},  # qra imports retune (same layer, no cycle)
