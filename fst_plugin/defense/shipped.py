@@ -16,6 +16,7 @@ from typing import Any
 from fst_plugin.core.modes import MODES
 from fst_plugin.defense.config import SPECS, YAML_KEYS
 from fst_plugin.errors import ConfigError
+from fst_plugin.io_utils import atomic_write_text
 from fst_plugin.options import as_text
 
 DATASETS = ("cifar10", "cifar100", "gtsrb", "tiny")
@@ -85,8 +86,7 @@ def write_all(folder: Path) -> list[Path]:
     for method in MODES:
         for dataset in DATASETS:
             path = folder / method / f"{dataset}.yaml"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(render(method, dataset))
+            atomic_write_text(path, render(method, dataset))
             written.append(path)
     return written
 
