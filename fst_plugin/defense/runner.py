@@ -92,10 +92,10 @@ def record_folder(config: DefenseConfig, result_file: Optional[str] = None) -> P
 
 def prepare(config: DefenseConfig, record: AttackRecord, method: str) -> DefensePlan:
     """Validate everything and build model, head and data for defense ``method``; writes nothing."""
+    info = dataset_info(config.dataset)  # an unknown dataset first: the record's own is checked against it next
     if record.clean_data != config.dataset:
         raise ConfigError(f"the record was made on {record.clean_data!r} but --dataset is {config.dataset!r}",
                           f"pass --dataset {record.clean_data} (and its yaml)")
-    info = dataset_info(config.dataset)
     if record.num_classes != info.num_classes:
         raise RecordError(f"the record says num_classes={record.num_classes} but {config.dataset} has "
                           f"{info.num_classes}", "check the record's dataset, or re-run the attack")
