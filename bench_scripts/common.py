@@ -31,7 +31,7 @@ from fst_plugin.attacks import (
     wanet_trigger,
 )
 from fst_plugin import api
-from fst_plugin.adapter.defenses import DefenseResult
+from fst_plugin.defense.runner import DefenseResult
 from fst_plugin.models import build_model
 from fst_plugin.models.factory import load_weights
 from fst_plugin.record import AttackRecord, load_untrusted

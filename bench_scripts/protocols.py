@@ -19,6 +19,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+from fst_plugin.defense.config import DefenseConfig
+
 # the package's five tuning modes, and BackdoorBench's built-in defenses the grid can run from its checkout
 METHODS = ("lp", "vanilla-ft", "fe-tuning", "ft-init", "fst")
 BB_METHODS = ("ft", "ft-sam", "anp", "i-bau", "nad")
@@ -49,11 +51,11 @@ class Protocol:
     train_per_class: Optional[int] = None   # None: the whole training split
     test_per_class: Optional[int] = None    # None: the whole test split
     # defenses (the paper's CIFAR-10 hyper-parameters)
-    defense_epochs: int = 10
-    defense_ratio: float = 0.02
-    defense_lr: float = 0.01
-    defense_batch_size: int = 128
-    alpha: float = 0.2
+    defense_epochs: int = DefenseConfig.epochs             # the defaults are the defense config's (one owner)
+    defense_ratio: float = DefenseConfig.ratio
+    defense_lr: float = DefenseConfig.lr
+    defense_batch_size: int = DefenseConfig.batch_size
+    alpha: float = DefenseConfig.alpha
     num_workers: int = 0
     eval_subset: Optional[int] = None       # per-epoch curve on this many clean + poisoned test images
     ablation_eval_subset: Optional[int] = None  # the same for ablation runs (their curves are not plotted)

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 from fst_plugin import __version__
 from fst_plugin.adapter.launcher import EXIT_USAGE, main as run_defense, report_error
+from fst_plugin.demo_config import DemoConfig
 from fst_plugin.errors import FSTError
 from fst_plugin.options import add_options, from_options
 from fst_plugin.probes.config import QraConfig, RetuneConfig
@@ -84,13 +85,9 @@ def _log_to_file(path: Path, verbose: bool) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from fst_plugin.demo import DemoConfig, run_demo
+    from fst_plugin.demo import run_demo
 
-    given = {"train_per_class": args.train_per_class, "test_per_class": args.test_per_class,
-             "attack_epochs": args.attack_epochs, "defense_epochs": args.epochs}
-    config = DemoConfig(out=Path(args.out), data_dir=Path(args.data_dir) if args.data_dir else None,
-                        download=args.download, device=args.device, seed=args.seed,
-                        **{key: value for key, value in given.items() if value is not None})  # else DemoConfig's
+    config = from_options(DemoConfig, args)
     _log_to_file(config.out / "demo.log", args.verbose)
     table = run_demo(config)
     print(table.attrs["title"])
@@ -168,17 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("method", help="registered defense name (see fst-plugin list)")
     run.set_defaults(func=None)
     demo = sub.add_parser("demo", help="backdoor a small model with BadNets and purify it with every mode")
-    demo.add_argument("--data-dir", help="CIFAR-10 folder (cifar-10-batches-py or train/+test/); synthetic if absent")
-    demo.add_argument("--download", action="store_true",
-                      help="fetch CIFAR-10 with torchvision into --data-dir (default OUT/cifar10); needs internet")
+    add_options(demo, DemoConfig, dashes=True)
     demo.add_argument("-v", "--verbose", action="store_true", help="print the logs too (always in OUT/demo.log)")
-    demo.add_argument("--out", default="fst_demo", help="output folder (record/ and data/ go here)")
-    demo.add_argument("--train-per-class", type=int, help="training images per class (default: the demo's)")
-    demo.add_argument("--test-per-class", type=int, help="test images per class")
-    demo.add_argument("--attack-epochs", type=int, help="epochs of the backdoor training")
-    demo.add_argument("--epochs", type=int, help="tuning epochs per defense")
-    demo.add_argument("--device", default="auto")
-    demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_cmd_demo)
     _add_retune_parser(sub)
     _add_qra_parser(sub)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -32,28 +31,12 @@ from fst_plugin.attacks import (
 )
 from fst_plugin.core.modes import MODES
 from fst_plugin.data import load_clean_split
+from fst_plugin.demo_config import DemoConfig
 from fst_plugin.errors import DataError
 from fst_plugin.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-
-@dataclass
-class DemoConfig:
-    out: Path = Path("fst_demo")
-    data_dir: Optional[Path] = None
-    download: bool = False          # fetch CIFAR-10 into data_dir (default <out>/cifar10) with torchvision
-    train_per_class: int = 300
-    test_per_class: int = 50
-    attack_epochs: int = 6
-    poison_rate: float = 0.1
-    target: int = 0
-    defense_epochs: int = 10
-    ratio: float = 0.2
-    model: str = "preactresnet_small"
-    device: str = "auto"
-    seed: int = 0
 
 
 def synthetic_images(n_per_class: int, rng: np.random.Generator, size: int = 32) -> tuple[np.ndarray, np.ndarray]:

@@ -224,12 +224,20 @@ def build(cls: type[T], values: Mapping[str, Any]) -> T:
     return cls(**{key: coerce(specs[key], value) for key, value in values.items()})
 
 
+def as_text(spec: OptionSpec, value: Any) -> str:
+    """``value`` as a user writes it: the word that stands for it (projection's auto/on/off), nothing for None."""
+    if spec.parse is not None and spec.choices:
+        return next(word for word in spec.choices if spec.parse(word) == value)
+    return "" if value is None else str(value)
+
+
 def options_table(cls: type) -> str:
     """The settings of ``cls`` as a markdown table (key, type, default, what it does) for the docs."""
     lines = ["| key | type | default | what it does |", "|---|---|---|---|"]
     for spec in option_specs(cls):
         kind = "{" + ", ".join(spec.choices) + "}" if spec.choices else spec.type.__name__
-        default = "required" if spec.required else "" if spec.default in (None, []) else f"`{spec.default}`"
+        text = as_text(spec, spec.default) if not spec.required and spec.default != [] else ""
+        default = "required" if spec.required else f"`{text}`" if text else ""
         rule = f" ({spec.check[0]})" if spec.check else ""
         lines.append(f"| `{spec.name}` | {kind}{rule} | {default} | {spec.help.replace('|', '/')} |")
     return "\n".join(lines)

@@ -99,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         distributed_check(common, args.device)
         return 0
     for method in METHODS:
-        for data_path in ("tensor", "backdoorbench"):
-            _run(["run", method, *common, "--epochs", "1", "--amp", "True", "--data_path", data_path,
-                  "--num_workers", workers, "--save_name", f"smoke_{method}_{data_path}"])
+        for pipeline in ("tensor", "backdoorbench"):
+            _run(["run", method, *common, "--epochs", "1", "--amp", "True", "--input_pipeline", pipeline,
+                  "--num_workers", workers, "--save_name", f"smoke_{method}_{pipeline}"])
     _run(["retune", *common, "--defense", "smoke_fst_tensor", "--epochs", "1", "--poison_num", "2"])
     _run(["qra", *common, "--defense", "smoke_fst_tensor", "--reference_record", str(args.reference), "--epochs", "1",
           "--clean_num", "4", "--poison_num", "2"])

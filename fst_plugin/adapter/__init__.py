@@ -1,1 +1,1 @@
-"""Thin adapters to BackdoorBench (none of its code): its defense base class, loaders, transforms and model factory."""
+"""BackdoorBench's face (none of its code): the defense classes its launchers run, and the launcher itself."""

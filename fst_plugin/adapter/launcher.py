@@ -39,7 +39,7 @@ def main(method: str, argv: Optional[Sequence[str]] = None, prog: Optional[str] 
         args = parser.parse_args(argv)
         debug = args.__dict__.pop("debug")
         defense = defense_cls(args)
-        defense.defense(getattr(defense.args, "result_file", None))
+        defense.defense(defense.config.result_file)
     except FSTError as exc:
         return report_error(exc, debug)
     return 0

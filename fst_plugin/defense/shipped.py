@@ -16,7 +16,8 @@ from typing import Any
 from fst_plugin.core.modes import MODES
 from fst_plugin.defense.config import SPECS, YAML_KEYS
 from fst_plugin.errors import ConfigError
-from fst_plugin.options import OptionSpec
+from fst_plugin.io_utils import atomic_write_text
+from fst_plugin.options import as_text
 
 DATASETS = ("cifar10", "cifar100", "gtsrb", "tiny")
 # every shipped yaml: BackdoorBench's loader settings (its defense yamls' values)
@@ -66,13 +67,6 @@ def shipped_values(method: str, dataset: str) -> dict[str, Any]:
     return {key: SPECS[key].default for key in YAML_KEYS} | SHIPPED_VALUES | {"dataset": dataset} | paper
 
 
-def _as_yaml(spec: OptionSpec, value: Any) -> str:
-    """``value`` as a yaml scalar, in BackdoorBench's style (True/False, an empty value for None)."""
-    if spec.parse is not None and spec.choices:  # a word that stands for a value (projection: auto/on/off)
-        return next(word for word in spec.choices if spec.parse(word) == value)
-    return "" if value is None else str(value)
-
-
 def render(method: str, dataset: str) -> str:
     """The text of ``defense_configs/<method>/<dataset>.yaml``."""
     lines = [f"# {method} ({MODES[method].summary}) on {dataset}: the paper's settings (Min et al., NeurIPS 2023, "
@@ -82,7 +76,7 @@ def render(method: str, dataset: str) -> str:
              "# change the dataclass or the tables in fst_plugin/defense/shipped.py, not this file.", ""]
     for key, value in shipped_values(method, dataset).items():
         spec = SPECS[key]
-        lines += [f"# {spec.help}", f"{key}: {_as_yaml(spec, value)}".rstrip()]
+        lines += [f"# {spec.help}", f"{key}: {as_text(spec, value)}".rstrip()]  # BackdoorBench's style: True, empty
     return "\n".join(lines) + "\n"
 
 
@@ -92,8 +86,7 @@ def write_all(folder: Path) -> list[Path]:
     for method in MODES:
         for dataset in DATASETS:
             path = folder / method / f"{dataset}.yaml"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(render(method, dataset))
+            atomic_write_text(path, render(method, dataset))
             written.append(path)
     return written
 

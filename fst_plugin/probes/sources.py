@@ -19,7 +19,7 @@ from fst_plugin.data import dataset_info, load_clean_split
 from fst_plugin.errors import ConfigError, DataError, RecordError
 from fst_plugin.probes.config import CLEAN_REFERENCE, NO_DEFENSE
 from fst_plugin.record import AttackRecord, PoisonedImage, load_attack_record
-from fst_plugin.record.clean_subset import choose_clean_indices
+from fst_plugin.record import choose_clean_indices
 from fst_plugin.record.layout import DefenseLayout
 from fst_plugin.record.poison_pool import PoisonPool
 from fst_plugin.record.result_model import ResultModel, load_result_model, model_from_state, read_result

@@ -18,8 +18,8 @@ def test_speed_writes_one_csv_row_per_measurement_and_leaves_the_record_untouche
     rows = list(csv.DictReader(open(tmp_path / "tiny.csv")))
     assert [r["measure"] for r in rows] == ["limit", "tensor", "backdoorbench", "attack", "attack_limit"]
     by_measure = {r["measure"]: r for r in rows}
-    assert by_measure["tensor"]["note"] == "plan.data_path=tensor"
-    assert by_measure["backdoorbench"]["note"] == "plan.data_path=backdoorbench"
+    assert by_measure["tensor"]["note"] == "plan.input_pipeline=tensor"
+    assert by_measure["backdoorbench"]["note"] == "plan.input_pipeline=backdoorbench"
     for row in rows:
         assert float(row["per_epoch_s"]) > 0 and float(row["peak_rss_mb"]) > 0
     assert int(by_measure["tensor"]["n_tune"]) == int(by_measure["limit"]["n_tune"]) == 40

@@ -177,7 +177,7 @@ os.replace = _logged_replace
 '''
 
 
-def _run_command(fixture: TinyBB, tmp: Path, name: str, method: str, data_path: str, processes: int, *extra: str,
+def _run_command(fixture: TinyBB, tmp: Path, name: str, method: str, pipeline: str, processes: int, *extra: str,
          exit_after_checkpoints: int = 0) -> subprocess.CompletedProcess:
     """``fst-plugin run`` in a fresh interpreter (1 process) or under torchrun, on the record ``tmp/name``
     (copied from the fixture on first use); every atomic write (the final ``os.replace``) is recorded with the
@@ -190,7 +190,7 @@ def _run_command(fixture: TinyBB, tmp: Path, name: str, method: str, data_path: 
         record = copy_record(fixture, name, root=tmp)
     argv = ["run", method, "--record", str(record), "--yaml_path", str(write_yaml(tmp / f"{name}.yaml")),
             "--dataset_path", str(fixture.data), "--epochs", "3", "--ratio", "0.25", "--device", "cpu",
-            "--random_seed", "7", "--data_path", data_path, *extra]
+            "--random_seed", "7", "--input_pipeline", pipeline, *extra]
     launcher = ([sys.executable, "-m", "fst_plugin"] if processes == 1 else
                 [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
                  "-m", "fst_plugin"])
@@ -200,9 +200,9 @@ def _run_command(fixture: TinyBB, tmp: Path, name: str, method: str, data_path: 
     return subprocess.run(launcher + argv, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
 
 
-def _launch(fixture: TinyBB, tmp: Path, name: str, method: str, data_path: str, processes: int, *extra: str) -> dict:
+def _launch(fixture: TinyBB, tmp: Path, name: str, method: str, pipeline: str, processes: int, *extra: str) -> dict:
     """:func:`_run_command`, which must succeed, and what it wrote."""
-    proc = _run_command(fixture, tmp, name, method, data_path, processes, *extra)
+    proc = _run_command(fixture, tmp, name, method, pipeline, processes, *extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = tmp / "record" / name
     out = record / "defense" / method
@@ -215,11 +215,11 @@ def _launch(fixture: TinyBB, tmp: Path, name: str, method: str, data_path: str, 
             "log": "".join(p.read_text() for p in (out / "log").glob("*.log"))}
 
 
-@pytest.mark.parametrize("method, data_path", [("lp", "tensor"), ("fst", "backdoorbench")])
+@pytest.mark.parametrize("method, pipeline", [("lp", "tensor"), ("fst", "backdoorbench")])
 def test_torchrun_with_two_processes_writes_one_process_files_once_from_rank_zero(
-        tmp_path: Path, method: str, data_path: str, bb: TinyBB) -> None:
-    one = _launch(bb, tmp_path, "one", method, data_path, 1)
-    two = _launch(bb, tmp_path, "two", method, data_path, 2)
+        tmp_path: Path, method: str, pipeline: str, bb: TinyBB) -> None:
+    one = _launch(bb, tmp_path, "one", method, pipeline, 1)
+    two = _launch(bb, tmp_path, "two", method, pipeline, 2)
     # the same files, each written (renamed into place) as often as by one process, and only by rank 0
     assert [f for f in two["files"] if not f.endswith(".log")] == [f for f in one["files"] if not f.endswith(".log")]
     assert sum(f.endswith(".log") for f in two["files"]) == 1

@@ -20,7 +20,7 @@ MODEL = "mobilenet_v3_large"  # a BackdoorBench model whose head is classifier.3
 def mobilenet_bb(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """root/data/cifar10/{train,test} (5 + 2 synthetic images per class) and root/record/tiny_mobilenet."""
     from fst_plugin.attacks import TrainConfig, badnets_trigger
-    from fst_plugin.backdoor import Attack, Split, backdoor_and_record
+    from fst_plugin.attacks import Attack, Split, backdoor_and_record
     from fst_plugin.demo import synthetic_images, write_image_folders
 
     root = tmp_path_factory.mktemp("mobilenet_bb")

@@ -129,3 +129,13 @@ def test_dashes_spell_the_demo_style_flags() -> None:
     parser = argparse.ArgumentParser()
     add_options(parser, Demo, dashes=True)
     assert from_options(Demo, parser.parse_args(["--data-dir", "d"])) == Demo(Path("d"))
+
+
+def test_the_demo_flags_are_its_config_fields_in_the_demo_style() -> None:
+    from fst_plugin.demo_config import DemoConfig
+
+    parser = build_parser()
+    assert from_options(DemoConfig, parser.parse_args(["demo"])) == DemoConfig()
+    args = parser.parse_args(["demo", "--data-dir", "d", "--train-per-class", "7", "--epochs", "2", "-v"])
+    assert from_options(DemoConfig, args) == DemoConfig(data_dir=Path("d"), train_per_class=7, defense_epochs=2)
+    assert args.verbose is True

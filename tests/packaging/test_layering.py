@@ -14,7 +14,7 @@ LAYERS = [
     {"fst_plugin", "errors", "io_utils", "runtime", "distributed", "options"},  # fst_plugin = __init__ (the version only)
     {"core"},                                              # pure PyTorch
     {"models", "data", "record"},                          # formats and building blocks
-    {"attacks", "plugins", "probes"},                      # probes: the retuning attack and QRA
+    {"attacks", "plugins", "probes", "demo_config"},       # probes: the retuning attack and QRA
     {"defense"},                                           # a tuning defense, whoever calls it: config, runner
     {"adapter"},                                           # adapter: BackdoorBench's face
     {"api", "export"},

@@ -116,7 +116,7 @@ def test_lp_leaves_the_feature_extractor_untouched(fresh_bb: TinyBB) -> None:
 def test_clean_subset_is_the_one_backdoorbench_ft_picks() -> None:
     """Same seed, same n, same ratio → the same indices BackdoorBench's ft wrote to its index.txt
     (observed in a real BackdoorBench run: seed 0, 5000 images, ratio 0.05 starts 3155, 3445, 331)."""
-    from fst_plugin.record.clean_subset import choose_clean_indices
+    from fst_plugin.record import choose_clean_indices
     from fst_plugin.runtime import seed_everything
 
     seed_everything(0)

@@ -185,13 +185,14 @@ def test_malformed_checkpoint_with_the_right_key_is_a_clear_error(bb: h.TinyBB, 
                                                                   reference: dict) -> None:
     """A checkpoint that passes the settings check but holds no tuning state: exit 2, no traceback."""
     from fst_plugin.adapter.defenses import FST
+    from fst_plugin.defense.runner import prepare
 
-    # the settings key of the reference run's arguments, computed by the defense itself (prepare writes nothing)
+    # the settings key of the reference run's arguments, computed by the runner itself (prepare writes nothing)
     parser = argparse.ArgumentParser()
     FST.add_arguments(parser)
     args = parser.parse_args(h.defense_argv(bb, reference["record"], reference["yaml"])[2:])
     defense = FST(args)
-    key = defense._resume_key(defense.prepare().indices)
+    key = prepare(defense.config, defense.result, FST.method).resume_key
     folder = tmp_path / "ckpt"
     folder.mkdir()
     torch.save({"resume_key": key, "state": {"epochs_done": "three"}}, folder / "last.pt")

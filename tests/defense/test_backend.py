@@ -1,4 +1,4 @@
-"""fst_plugin.adapter.backend: BackdoorBench's model factory first, ours only for a model it does not know."""
+"""fst_plugin.defense.backend: BackdoorBench's model factory first, ours only for a model it does not know."""
 from __future__ import annotations
 
 import logging
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from fst_plugin.adapter.backend import BackdoorBenchBackend
+from fst_plugin.defense.backend import BackdoorBenchBackend
 
 
 def _backend(generate) -> BackdoorBenchBackend:
@@ -20,7 +20,7 @@ def test_a_model_backdoorbench_does_not_know_comes_from_our_factory_and_says_so(
     def unknown(name, num_classes):
         raise SystemError("NO valid model match in function generate_cls_model!")
 
-    with caplog.at_level(logging.WARNING, logger="fst_plugin.adapter.backend"):
+    with caplog.at_level(logging.WARNING, logger="fst_plugin.defense.backend"):
         model = _backend(unknown).build_model("resnet9_cpu", 10)
     assert isinstance(model, nn.Module) and model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
     assert "cannot build 'resnet9_cpu'" in caplog.text and "NO valid model match" in caplog.text

@@ -1,4 +1,4 @@
-"""The data_path key: the tensor path by default, the per-image path on request, and the fallbacks."""
+"""The input_pipeline key: the tensor path by default, the per-image path on request, and the fallbacks."""
 from __future__ import annotations
 
 import logging
@@ -10,8 +10,9 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from fst_plugin.adapter import defenses as defenses_module
 from fst_plugin.adapter.defenses import FST
+from fst_plugin.defense import pipeline as pipeline_module
+from fst_plugin.defense.runner import prepare
 from fst_plugin.data import get_transform
 from fst_plugin.data.tensor_data import TensorBatches, nonstandard_transform
 from tests.builders import TinyBB, defense_args
@@ -20,7 +21,8 @@ from tests.builders import TinyBB, defense_args
 def plan_for(bb: TinyBB, *argv: str):
     args = defense_args(FST, "--record", str(bb.record), "--dataset_path", str(bb.data),
                         "--device", "cpu", "--num_workers", "0", "--epochs", "1", "--ratio", "0.2", *argv)
-    return FST(args).prepare()
+    defense = FST(args)
+    return prepare(defense.config, defense.result, FST.method)
 
 
 def batches(loader) -> tuple[torch.Tensor, ...]:
@@ -30,9 +32,9 @@ def batches(loader) -> tuple[torch.Tensor, ...]:
 
 def test_the_tensor_path_is_the_default_and_evaluates_exactly_what_the_per_image_path_evaluates(
         bb: TinyBB) -> None:
-    tensor, per_image = plan_for(bb), plan_for(bb, "--data_path", "backdoorbench")
-    assert tensor.data_path == "tensor" and isinstance(tensor.train_loader, TensorBatches)
-    assert per_image.data_path == "backdoorbench" and isinstance(per_image.train_loader, DataLoader)
+    tensor, per_image = plan_for(bb), plan_for(bb, "--input_pipeline", "backdoorbench")
+    assert tensor.input_pipeline == "tensor" and isinstance(tensor.train_loader, TensorBatches)
+    assert per_image.input_pipeline == "backdoorbench" and isinstance(per_image.train_loader, DataLoader)
     assert np.array_equal(tensor.indices, per_image.indices)
     for ours, theirs in ((tensor.clean_loader, per_image.clean_loader), (tensor.bd_loader, per_image.bd_loader)):
         a, b = batches(ours), batches(theirs)
@@ -44,7 +46,7 @@ def test_the_tensor_path_is_the_default_and_evaluates_exactly_what_the_per_image
 
 def test_eval_subset_picks_the_same_test_images_on_both_paths(bb: TinyBB) -> None:
     tensor = plan_for(bb, "--eval_subset", "7")
-    per_image = plan_for(bb, "--eval_subset", "7", "--data_path", "backdoorbench")
+    per_image = plan_for(bb, "--eval_subset", "7", "--input_pipeline", "backdoorbench")
     for ours, theirs in ((tensor.clean_loader, per_image.clean_loader), (tensor.bd_loader, per_image.bd_loader)):
         a, b = batches(ours), batches(theirs)
         assert len(a[0]) == len(b[0]) == 7
@@ -53,18 +55,18 @@ def test_eval_subset_picks_the_same_test_images_on_both_paths(bb: TinyBB) -> Non
 
 def test_sets_above_the_bound_fall_back_to_the_per_image_path_and_say_so(
         bb: TinyBB, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    real = defenses_module.fits_tensor_path
-    monkeypatch.setattr(defenses_module, "fits_tensor_path",
+    real = pipeline_module.fits_tensor_path
+    monkeypatch.setattr(pipeline_module, "fits_tensor_path",
                         lambda count, dataset, what="images": real(count, dataset, limit_bytes=10, what=what))
     with caplog.at_level(logging.INFO):
         plan = plan_for(bb)
-    assert plan.data_path == "backdoorbench" and isinstance(plan.train_loader, DataLoader)
+    assert plan.input_pipeline == "backdoorbench" and isinstance(plan.train_loader, DataLoader)
     assert "above the tensor path's bound" in caplog.text
 
 
 def test_a_backend_with_a_nonstandard_transform_keeps_the_per_image_path(
         bb: TinyBB, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    from fst_plugin.adapter.backend import StandaloneBackend
+    from fst_plugin.defense.backend import StandaloneBackend
 
     def transform(self, dataset: str, train: bool):
         standard = get_transform(dataset, train)
@@ -73,7 +75,7 @@ def test_a_backend_with_a_nonstandard_transform_keeps_the_per_image_path(
     monkeypatch.setattr(StandaloneBackend, "transform", transform)
     with caplog.at_level(logging.INFO):
         plan = plan_for(bb)
-    assert plan.data_path == "backdoorbench"
+    assert plan.input_pipeline == "backdoorbench"
     assert "Normalize.mean" in caplog.text
 
 

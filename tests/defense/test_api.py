@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from fst_plugin.adapter.defenses import DefenseResult
+from fst_plugin.defense.runner import DefenseResult
 from fst_plugin.api import run_defense
 from fst_plugin.errors import ConfigError
 from fst_plugin.record.layout import DefenseLayout
