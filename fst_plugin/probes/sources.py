@@ -124,6 +124,11 @@ def pick_poisoned(pool: PoisonPool, poison_num: int, seed: int, record: AttackRe
     """``poison_num`` images of the record's poisoned pool (ordered by original index), after a seeded shuffle.
     ``outside_class`` leaves out the images whose original label is that class (QRA's pool)."""
     candidates = [img for img in pool.images if outside_class is None or img.original_label != outside_class]
+    if not candidates:  # a clean-label record's whole pool is the target class: nothing to reactivate from
+        raise RecordError(f"attack record {record.record_dir.name} has no poisoned training image outside the target "
+                          f"class ({pool.rule} pool of {len(pool.images)}, all of class {outside_class})",
+                          "QRA needs a dirty-label record (poisons relabelled from other classes); a clean-label "
+                          "attack such as SIG cannot be probed with it")
     if poison_num > len(candidates):
         where = "of" if outside_class is None else "outside the target class in"
         raise ConfigError(f"--poison_num {poison_num} is larger than the {len(candidates)} poisoned training images "

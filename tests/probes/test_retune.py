@@ -200,4 +200,4 @@ def test_on_a_clean_label_record_the_pool_is_the_flagged_images_of_the_target_cl
     code = cli_main(["qra", "--record", str(ws.attacked), "--defense", "fst", "--dataset_path", str(ws.root / "data"),
                      "--reference_record", str(ws.reference), "--poison_num", "1", "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and "outside the target class" in err[-1] and "clean-label pool" in err[-1]
+    assert code == 2 and "outside the target class" in err[-1] and "clean-label pool" in err[-1] and "needs a dirty-label record" in err[-1]
