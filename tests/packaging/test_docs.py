@@ -28,3 +28,10 @@ def test_every_relative_link_in_the_readme_and_docs_exists():
             if not re.match(r"[a-z]+:", target) and not (page.parent / target).exists():
                 broken.append(f"{page.relative_to(REPO)} -> {target}")
     assert not broken, broken
+
+
+def test_the_config_reference_is_the_table_derived_from_the_config():
+    from fst_plugin.defense.config import DefenseConfig
+    from fst_plugin.options import options_table
+
+    assert options_table(DefenseConfig) in (REPO / "docs" / "config.md").read_text()
