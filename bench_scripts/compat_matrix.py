@@ -108,6 +108,7 @@ def failure_reason(output: str, backdoorbench: Path, returncode: int) -> str:
             return f"killed (exit {returncode}: time limit or memory)"
         return _one_line(f"exit {returncode}: {lines[-1] if lines else 'no output'}")
     at, message = found[-1]
+    message = message.replace(str(backdoorbench.resolve()), "BB").replace(str(backdoorbench), "BB")  # no local path
     frames = _FRAME.findall("\n".join(lines[:at]))
     if message.startswith("error:") or not frames:
         return _one_line(message)

@@ -88,6 +88,8 @@ def test_reason_is_ours_for_the_plugin_and_its_launchers(tmp_path):
     assert failure_reason(refusal, bb, 2) == "error: attack record x has no bd_train. Fix: use a record written with bd_train"
     assert failure_reason("", bb, -9).startswith("killed")
     assert "|" not in failure_reason("error: a | b", bb, 2)
+    local = f"error: attack record {bb}/record/compat_blind has no bd_train. Fix: use a record written with bd_train"
+    assert failure_reason(local, bb, 2).startswith("error: attack record BB/record/compat_blind has no bd_train")
 
 
 def test_innermost_backdoorbench_frame_wins_over_an_outer_plugin_frame(tmp_path):
