@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -106,21 +106,32 @@ def _epochs(count: int, loader: Iterable, device: str):
             yield images.to(device), labels.to(device)
 
 
-def pretrain(view: FeatureView, gen: TriggerGenerator, loader: Iterable, config: InversionConfig, device: str) -> None:
-    """Step 1: the generator learns to reproduce clean images (same features and predictions, little change)."""
+GeneratorLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _fit_generator(view: FeatureView, gen: TriggerGenerator, loader: Iterable, epochs: int, config: InversionConfig,
+                   device: str, loss_of: GeneratorLoss) -> None:
+    """Adam on the generator: ``loss_of(images, made, clean features, made features)`` per batch."""
     optimiser = torch.optim.Adam(gen.parameters(), lr=config.generator_lr)
     gen.train()
-    for images, _ in _epochs(config.pretrain_epochs, loader, device):
+    for images, _ in _epochs(epochs, loader, device):
         made = gen(images)
         with torch.no_grad():
             clean_features = view.features(images)
-        made_features = view.features(made)
-        loss_pred = F.cross_entropy(view.output(made_features), view.output(clean_features).softmax(1))
-        loss_feat, loss_norm = F.mse_loss(made_features, clean_features), F.mse_loss(made, images)
-        loss = loss_pred + loss_feat + (100 * loss_norm if loss_norm > 0.1 else 0.01 * loss_norm)
+        loss = loss_of(images, made, clean_features, view.features(made))
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
+
+
+def pretrain(view: FeatureView, gen: TriggerGenerator, loader: Iterable, config: InversionConfig, device: str) -> None:
+    """Step 1: the generator learns to reproduce clean images (same features and predictions, little change)."""
+    def loss_of(images, made, clean, feats):
+        loss_pred = F.cross_entropy(view.output(feats), view.output(clean).softmax(1))
+        loss_norm = F.mse_loss(made, images)
+        return loss_pred + F.mse_loss(feats, clean) + (100 * loss_norm if loss_norm > 0.1 else 0.01 * loss_norm)
+
+    _fit_generator(view, gen, loader, config.pretrain_epochs, config, device, loss_of)
 
 
 def decouple(view: FeatureView, loader: Iterable, config: InversionConfig, device: str,
@@ -146,13 +157,7 @@ def decouple(view: FeatureView, loader: Iterable, config: InversionConfig, devic
 def train_generator(view: FeatureView, gen: TriggerGenerator, mask: torch.Tensor, loader: Iterable,
                     config: InversionConfig, device: str, target: Optional[int] = None) -> None:
     """Step 3: generated images keep the benign features m·f and move the rest; towards ``target`` if given."""
-    optimiser = torch.optim.Adam(gen.parameters(), lr=config.generator_lr)
-    gen.train()
-    for images, _ in _epochs(config.generator_epochs, loader, device):
-        made = gen(images)
-        with torch.no_grad():
-            clean = view.features(images)
-        feats = view.features(made)
+    def loss_of(images, made, clean, feats):
         benign, backdoor = F.mse_loss(mask * clean, mask * feats), F.mse_loss((1 - mask) * clean, (1 - mask) * feats)
         loss_norm = F.mse_loss(made, images)
         if loss_norm > config.norm_bound or benign > config.feat_bound:
@@ -161,9 +166,9 @@ def train_generator(view: FeatureView, gen: TriggerGenerator, mask: torch.Tensor
             loss = -backdoor + 0.01 * benign
         if target is not None:
             loss = loss + F.cross_entropy(view.output(feats), torch.full((len(images),), target, device=device))
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
+        return loss
+
+    _fit_generator(view, gen, loader, config.generator_epochs, config, device, loss_of)
 
 
 @torch.no_grad()
