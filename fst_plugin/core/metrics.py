@@ -104,21 +104,24 @@ class BackdoorTestSets:
 def backdoor_rates(models: Mapping[str, nn.Module], tests: BackdoorTestSets, device: str | torch.device,
                    prepare: Callable[[torch.Tensor], torch.Tensor], target: Optional[int] = None,
                    batch_size: int = 256) -> dict[str, dict[str, float]]:
-    """Each model's C-Acc (``acc``), ASR and RA through :func:`evaluate_backdoor_tensors`, plus with ``target``
-    the share of clean test images predicted as ``target`` (``clean_target``, the target class's own images
-    included; the clean set scored against the target); keys in the order acc, clean_target, asr, ra. ``prepare``
-    maps an input batch to the models' input (a normalisation, a perturbation)."""
-    clean = (tests.clean_inputs, tests.clean_labels)
-    poisoned = (tests.bd_inputs, tests.bd_labels, tests.bd_original_labels)
+    """Each model's C-Acc (``acc``), ASR and RA, counted as :func:`evaluate_backdoor` counts them, plus with
+    ``target`` the share of clean test images predicted as ``target`` (``clean_target``, the target class's own
+    images included); keys in the order acc, clean_target, asr, ra. ``prepare`` maps an input batch to the models'
+    input (a normalisation, a perturbation). The models are used as they are (put them in eval mode)."""
+    device = torch.device(device)
+    clean_target = torch.full_like(tests.clean_labels, -1 if target is None else target)
+    n_clean, n_bd = len(tests.clean_labels), len(tests.bd_labels)
     rates: dict[str, dict[str, float]] = {}
     for name, model in models.items():
-        metrics = evaluate_backdoor_tensors(model, clean, poisoned, prepare, batch_size, device)
-        rates[name] = {"acc": metrics.test_acc}
-        if target is not None:
-            to_target = (tests.clean_inputs, torch.full_like(tests.clean_labels, target))
-            rates[name]["clean_target"] = evaluate_backdoor_tensors(model, to_target, poisoned, prepare, batch_size,
-                                                                    device).test_acc
-        rates[name].update(asr=metrics.test_asr, ra=metrics.test_ra)
+        # one pass per set: the clean items carry the target as their 5th column (scored like RA's true label)
+        _, acc, to_target = _accuracy(model, _tensor_batches(prepare, batch_size, device, tests.clean_inputs,
+                                                             tests.clean_labels, torch.arange(n_clean),
+                                                             torch.zeros(n_clean, dtype=torch.long), clean_target),
+                                      device)
+        _, asr, ra = _accuracy(model, _tensor_batches(prepare, batch_size, device, tests.bd_inputs, tests.bd_labels,
+                                                      torch.arange(n_bd), torch.ones(n_bd, dtype=torch.long),
+                                                      tests.bd_original_labels), device)
+        rates[name] = {"acc": acc, **({"clean_target": to_target} if target is not None else {}), "asr": asr, "ra": ra}
     return rates
 
 
@@ -134,13 +137,17 @@ def evaluate_backdoor_tensors(model: nn.Module, clean: tuple[torch.Tensor, torch
     """:func:`evaluate_backdoor` on test sets held in memory: ``clean`` = (images, labels), ``poisoned`` =
     (images, backdoor labels, original labels). ``prepare`` turns a slice of images into the model's input
     (e.g. uint8 to normalised float) one batch at a time, so a whole test set is never converted at once."""
-
-    def batches(images: torch.Tensor, *columns: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
-        for start in range(0, len(images), batch_size):
-            part = slice(start, start + batch_size)
-            yield (prepare(images[part].to(device)), *(column[part] for column in columns))
-
     bd_images, bd_labels, original = poisoned
     index, flag = torch.arange(len(bd_labels)), torch.ones(len(bd_labels), dtype=torch.long)
     # the poisoned items in BackdoorBench's shape: (image, backdoor label, index, poison flag, original label)
-    return evaluate_backdoor(model, batches(*clean), batches(bd_images, bd_labels, index, flag, original), device)
+    return evaluate_backdoor(model, _tensor_batches(prepare, batch_size, device, *clean),
+                             _tensor_batches(prepare, batch_size, device, bd_images, bd_labels, index, flag, original),
+                             device)
+
+
+def _tensor_batches(prepare: Callable[[torch.Tensor], torch.Tensor], batch_size: int, device: str | torch.device,
+                    images: torch.Tensor, *columns: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Items of in-memory test sets, batch by batch: ``prepare``-d images on ``device``, then the columns."""
+    for start in range(0, len(images), batch_size):
+        part = slice(start, start + batch_size)
+        yield (prepare(images[part].to(device)), *(column[part] for column in columns))
