@@ -32,9 +32,8 @@ from fst_plugin.attacks import (
 )
 from fst_plugin import api
 from fst_plugin.defense.runner import DefenseResult
-from fst_plugin.models import build_model
-from fst_plugin.models.factory import load_weights
-from fst_plugin.record import AttackRecord, load_untrusted
+from fst_plugin.record import AttackRecord
+from fst_plugin.record.result_model import load_result_model, model_from_state
 
 from bench_scripts.protocols import Protocol, get_protocol
 
@@ -178,12 +177,10 @@ def run_defense(record_dir: Path, method: str, protocol: Any, data_root: Path, s
 
 # ----- evaluation helpers ----------------------------------------------------------------------------
 def load_model(model_name: str, num_classes: int, state_dict: dict) -> nn.Module:
-    model = build_model(model_name, num_classes)
-    load_weights(model, state_dict, model_name)
-    return model.eval()
+    """A record's weights as an eval-mode model (the package's one reader: record.result_model)."""
+    return model_from_state(state_dict, model_name, num_classes).model.eval()
 
 
 def load_defended(path: Path) -> nn.Module:
     """A ``defense_result.pt`` (anyone's: ours or BackdoorBench's built-ins) as an eval-mode model."""
-    data = load_untrusted(path, "defense result")
-    return load_model(data["model_name"], int(data["num_classes"]), data["model"])
+    return load_result_model(path, "defense result").model.eval()
