@@ -2,16 +2,13 @@
 
 Nothing in this sub-package knows about BackdoorBench, records or files.
 """
-from fst_plugin.core.head import ClassifierHead, find_head
+from fst_plugin.core.head import ClassifierHead, feature_shift_penalty, find_head, project_head_norm, reinit_head
 from fst_plugin.core.metrics import BackdoorMetrics, defense_effectiveness_rating, evaluate_backdoor
 from fst_plugin.core.modes import MODES, TuningMode, get_mode
 from fst_plugin.core.tuning import (
     TuningConfig,
     TuningRun,
     TuningState,
-    feature_shift_penalty,
-    project_head_norm,
-    reinit_head,
     tune,
 )
 

@@ -11,8 +11,10 @@ projected.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from fst_plugin.errors import ModelError
@@ -97,3 +99,28 @@ def find_head(
     layers = tuple((f"{parent_name}.{n}", m) for n, m in parent.named_modules()
                    if isinstance(m, nn.Linear))
     return ClassifierHead(layers)
+
+
+@torch.no_grad()
+def reinit_head(head: ClassifierHead) -> None:
+    """Draw every head weight and bias from U(−1/√d, 1/√d), d = in_features (the paper's re-init)."""
+    for layer in head.modules:
+        bound = 1.0 / math.sqrt(layer.in_features)
+        nn.init.uniform_(layer.weight, -bound, bound)
+        if layer.bias is not None:
+            nn.init.uniform_(layer.bias, -bound, bound)
+
+
+def feature_shift_penalty(head: ClassifierHead, initial_weights: list[torch.Tensor]) -> torch.Tensor:
+    """Σ_l ⟨W_l, W₀_l⟩ (Frobenius): minimising it pushes the head away from the backdoored one."""
+    return sum((layer.weight * w0).sum() for layer, w0 in zip(head.modules, initial_weights))
+
+
+@torch.no_grad()
+def project_head_norm(head: ClassifierHead, target_norms: list[torch.Tensor], at_most: bool = False) -> None:
+    """Rescale each head weight to the Frobenius norm of the backdoored head (W ← W·‖W₀‖/‖W‖); with
+    ``at_most``, only the weights whose norm exceeds it (projection onto the ball ‖W‖ ≤ ‖W₀‖)."""
+    for layer, norm in zip(head.modules, target_norms):
+        current = layer.weight.norm()
+        if current > 0 and not (at_most and current <= norm):
+            layer.weight.mul_(norm / current)

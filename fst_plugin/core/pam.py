@@ -17,7 +17,8 @@ direction covers exactly the parameters the base optimiser updates (theirs: ever
 """
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import torch
 
@@ -49,21 +50,27 @@ class PathAwareMinimizer:
             return [torch.zeros_like(d) for d in diffs]
         return [d * (self.rho / norm) for d in diffs]
 
-    def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """Perturb along the path, run ``closure`` (zero_grad is the caller's; it must call backward), restore,
-        step the base optimiser."""
+    @contextlib.contextmanager
+    def perturbed(self) -> Iterator[None]:
+        """The parameters at θₜ + ρ·d/‖d‖ inside the block, restored exactly on leaving it (also on an error).
+        The tuning loop takes its gradient inside and steps the base optimiser (or a GradScaler) after."""
         offsets = self.path_offset()
         with torch.no_grad():
             saved = [p.detach().clone() for p in self.params]
             for p, offset in zip(self.params, offsets):
                 p.add_(offset)
         try:
-            with torch.enable_grad():
-                loss = closure()
+            yield
         finally:
             with torch.no_grad():
                 for p, value in zip(self.params, saved):
                     p.copy_(value)
+
+    def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Perturb along the path, run ``closure`` (zero_grad is the caller's; it must call backward), restore,
+        step the base optimiser."""
+        with self.perturbed(), torch.enable_grad():
+            loss = closure()
         self.base.step()
         return loss
 

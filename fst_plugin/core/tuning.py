@@ -3,7 +3,10 @@
 ``tune`` re-initialises the head (if the mode says so), freezes what the mode does not train, and runs SGD
 (momentum 0.9) with cosine annealing over the epochs, adding the feature-shift penalty α·⟨W, W₀⟩ and
 rescaling the head to ‖W₀‖ after every step as the mode and config say. Frozen modules stay in eval mode,
-so a linear probe does not move BatchNorm statistics either.
+so a linear probe does not move BatchNorm statistics either. Two options of PAM (Min et al., NeurIPS 2024) work
+with any mode: ``pam_rho > 0`` takes each step's gradient at θ + ρ·(θ₀ − θ)/‖θ₀ − θ‖, the point along the path
+back to the backdoored model θ₀ (:mod:`fst_plugin.core.pam`), and ``unlearning`` mixes reversed backdoor
+samples into every batch (:mod:`fst_plugin.core.unlearning`).
 
 Under torchrun (an open process group, see :mod:`fst_plugin.distributed`) the model trains in
 DistributedDataParallel: every rank starts from the same record and seed, so W₀ and the re-initialised head are
@@ -16,6 +19,7 @@ with the same weights as one that never stopped.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -25,8 +29,10 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from fst_plugin.core.head import ClassifierHead
+from fst_plugin.core.head import ClassifierHead, feature_shift_penalty, project_head_norm, reinit_head
 from fst_plugin.core.modes import TuningMode
+from fst_plugin.core.pam import PathAwareMinimizer, anchor_of
+from fst_plugin.core.unlearning import ReversedSamples
 from fst_plugin.distributed import begin_epoch, global_mean_loss, wrap_model
 from fst_plugin.errors import TrainingDiverged
 from fst_plugin.runtime import capture_rng, progress, restore_rng, seed_everything
@@ -53,6 +59,8 @@ class TuningConfig:
     projection_bound: str = "equal"
     # "cosine": annealed to 0 over the epochs (the paper's); "constant": lr throughout (the retuning attack's)
     lr_schedule: str = "cosine"
+    # > 0: PAM's step, the gradient taken at θ + ρ·d/‖d‖ with d = θ₀ − θ (0: the plain optimiser step)
+    pam_rho: float = 0.0
     device: str = "cpu"
     amp: bool = False
     seed: int = 0
@@ -63,6 +71,8 @@ class TuningConfig:
             raise ValueError(f"projection_bound is {self.projection_bound!r}; use one of {', '.join(PROJECTION_BOUNDS)}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule is {self.lr_schedule!r}; use one of {', '.join(LR_SCHEDULES)}")
+        if not self.pam_rho >= 0:
+            raise ValueError(f"pam_rho is {self.pam_rho}; it must be >= 0")
 
     def projection_for(self, mode: TuningMode) -> bool:
         return mode.project_head_norm if self.projection is None else self.projection
@@ -79,6 +89,7 @@ class TuningState:
     initial_head_weights: list[torch.Tensor]
     history: list[dict[str, Any]]
     rng: dict[str, Any] = field(default_factory=dict)
+    unlearning: Optional[dict[str, Any]] = None  # ReversedSamples.state_dict(), when the run unlearns
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -86,31 +97,6 @@ class TuningState:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TuningState":
         return cls(**data)
-
-
-@torch.no_grad()
-def reinit_head(head: ClassifierHead) -> None:
-    """Draw every head weight and bias from U(−1/√d, 1/√d), d = in_features (the paper's re-init)."""
-    for layer in head.modules:
-        bound = 1.0 / math.sqrt(layer.in_features)
-        nn.init.uniform_(layer.weight, -bound, bound)
-        if layer.bias is not None:
-            nn.init.uniform_(layer.bias, -bound, bound)
-
-
-def feature_shift_penalty(head: ClassifierHead, initial_weights: list[torch.Tensor]) -> torch.Tensor:
-    """Σ_l ⟨W_l, W₀_l⟩ (Frobenius): minimising it pushes the head away from the backdoored one."""
-    return sum((layer.weight * w0).sum() for layer, w0 in zip(head.modules, initial_weights))
-
-
-@torch.no_grad()
-def project_head_norm(head: ClassifierHead, target_norms: list[torch.Tensor], at_most: bool = False) -> None:
-    """Rescale each head weight to the Frobenius norm of the backdoored head (W ← W·‖W₀‖/‖W‖); with
-    ``at_most``, only the weights whose norm exceeds it (projection onto the ball ‖W‖ ≤ ‖W₀‖)."""
-    for layer, norm in zip(head.modules, target_norms):
-        current = layer.weight.norm()
-        if current > 0 and not (at_most and current <= norm):
-            layer.weight.mul_(norm / current)
 
 
 def _set_trainable(model: nn.Module, head: ClassifierHead, mode: TuningMode) -> list[nn.Parameter]:
@@ -136,14 +122,15 @@ class TuningRun:
     ``snapshot`` the resumable state and ``finish`` hands the model back. :func:`tune` runs them in order; a
     distributed or otherwise customised loop can wrap the same steps."""
 
-    def __init__(self, model: nn.Module, head: ClassifierHead, mode: TuningMode, config: TuningConfig) -> None:
+    def __init__(self, model: nn.Module, head: ClassifierHead, mode: TuningMode, config: TuningConfig,
+                 unlearning: Optional[ReversedSamples] = None) -> None:
         self.model, self.head, self.mode, self.config = model, head, mode, config
+        self.unlearning = unlearning
         self.device = torch.device(config.device)
         seed_everything(config.seed)
         model.to(self.device)
         self.initial_weights = [layer.weight.detach().clone() for layer in head.modules]
-        if mode.reinit_head:
-            reinit_head(head)
+        anchor = anchor_of(model) if config.pam_rho > 0 else None  # θ₀, the backdoored model, head included
         self.projection = config.projection_for(mode)
         trainable = _set_trainable(model, head, mode)
         if not trainable:
@@ -153,6 +140,7 @@ class TuningRun:
         self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=config.epochs)
                           if config.lr_schedule == "cosine" else
                           torch.optim.lr_scheduler.ConstantLR(self.optimizer, factor=1.0, total_iters=0))
+        self.pam = PathAwareMinimizer(self.optimizer, anchor, config.pam_rho) if anchor is not None else None
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
         self.use_amp = config.amp and self.device.type == "cuda"
@@ -161,15 +149,25 @@ class TuningRun:
         self.forward_model: nn.Module = model  # DistributedDataParallel(model) under torchrun, from restore()
 
     def restore(self, state: Optional[TuningState]) -> None:
-        """Continue after ``state.epochs_done`` epochs (nothing to do for a fresh run), then fix W₀ on the device
-        and, for a fresh run with projection, bring the (re-initialised) head to ‖W₀‖ before the first step."""
-        if state is not None:
+        """Continue after ``state.epochs_done`` epochs, or start afresh: fit the first round of reversed samples
+        on the model as it came in, then re-initialise the head (as the mode says). Then fix W₀ on the device and,
+        for a fresh run with projection, bring the (re-initialised) head to ‖W₀‖ before the first step."""
+        if state is None:
+            if self.unlearning is not None:
+                self.unlearning.fit_round(self.model, self.head)
+            if self.mode.reinit_head:
+                reinit_head(self.head)
+        else:
             self.model.load_state_dict(state.model)
             self.optimizer.load_state_dict(state.optimizer)
             self.scheduler.load_state_dict(state.scheduler)
             self.initial_weights = list(state.initial_head_weights)
             self.history = list(state.history)
             self.start_epoch = state.epochs_done
+            if self.unlearning is not None:  # before the RNG is restored: rebuilding the generator draws from it
+                if state.unlearning is None:
+                    raise ValueError("the resumed state holds no reversed-sample generator, but this run unlearns")
+                self.unlearning.load_state_dict(state.unlearning)
             restore_rng(state.rng)
             log.info("resuming %s from epoch %d of %d", self.mode.name, self.start_epoch, self.config.epochs)
         self.initial_weights = [w.to(self.device) for w in self.initial_weights]
@@ -183,8 +181,23 @@ class TuningRun:
 
     def training_step(self, batch: Any, epoch: int, batch_index: int) -> tuple[float, int, int]:
         """One optimiser step on ``batch``; returns (loss, correct predictions, images), over all ranks."""
-        config, mode = self.config, self.mode
         inputs, targets = batch[0].to(self.device), batch[1].to(self.device)
+        if self.unlearning is not None:
+            inputs = self.unlearning.mix(inputs)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.pam.perturbed() if self.pam is not None else contextlib.nullcontext():
+            stats = self._loss_and_backward(inputs, targets, epoch, batch_index)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.projection:
+            self.project()
+        return stats
+
+    def _loss_and_backward(self, inputs: torch.Tensor, targets: torch.Tensor, epoch: int,
+                           batch_index: int) -> tuple[float, int, int]:
+        """The loss (cross-entropy, plus the penalty where the mode has one) and its gradient, at the parameters
+        as they are now (PAM's probe point inside ``perturbed()``); stops the run on a non-finite loss."""
+        config, mode = self.config, self.mode
         with torch.autocast(self.device.type, enabled=self.use_amp):
             logits = self.forward_model(inputs)
             loss, global_loss, right, count = global_mean_loss(logits, targets, self.criterion)
@@ -198,16 +211,13 @@ class TuningRun:
                 f"lower the learning rate (lr={config.lr})"
                 + (f" or alpha (alpha={config.alpha})" if mode.feature_shift_penalty else "") + "; no model was kept",
             )
-        self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        if self.projection:
-            self.project()
         return loss_value, right, count
 
     def train_epoch(self, train_loader: Iterable, epoch: int) -> dict[str, Any]:
         """One pass over ``train_loader`` and a scheduler step; returns the epoch's training row."""
+        if self.unlearning is not None:
+            self.unlearning.start_epoch(self.model, self.head, epoch, self.config.epochs)
         _train_mode(self.model, self.head, self.mode)
         begin_epoch(train_loader, epoch)
         loss_sum, correct, seen, n_batches = 0.0, 0, 0, 0
@@ -232,6 +242,7 @@ class TuningRun:
             initial_head_weights=[w.detach().cpu() for w in self.initial_weights],
             history=list(self.history),
             rng=capture_rng(),
+            unlearning=None if self.unlearning is None else self.unlearning.state_dict(),
         )
 
     def finish(self) -> None:
@@ -250,13 +261,15 @@ def tune(
     evaluate: Optional[Callable[[nn.Module], dict[str, float]]] = None,
     on_epoch_end: Optional[Callable[[TuningState], None]] = None,
     resume: Optional[TuningState] = None,
+    unlearning: Optional[ReversedSamples] = None,
 ) -> list[dict[str, Any]]:
     """Tune ``model`` in place with ``mode``; return one history row per epoch.
 
     ``evaluate(model)`` is called after every epoch and its metrics join that epoch's row.
-    ``on_epoch_end(state)`` receives the resumable state after each complete epoch.
+    ``on_epoch_end(state)`` receives the resumable state after each complete epoch. ``unlearning``: reversed
+    backdoor samples mixed into every batch (PAM's data; None: the clean batches as they come).
     """
-    run = TuningRun(model, head, mode, config)
+    run = TuningRun(model, head, mode, config, unlearning)
     run.restore(resume)
     for epoch in range(run.start_epoch, config.epochs):
         row = run.train_epoch(train_loader, epoch)

@@ -1,0 +1,103 @@
+"""Unlearning with reversed backdoor samples: the data side of PAM (Min et al., NeurIPS 2024).
+
+During tuning, about ``fraction`` of every batch is replaced by the output of a BTI-DBF trigger generator
+(:mod:`fst_plugin.core.trigger_inversion`) while the labels stay the true ones, so the model learns to give
+trigger-like images their own class. The generator is fitted in ``rounds`` rounds spread evenly over the tuning
+epochs: the first on the model as it came in (before any re-initialisation, so the inversion sees the backdoored
+head), each later one on the model tuned so far, towards the target class detected after the first (the
+authors' ``btidbfu.py``: pretrain once, then per round decouple, train the generator, unlearn).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+
+from fst_plugin.core.head import ClassifierHead
+from fst_plugin.core.trigger_inversion import (
+    FeatureView,
+    InversionConfig,
+    TriggerGenerator,
+    detect_target,
+    invert,
+    with_reversed,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UnlearningConfig:
+    """The authors' CIFAR-10 settings as defaults: 3 rounds, 20% reversed images per batch."""
+
+    rounds: int = 3
+    fraction: float = 0.2
+    inversion: InversionConfig = field(default_factory=InversionConfig)
+
+
+def round_starts(epochs: int, rounds: int) -> list[int]:
+    """The epochs at which a round begins: ``rounds`` blocks of (nearly) equal length, at most one per epoch."""
+    return sorted({r * epochs // rounds for r in range(min(rounds, epochs))})
+
+
+class ReversedSamples:
+    """The trigger generator of one tuning run: fitted at each round's start, mixed into every training batch."""
+
+    def __init__(self, config: UnlearningConfig, loader: Iterable, num_classes: int, device: str, seed: int) -> None:
+        self.config, self.loader, self.num_classes, self.device = config, loader, num_classes, device
+        self.rng = torch.Generator().manual_seed(seed)  # its own: the tuning's shuffling is not shifted
+        self.generator: Optional[TriggerGenerator] = None
+        self.target: Optional[int] = None
+        self.rounds_done = 0
+
+    def fit_round(self, model: nn.Module, head: ClassifierHead) -> None:
+        """One inversion round on ``model`` as it is now (pretraining first in round 1); the target class is
+        detected after round 1 and pulls the later rounds. ``model``'s mode and gradients are left as they were."""
+        self.rounds_done += 1
+        log.info("trigger inversion round %d of %d%s", self.rounds_done, self.config.rounds,
+                 "" if self.target is None else f" (towards class {self.target})")
+        self.generator = invert(model, head, self.loader, self.config.inversion, self.device, gen=self.generator,
+                                target=self.target, generator=self.rng)
+        if self.target is None:
+            was_training = model.training
+            model.eval()
+            try:
+                self.target = detect_target(FeatureView(model, head), self.generator, self.loader, self.device,
+                                            self.num_classes)
+            finally:
+                model.train(was_training)
+            log.info("reversed samples point at class %d", self.target)
+
+    def start_epoch(self, model: nn.Module, head: ClassifierHead, epoch: int, epochs: int) -> None:
+        """Fit the next round when ``epoch`` starts one (the first round is fitted before tuning begins)."""
+        if epoch in round_starts(epochs, self.config.rounds)[1:]:
+            self.fit_round(model, head)
+
+    def mix(self, images: torch.Tensor) -> torch.Tensor:
+        """The batch with ``fraction`` of its images replaced by reversed samples."""
+        if self.generator is None:
+            raise RuntimeError("no trigger generator yet: fit_round() runs before the first batch")
+        return with_reversed(images, self.generator, self.config.fraction, self.rng)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The generator (with what rebuilds it alone: :func:`generator_from_state`), the target, the round."""
+        inversion, gen = self.config.inversion, self.generator
+        return {"generator": None if gen is None else {k: v.detach().cpu().clone() for k, v in gen.state_dict().items()},
+                "channels": None if gen is None else gen.out.out_channels, "base_filters": inversion.base_filters,
+                "depth": inversion.depth, "target": self.target, "rounds_done": self.rounds_done,
+                "rng": self.rng.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator = None if state["generator"] is None else generator_from_state(state).to(self.device)
+        self.target, self.rounds_done = state["target"], state["rounds_done"]
+        self.rng.set_state(state["rng"])
+
+
+def generator_from_state(state: dict[str, Any]) -> TriggerGenerator:
+    """The trigger generator a run saved (``trigger_generator.pt`` beside a PAM result), in eval mode."""
+    gen = TriggerGenerator(state["channels"], state["base_filters"], state["depth"])
+    gen.load_state_dict(state["generator"])
+    return gen.eval()
