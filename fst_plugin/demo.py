@@ -29,7 +29,7 @@ from fst_plugin.attacks import (
     class_balanced_subset,
     poison_indices,
 )
-from fst_plugin.core.modes import MODES
+from fst_plugin.core.modes import PAPER_MODES
 from fst_plugin.data import load_clean_split
 from fst_plugin.demo_config import DemoConfig
 from fst_plugin.errors import DataError
@@ -155,7 +155,7 @@ def run_demo(config: DemoConfig) -> pd.DataFrame:
     workspace = prepare_workspace(config)
     device = resolve_device(config.device)
     rows = []
-    for method in MODES:
+    for method in PAPER_MODES:
         result = run_defense(method, workspace.record_dir, dataset_path=str(config.out / "data"), device=device,
                              num_workers=0, epochs=config.defense_epochs, ratio=config.ratio,
                              random_seed=config.seed)

@@ -1,11 +1,11 @@
-"""FST, FE-tuning, FT-init, LP and vanilla FT as BackdoorBench defenses: BackdoorBench's face, nothing else.
+"""FST, FE-tuning, FT-init, LP, vanilla FT and PAM as BackdoorBench defenses: BackdoorBench's face, nothing else.
 
 Laid out as BackdoorBench's own ``defense/ft.py``: ``add_arguments(parser)``, ``__init__(args)`` (the yaml merged
 with the command line, the command line wins), ``set_result(result_file)``, ``set_logger()``, ``mitigation()`` and
 ``defense(result_file)``; a subclass of BackdoorBench's ``defense.base.defense`` when imported inside a checkout
 (a stand-in with the same method names otherwise). The settings become a typed
 :class:`~fst_plugin.defense.config.DefenseConfig` once, in ``__init__``; the work is the runner's
-(:mod:`fst_plugin.defense.runner`). All five share :class:`TuningDefense`; a subclass only names its tuning mode.
+(:mod:`fst_plugin.defense.runner`). All six share :class:`TuningDefense`; a subclass only names its tuning mode.
 """
 from __future__ import annotations
 
@@ -180,3 +180,9 @@ class LP(TuningDefense):
 class VanillaFT(TuningDefense):
     """Vanilla fine-tuning of all parameters."""
     method = "vanilla-ft"
+
+
+class PAM(TuningDefense):
+    """Path-aware minimisation (Min et al., NeurIPS 2024): unlearn reversed backdoor samples along the path away
+    from the backdoored model."""
+    method = "pam"

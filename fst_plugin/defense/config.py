@@ -18,24 +18,49 @@ from typing import Any, Mapping, Optional
 
 import yaml
 
+from fst_plugin.core.trigger_inversion import InversionConfig
 from fst_plugin.core.tuning import PROJECTION_BOUNDS, TuningConfig
+from fst_plugin.core.unlearning import UnlearningConfig
 from fst_plugin.errors import ConfigError
 from fst_plugin.options import add_overrides, build, option, option_specs
 
 log = logging.getLogger(__name__)
 INPUT_PIPELINES = ("tensor", "backdoorbench")
 DEPRECATED_KEYS = {"data_path": "input_pipeline"}  # old name -> new name: accepted, with one log line
-_PROJECTION_WORDS = {"auto": None, "on": True, "off": False}
+_SWITCH_WORDS = {"auto": None, "on": True, "off": False}
+LR_SCHEDULERS = {"CosineAnnealingLR": "cosine", "ConstantLR": "constant"}  # BackdoorBench's name -> the core's
 
 
-def parse_projection(value: Any) -> Optional[bool]:
+def _auto_on_off(value: Any, key: str) -> Optional[bool]:
     """``auto`` / ``on`` / ``off`` (a yaml may also say True or False) → None (the mode's default), True, False."""
     if isinstance(value, bool):
         return value
     word = value.strip().lower() if isinstance(value, str) else value
-    if isinstance(word, str) and word in _PROJECTION_WORDS:
-        return _PROJECTION_WORDS[word]
-    raise ConfigError(f"projection is {value!r}", "use auto, on or off")
+    if isinstance(word, str) and word in _SWITCH_WORDS:
+        return _SWITCH_WORDS[word]
+    raise ConfigError(f"{key} is {value!r}", "use auto, on or off")
+
+
+def parse_projection(value: Any) -> Optional[bool]:
+    return _auto_on_off(value, "projection")
+
+
+def parse_pam(value: Any) -> Optional[bool]:
+    return _auto_on_off(value, "pam")
+
+
+def lr_schedule_of(lr_scheduler: str) -> str:
+    """The core's schedule for BackdoorBench's ``lr_scheduler`` name."""
+    return LR_SCHEDULERS[lr_scheduler]
+
+
+def unlearning_config(settings: Any) -> UnlearningConfig:
+    """PAM's reversed-sample settings from a :class:`DefenseConfig` (or the exported script's args: same names)."""
+    inversion = InversionConfig(pretrain_epochs=settings.inversion_pretrain_epochs,
+                                mask_epochs=settings.inversion_mask_epochs,
+                                generator_epochs=settings.inversion_generator_epochs,
+                                base_filters=settings.generator_filters)
+    return UnlearningConfig(rounds=settings.unlearn_rounds, fraction=settings.reversed_fraction, inversion=inversion)
 
 
 def _positive(value: Any) -> bool:
@@ -68,7 +93,8 @@ class DefenseConfig:
     batch_size: int = option(128, "tuning batch size", check=("> 0", _positive))
     num_workers: int = option(0, "dataloader workers", check=(">= 0", _not_negative), resume=False)
     lr: float = option(TuningConfig.lr, "learning rate of sgd", check=("> 0", _positive))
-    lr_scheduler: str = option("CosineAnnealingLR", "learning-rate schedule", choices=("CosineAnnealingLR",))
+    lr_scheduler: str = option("CosineAnnealingLR", "learning-rate schedule (ConstantLR: no schedule, PAM's)",
+                               choices=tuple(LR_SCHEDULERS))
     model: Optional[str] = option(None, "informational; the record's model_name is used")
     client_optimizer: str = option("sgd", "optimiser", choices=("sgd",))
     sgd_momentum: float = option(TuningConfig.momentum, "momentum of sgd",
@@ -86,11 +112,28 @@ class DefenseConfig:
                           check=(">= 0", _not_negative))
     head: Optional[str] = option(None, "dotted name of the classifier layer (default: found)")
     projection: Optional[bool] = option(None, "rescale the head to ||W0|| after every step (auto: the mode's "
-                                              "default, on)", choices=tuple(_PROJECTION_WORDS), parse=parse_projection)
+                                              "default, on)", choices=tuple(_SWITCH_WORDS), parse=parse_projection)
     projection_bound: str = option(TuningConfig.projection_bound, "equal: ||W|| = ||W0|| after every step (official "
                                    "code, default); at_most: ||W|| <= ||W0|| (the paper's constraint)",
                                    choices=PROJECTION_BOUNDS)
     whole_classifier: bool = option(False, "treat every Linear of the head's block as head")
+    # PAM (Min et al., NeurIPS 2024): any mode can take it; the pam defense has it on
+    pam: Optional[bool] = option(None, "PAM: path-aware steps on batches with reversed backdoor samples (auto: the "
+                                       "mode's default, on for pam only)", choices=tuple(_SWITCH_WORDS), parse=parse_pam)
+    pam_rho: float = option(0.5, "PAM's step along the path back to the backdoored model (0: plain steps, "
+                                 "unlearning only)", check=(">= 0", _not_negative))
+    unlearn_rounds: int = option(UnlearningConfig.rounds, "PAM: trigger-inversion rounds, spread evenly over the "
+                                 "epochs", check=("> 0", _positive))
+    reversed_fraction: float = option(UnlearningConfig.fraction, "PAM: share of each batch replaced by reversed "
+                                      "samples", check=("in (0, 1]", lambda v: 0 < v <= 1))
+    inversion_pretrain_epochs: int = option(InversionConfig.pretrain_epochs, "PAM: epochs pretraining the trigger "
+                                            "generator to reproduce clean images", check=(">= 0", _not_negative))
+    inversion_mask_epochs: int = option(InversionConfig.mask_epochs, "PAM: epochs fitting the benign-feature mask, "
+                                        "per round", check=(">= 0", _not_negative))
+    inversion_generator_epochs: int = option(InversionConfig.generator_epochs, "PAM: epochs training the trigger "
+                                             "generator, per round", check=(">= 0", _not_negative))
+    generator_filters: int = option(InversionConfig.base_filters, "PAM: width of the trigger generator's first "
+                                    "U-Net block", check=("> 0", _positive))
     save_name: Optional[str] = option(None, "write to defense/<save_name>/ instead of defense/<method>/ "
                                             "(variants of one defense side by side)", resume=False)
     eval_subset: Optional[int] = option(None, "evaluate each epoch on this many clean and poisoned test images "

@@ -23,7 +23,8 @@ from torch import nn
 from fst_plugin.core import ClassifierHead, TuningConfig, TuningState, evaluate_backdoor, find_head, get_mode, tune
 from fst_plugin.data import dataset_info
 from fst_plugin.defense.backend import make_backend
-from fst_plugin.defense.config import DefenseConfig, resume_values
+from fst_plugin.core.unlearning import ReversedSamples
+from fst_plugin.defense.config import DefenseConfig, lr_schedule_of, resume_values, unlearning_config
 from fst_plugin.defense.pipeline import build_loaders
 from fst_plugin.distributed import World, check_batch_size, rank_device, session, shard_eval_loader, shard_train, world_from_env
 from fst_plugin.errors import ConfigError, RecordError
@@ -129,11 +130,26 @@ def prepare(config: DefenseConfig, record: AttackRecord, method: str) -> Defense
                        world=world, **loaders)
 
 
-def tuning_config(config: DefenseConfig, device: str, world: World) -> TuningConfig:
+def uses_pam(config: DefenseConfig, method: str) -> bool:
+    """PAM's step and data: the config's ``pam``, else the mode's default (on for pam only)."""
+    return get_mode(method).path_aware if config.pam is None else config.pam
+
+
+def tuning_config(config: DefenseConfig, method: str, device: str, world: World) -> TuningConfig:
     return TuningConfig(epochs=config.epochs, lr=config.lr, momentum=config.sgd_momentum, weight_decay=config.wd,
                         alpha=config.alpha, projection=config.projection, projection_bound=config.projection_bound,
+                        lr_schedule=lr_schedule_of(config.lr_scheduler),
+                        pam_rho=config.pam_rho if uses_pam(config, method) else 0.0,
                         device=device, amp=config.amp, seed=config.random_seed,
                         show_progress=None if world.is_main else False)  # one bar under torchrun
+
+
+def reversed_samples(plan: DefensePlan) -> Optional[ReversedSamples]:
+    """PAM's reversed-sample source, fitted on the tuning loader (None when the run does not use PAM)."""
+    config = plan.config
+    if not uses_pam(config, plan.method):
+        return None
+    return ReversedSamples(unlearning_config(config), plan.train_loader, plan.record.num_classes, plan.device, config.random_seed)
 
 
 def _resume_key(config: DefenseConfig, method: str, indices: np.ndarray) -> str:
@@ -193,9 +209,10 @@ def _tune_and_write(plan: DefensePlan, on_epoch_end: Optional[EpochHook]) -> Def
     before = evaluate(model)
     log.info("before %s: %s", plan.method, before)
     tuning_started = time.time()
+    unlearning = reversed_samples(plan)
     history = tune(model, plan.head, get_mode(plan.method), plan.train_loader,
-                   tuning_config(config, device, plan.world), evaluate=evaluate, on_epoch_end=epoch_end,
-                   resume=plan.resume)
+                   tuning_config(config, plan.method, device, plan.world), evaluate=evaluate, on_epoch_end=epoch_end,
+                   resume=plan.resume, unlearning=unlearning)
     finished = time.time()
     after = {k: history[-1][k] for k in ("test_acc", "test_asr", "test_ra")}
     result = DefenseResult(method=plan.method, model=model, history=history, before=before, after=after,
@@ -208,7 +225,8 @@ def _tune_and_write(plan: DefensePlan, on_epoch_end: Optional[EpochHook]) -> Def
                                     "record": str(plan.record.record_dir), "seed": config.random_seed,
                                     "device": device, "wall_time_s": result.wall_time_s,
                                     "world_size": plan.world.size, "before": before, "after": after,
-                                    "config": config.to_dict()})
+                                    "config": config.to_dict(), "pam": uses_pam(config, plan.method)},
+                          trigger_generator=None if unlearning is None else unlearning.state_dict())
     _remove_checkpoint(plan)
     log.info("%s done in %.1f s: C-Acc %.4f ASR %.4f RA %.4f -> %s", plan.method, result.wall_time_s,
              after["test_acc"], after["test_asr"], after["test_ra"], plan.layout.folder)

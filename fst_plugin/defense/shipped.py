@@ -29,6 +29,12 @@ PAPER_VALUES: dict[str, dict[str, Any]] = {
     "gtsrb": {"epochs": 15, "alpha": 0.1},
     "tiny": {"epochs": 15, "lr": 0.001, "ratio": 0.05, "alpha": 0.001},
 }
+# PAM's own settings, every dataset (Min et al., NeurIPS 2024; the authors' fine_tune/BTIDBF cfg.py and defense.sh
+# for CIFAR-10): SGD lr 0.01, momentum 0.1, no schedule, 3 rounds of 30 unlearning epochs, 2500 clean images (5%)
+METHOD_VALUES: dict[str, dict[str, Any]] = {
+    "pam": {"epochs": 90, "lr": 0.01, "sgd_momentum": 0.1, "lr_scheduler": "ConstantLR", "ratio": 0.05},
+}
+SOURCES = {"pam": "the authors' settings (Min et al., NeurIPS 2024, fine_tune/BTIDBF cfg.py / defense.sh)"}
 
 
 def shipped_configs_dir() -> Path:
@@ -64,13 +70,14 @@ def shipped_config(method: str, dataset: str) -> Path:
 def shipped_values(method: str, dataset: str) -> dict[str, Any]:
     """Every yaml key's value for ``method`` on ``dataset``: the field default unless a table above says otherwise."""
     paper = {k: v for k, v in PAPER_VALUES[dataset].items() if k != "alpha" or MODES[method].feature_shift_penalty}
-    return {key: SPECS[key].default for key in YAML_KEYS} | SHIPPED_VALUES | {"dataset": dataset} | paper
+    own = METHOD_VALUES.get(method, {})
+    return {key: SPECS[key].default for key in YAML_KEYS} | SHIPPED_VALUES | {"dataset": dataset} | paper | own
 
 
 def render(method: str, dataset: str) -> str:
     """The text of ``defense_configs/<method>/<dataset>.yaml``."""
-    lines = [f"# {method} ({MODES[method].summary}) on {dataset}: the paper's settings (Min et al., NeurIPS 2023, "
-             "sec. 5.1 / app. B).",
+    source = SOURCES.get(method, "the paper's settings (Min et al., NeurIPS 2023, sec. 5.1 / app. B)")
+    lines = [f"# {method} ({MODES[method].summary}) on {dataset}: {source}.",
              "# BackdoorBench's defense yaml style; every key can be overridden on the command line.",
              "# Generated from fst_plugin.defense.config.DefenseConfig by `python -m fst_plugin.defense.shipped`:",
              "# change the dataclass or the tables in fst_plugin/defense/shipped.py, not this file.", ""]

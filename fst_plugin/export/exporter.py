@@ -22,7 +22,8 @@ from typing import Any, Optional
 from fst_plugin import __version__
 from fst_plugin.core import TuningConfig, TuningMode, find_head, tune
 from fst_plugin.core.modes import MODES
-from fst_plugin.defense.config import DefenseConfig, parse_projection
+from fst_plugin.core.unlearning import ReversedSamples
+from fst_plugin.defense.config import DefenseConfig, lr_schedule_of, parse_pam, parse_projection, unlearning_config
 from fst_plugin.errors import InstallError
 from fst_plugin.export.core_source import check_script, paste
 from fst_plugin.export.installer import (CONFIG_NAMES, InstallPlan, check_backdoorbench, default_config,
@@ -31,8 +32,10 @@ from fst_plugin.options import option_specs
 
 DEFAULT_METHODS = ("fst", "fe-tuning", "ft-init")
 # What the exported script calls; paste() adds everything of the package these reach (TuningRun, the head's
-# re-initialisation, penalty and projection, the errors, the runtime and distributed helpers).
-CORE = (find_head, TuningMode, TuningConfig, tune, parse_projection)
+# re-initialisation, penalty and projection, PAM's step and reversed samples, the errors, the runtime and
+# distributed helpers).
+CORE = (find_head, TuningMode, TuningConfig, tune, parse_projection, parse_pam, lr_schedule_of, unlearning_config,
+        ReversedSamples)
 # DefenseConfig settings the exported script does not read: the plugin's own machinery (a variant's folder, the
 # evaluation subset, the tensor input pipeline, resuming, record trust and location).
 PLUGIN_ONLY_KEYS = ("save_name", "eval_subset", "input_pipeline", "trust_record", "resume", "record")

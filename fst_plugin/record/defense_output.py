@@ -17,7 +17,7 @@ import io
 import json
 import platform
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -88,9 +88,13 @@ def write_defense_outputs(
     state_dict: Mapping[str, torch.Tensor],
     history: Sequence[Mapping[str, Any]],
     run_info: Mapping[str, Any],
+    trigger_generator: Optional[Mapping[str, Any]] = None,
 ) -> None:
-    """Write every result file of a finished defense run (``defense_result.pt`` last)."""
+    """Write every result file of a finished defense run (``defense_result.pt`` last); ``trigger_generator``:
+    the reversed-sample generator's state of a run that unlearned (PAM), as ``trigger_generator.pt``."""
     layout.folder.mkdir(parents=True, exist_ok=True)
+    if trigger_generator is not None:
+        atomic_torch_save(dict(trigger_generator), layout.trigger_generator)
     df = pd.DataFrame(list(history))
     ordered = [c for c in CSV_COLUMNS if c in df] + [c for c in df if c not in CSV_COLUMNS]
     df = df[ordered]

@@ -15,6 +15,7 @@ from typing import Optional
 DEFENSE_FOLDER = "defense"
 RESULT_NAME = "defense_result.pt"
 RUN_INFO_NAME = "run_info.json"
+GENERATOR_NAME = "trigger_generator.pt"  # PAM's reversed-sample generator, saved with the result
 CHECKPOINT_FOLDER, CHECKPOINT_NAME = "checkpoint", "last.pt"
 LOG_FOLDER, INDEX_NAME = "log", "index.txt"
 RETUNE_FOLDER, RETUNE_RESULT_NAME = "retune", "retune_result.pt"
@@ -52,6 +53,10 @@ class DefenseLayout:
     @property
     def result(self) -> Path:
         return self.folder / RESULT_NAME
+
+    @property
+    def trigger_generator(self) -> Path:
+        return self.folder / GENERATOR_NAME
 
     @property
     def finished(self) -> bool:

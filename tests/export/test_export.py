@@ -274,7 +274,12 @@ def test_export_refuses_bad_input_with_one_line_and_exit_2(bb_tree: Path, tmp_pa
     assert (bb_tree / "defense" / "ft-init.py").read_text() == render_defense("ft-init")
 
 
-@pytest.mark.parametrize("method", ["fst", "fe-tuning"])
+# pam: its inversion shrunk to CI size (the same settings on both sides)
+SMALL_PAM = ["--unlearn_rounds", "2", "--inversion_pretrain_epochs", "1", "--inversion_mask_epochs", "1",
+             "--inversion_generator_epochs", "1", "--generator_filters", "4"]
+
+
+@pytest.mark.parametrize("method", ["fst", "fe-tuning", "pam"])
 def test_the_exported_defense_runs_without_this_package_and_ends_with_the_plugins_weights(
         method: str, bb_tree: Path, bb: TinyBB, tmp_path: Path) -> None:
     shutil.copytree(bb.data, bb_tree / "data")
@@ -285,7 +290,7 @@ def test_the_exported_defense_runs_without_this_package_and_ends_with_the_plugin
     runner.write_text(HIDING_RUNNER)
     args = ["--result_file", name, "--yaml_path", f"./config/defense/{method}/cifar10.yaml", "--dataset", "cifar10",
             "--device", "cpu", "--num_workers", "0", "--epochs", "2", "--ratio", "0.5", "--random_seed", "3",
-            "--projection", "on"]
+            "--projection", "on", *(SMALL_PAM if method == "pam" else [])]
     exported = subprocess.run([sys.executable, "-I", str(runner), f"defense/{method}.py", *args],
                               cwd=bb_tree, capture_output=True, text=True, timeout=600)
     assert exported.returncode == 0, exported.stderr[-3000:]
@@ -293,6 +298,7 @@ def test_the_exported_defense_runs_without_this_package_and_ends_with_the_plugin
     assert {"defense_result.pt", f"{method}_df.csv", f"{method}_df_summary.csv", "loss_metric_plots.png",
             "acc_like_metric_plots.png"} <= {p.name for p in out.iterdir()}
     assert (out / "log" / "index.txt").is_file() and list((out / "log").glob("*.log"))
+    assert (out / "trigger_generator.pt").is_file() == (method == "pam")
     assert not (out / "checkpoint").exists()  # BackdoorBench's checkpoint_save is named, never made: no empty folder
     out = out.rename(out.with_name(f"{method}_exported"))
 
@@ -321,6 +327,11 @@ def test_the_exported_defense_runs_without_this_package_and_ends_with_the_plugin
     summary = pd.read_csv(out / f"{method}_df_summary.csv", index_col=0)
     assert list(summary.index) == ["last", "valid_max", "exist_nan_value"]
     assert (out / "log" / "index.txt").read_text() == (ours / "log" / "index.txt").read_text()
+    if method == "pam":  # the same reversed-sample generator on both sides
+        theirs_gen = torch.load(out / "trigger_generator.pt", weights_only=False)
+        ours_gen = torch.load(ours / "trigger_generator.pt", weights_only=False)
+        assert theirs_gen["target"] == ours_gen["target"]
+        assert all(torch.equal(theirs_gen["generator"][k], ours_gen["generator"][k]) for k in ours_gen["generator"])
 
 
 def record_weights(bb: TinyBB) -> dict[str, torch.Tensor]:

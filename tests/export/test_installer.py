@@ -17,7 +17,7 @@ from fst_plugin.record import load_untrusted
 from fst_plugin.plugins import available_defenses, load_defense
 from tests.builders import TinyBB
 
-METHODS = ["fe-tuning", "fst", "ft-init", "lp", "vanilla-ft"]
+METHODS = ["fe-tuning", "fst", "ft-init", "lp", "pam", "vanilla-ft"]
 
 BASE_PY = '''
 class defense(object):
@@ -81,7 +81,7 @@ def bb_tree(tmp_path: Path) -> Path:
     return root
 
 
-def test_entry_points_register_the_five_defenses() -> None:
+def test_entry_points_register_the_six_defenses() -> None:
     defenses = available_defenses()
     assert set(METHODS) <= set(defenses)
     for name in METHODS:
