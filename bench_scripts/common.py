@@ -46,9 +46,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def setup(threads: Optional[int] = None) -> None:
-    """Logging, and torch threads = the machine's cores (2 here) unless told otherwise."""
+    """Logging, and torch threads = the machine's cores (2 here) unless told otherwise (``threads``, else
+    OMP_NUM_THREADS: two 2-thread processes on 2 cores stall each other's parallel regions, ~10x slower)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+    torch.set_num_threads(threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1)
 
 
 def add_protocol_args(parser: argparse.ArgumentParser, data: bool = True, results: bool = True) -> None:

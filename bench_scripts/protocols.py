@@ -24,7 +24,10 @@ from fst_plugin.defense.config import DefenseConfig
 # the package's five tuning modes, and BackdoorBench's built-in defenses the grid can run from its checkout
 METHODS = ("lp", "vanilla-ft", "fe-tuning", "ft-init", "fst")
 BB_METHODS = ("ft", "ft-sam", "anp", "i-bau", "nad")
-GRID_VARIANTS = ("none", *METHODS, *BB_METHODS)  # the backdoored model ("none") and every grid defense
+# PAM (Min et al., NeurIPS 2024): the pam defense, and FST taking PAM's step and reversed samples ("fst-pam");
+# variant -> the mode it runs (settings: pam_run)
+PAM_VARIANTS = {"pam": "pam", "fst-pam": "fst"}
+GRID_VARIANTS = ("none", *METHODS, *PAM_VARIANTS, *BB_METHODS)  # the backdoored model ("none") and every defense
 REINIT_METHODS = ("fst", "ft-init", "fe-tuning")  # the modes that re-initialise the head (the size ablation's)
 
 # (attack, poisoning rate) pairs; the low-rate grid is what the paper's Table 1/2 claims are about.
@@ -56,6 +59,9 @@ class Protocol:
     defense_lr: float = DefenseConfig.lr
     defense_batch_size: int = DefenseConfig.batch_size
     alpha: float = DefenseConfig.alpha
+    # PAM's inversion settings on this protocol (both PAM variants; empty: the shipped yaml's, the authors')
+    pam_settings: dict = dataclasses.field(default_factory=dict)
+    pam_epochs: int = 90                    # the pam variant's unlearning epochs (fst-pam keeps defense_epochs)
     num_workers: int = 0
     eval_subset: Optional[int] = None       # per-epoch curve on this many clean + poisoned test images
     ablation_eval_subset: Optional[int] = None  # the same for ablation runs (their curves are not plotted)
@@ -76,12 +82,20 @@ class Protocol:
         return dataclasses.asdict(self)
 
 
+# the authors' PAM optimiser (fine_tune/BTIDBF/btidbfu.py: SGD lr 0.01, momentum 0.1, no schedule); fst-pam keeps FST's
+PAM_OPTIMISER = {"lr": 0.01, "sgd_momentum": 0.1, "lr_scheduler": "ConstantLR"}
+# The CPU scale-down, fixed before any PAM run (pam_epochs 15 in 3 rounds; the authors: 3 x 30): inversion 5
+# pretraining epochs, then 3 mask and 3 generator epochs per round (the authors: 50, 20, 30) with a half-width
+# generator (16 filters; the U-Net costs more per image than resnet9_cpu). Every variant tunes on the same 2%.
+CPU_PAM = {"unlearn_rounds": 3, "inversion_pretrain_epochs": 5, "inversion_mask_epochs": 3,
+           "inversion_generator_epochs": 3, "generator_filters": 16}
+
 PROTOCOLS: dict[str, Protocol] = {
     "cpu": Protocol("cpu", model="resnet9_cpu", device="cpu", epochs=10, batch_size=256, lr=0.1,
                     eval_subset=2000, ablation_eval_subset=500, grid=CPU_GRID,
                     # trimmed to what fits a shared 2-core machine in one session; the gpu protocol runs all
                     # (alpha 0 is FT-init with projection, i.e. the grid's ft-init run: not repeated)
-                    alphas=(0.05, 0.2, 0.5, 1.0), size_methods=("fst",),
+                    alphas=(0.05, 0.2, 0.5, 1.0), size_methods=("fst",), pam_settings=CPU_PAM, pam_epochs=15,
                     projection_methods=REINIT_METHODS,
                     notes="2-core CPU; per-epoch curves on 2000+2000 seeded test images"),
     "gpu": Protocol("gpu", model="preactresnet18", device="cuda", epochs=100, batch_size=128, lr=0.01,
@@ -97,6 +111,8 @@ PROTOCOLS: dict[str, Protocol] = {
                      train_per_class=40, test_per_class=10, defense_epochs=2, defense_ratio=0.25,
                      defense_batch_size=32, eval_subset=40, grid=(("badnets", 0.1), ("blended", 0.1)),
                      alphas=(0.0, 0.2), tuning_sizes=(20,), tsne_points=20,
+                     pam_epochs=2, pam_settings={"unlearn_rounds": 2, "inversion_pretrain_epochs": 1,
+                                   "inversion_mask_epochs": 1, "inversion_generator_epochs": 1, "generator_filters": 4},
                      notes="pipeline test only"),
 }
 
@@ -106,3 +122,13 @@ def get_protocol(name: str, **overrides) -> Protocol:
     if name not in PROTOCOLS:
         raise SystemExit(f"unknown protocol {name!r}; use one of {', '.join(PROTOCOLS)}")
     return dataclasses.replace(PROTOCOLS[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def pam_run(variant: str, protocol: Protocol) -> tuple[str, dict]:
+    """The mode and config overrides of a PAM variant on ``protocol``: its inversion settings, PAM switched on, and
+    for the pam variant the authors' optimiser and the protocol's pam_epochs (fst-pam keeps FST's optimiser)."""
+    mode = PAM_VARIANTS[variant]
+    settings = {**protocol.pam_settings, "pam": "on"}
+    if mode == "pam":
+        settings.update(PAM_OPTIMISER, epochs=protocol.pam_epochs)
+    return mode, settings

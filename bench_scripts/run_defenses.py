@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Sequence
 
 from bench_scripts.common import DATASET, add_protocol_args, link_data, log_timing, run_defense, start
-from bench_scripts.protocols import BB_METHODS, METHODS
+from bench_scripts.protocols import BB_METHODS, METHODS, PAM_VARIANTS, pam_run
 from fst_plugin.record.layout import DefenseLayout
 
 log = logging.getLogger("bench.run_defenses")
@@ -52,7 +52,12 @@ def run_ours(records: list[Path], methods: list[str], protocol, data_root: Path,
                 log.info("done already: %s", layout.result)
                 continue
             started = time.time()
-            result = run_defense(record_dir, method, protocol, data_root, seed=seed)
+            if method in PAM_VARIANTS:
+                mode, settings = pam_run(method, protocol)
+                result = run_defense(record_dir, mode, protocol, data_root, save_name=method, extra=settings,
+                                     seed=seed)
+            else:
+                result = run_defense(record_dir, method, protocol, data_root, seed=seed)
             log_timing(results, f"defense {method} {record_dir.name}", time.time() - started,
                        defense_wall_s=round(result.wall_time_s, 1))
 
@@ -92,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_protocol_args(parser)
     parser.add_argument("--records", nargs="*", help="record names (default: every record of the protocol)")
-    parser.add_argument("--methods", nargs="*", default=list(METHODS))
+    parser.add_argument("--methods", nargs="*", default=list(METHODS),
+                        help=f"ours: {' '.join(METHODS)}, and PAM's {' '.join(PAM_VARIANTS)}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backdoorbench", type=Path, help="a BackdoorBench checkout: also run its built-ins")
     parser.add_argument("--bb-defenses", nargs="*", default=list(BB_METHODS))

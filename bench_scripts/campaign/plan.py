@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from bench_scripts.campaign.profiles import CLEAN_REFERENCE, HELLO_KITTY, RECORDS, Profile, RecordSpec
-from bench_scripts.protocols import BB_METHODS
+from bench_scripts.protocols import BB_METHODS, PAM_VARIANTS
 
 STOP_AFTER = "{stop_after_s}"
 SMOKE_RECORD, SMOKE_REFERENCE = "badnets_0.1_s0", "badnets_0_s0"
@@ -182,8 +182,9 @@ def build_plan(p: Profile, paths: Paths, budget_s: float, backdoorbench: Optiona
                    tuple(Job(bench("evaluate", *protocol, *data,
                                    "--records", n, "--retune", "--out", str(paths.work / "retune" / f"{n}.csv")),
                              needs=n) for n in names), parallel=p.jobs)
-    pam = _stage(p, "pam", 22, "PAM (issue 22) on every record",
-                tuple(Job(bench("run_defenses", *common, "--records", n, "--methods", "pam"), needs=n) for n in names),
+    pam = _stage(p, "pam", 22, f"PAM and FST + PAM ({', '.join(PAM_VARIANTS)}) on every record, before the retune",
+                tuple(Job(bench("run_defenses", *common, "--records", n, "--methods", *PAM_VARIANTS), needs=n)
+                      for n in names),
                 parallel=p.jobs, skip=None if "pam" in registered else "pam not registered (fst-plugin list)")
     evaluate = _stage(p, "evaluate", 20, "the one evaluator on every model -> results.csv",
                       (Job(bench("evaluate", *protocol, *data, "--out",
@@ -193,7 +194,7 @@ def build_plan(p: Profile, paths: Paths, budget_s: float, backdoorbench: Optiona
                              str(paths.results)), needs=ANY_RECORD),))
     collect = _stage(p, "collect", 20, f"at most 8 files of at most 16 MB into {paths.out}")
     notes = (f"commit {commit or 'unknown'}; records trained side by side as {p.jobs} processes sharing the device",)
-    return Plan(p, paths, budget_s, (smoke, speed, records, defenses, builtins, reference, retune, pam, evaluate,
+    return Plan(p, paths, budget_s, (smoke, speed, records, defenses, builtins, reference, pam, retune, evaluate,
                                      table, collect), backdoorbench, notes)
 
 

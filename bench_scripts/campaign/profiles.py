@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from bench_scripts.campaign import figures as fig
-from bench_scripts.protocols import BB_METHODS
+from bench_scripts.protocols import BB_METHODS, get_protocol
 
 HELLO_KITTY = "resource/blended/hello_kitty.jpeg"   # in a BackdoorBench checkout; read there, never copied
 
@@ -76,8 +76,9 @@ def _interpolate_side_by_side(jobs: int) -> float:
 
 def _gpu_estimates(p: Profile) -> dict[str, Estimate]:
     epoch = _interpolate_side_by_side(min(p.jobs, len(RECORDS)))
-    models = len(RECORDS) * 7  # none, five modes, FST at lr 0.05
+    models = len(RECORDS) * 9  # none, five modes, FST at lr 0.05, PAM, FST + PAM
     half_defense = fig.FST_DEFENSE.seconds / 2
+    pam_epochs = get_protocol(p.protocol).pam_epochs
     return {
         "smoke": Estimate(2 * fig.RECORD_OVERHEAD.seconds + 12 * fig.FST_EPOCH_IN_DEFENSE.seconds + 15,
                           f"2 tiny records x {fig.RECORD_OVERHEAD.seconds} s record overhead [{fig.RECORD_OVERHEAD.source}]"
@@ -103,10 +104,13 @@ def _gpu_estimates(p: Profile) -> dict[str, Estimate]:
         "reference": Estimate(p.epochs * fig.ATTACK_EPOCH_ALONE.seconds + fig.RECORD_OVERHEAD.seconds,
                               min_s=3 * fig.ATTACK_EPOCH_ALONE.seconds + 30, basis=
                               f"{p.epochs} epochs x {fig.ATTACK_EPOCH_ALONE.seconds} s [{fig.ATTACK_EPOCH_ALONE.source}]"),
-        "retune": Estimate(6 * half_defense, min_s=half_defense, basis=
-                           f"6 models per record (none + five modes), records side by side, each a 5-epoch retune = "
+        "retune": Estimate(8 * half_defense, min_s=half_defense, basis=
+                           f"8 models per record (none, five modes, PAM, FST + PAM), records side by side, each a "
+                           f"5-epoch retune = "
                            f"half a 10-epoch defense, {half_defense:.1f} s [{fig.FST_DEFENSE.source}]"),
-        "pam": Estimate(fig.FST_DEFENSE.seconds, f"as one FST defense, records side by side [{fig.FST_DEFENSE.source}]"),
+        "pam": Estimate((pam_epochs / 10 + 1) * fig.FST_DEFENSE.seconds, min_s=fig.FST_DEFENSE.seconds, basis=
+                        f"pam's {pam_epochs} epochs and FST + PAM's 10 as 10-epoch FST defenses [{fig.FST_DEFENSE.source}]; "
+                        "the trigger inversion never measured on a GPU, so a lower bound"),
         "evaluate": Estimate(models * fig.EVALUATE_PER_MODEL.seconds,
                              f"{models} models x {fig.EVALUATE_PER_MODEL.seconds} s [{fig.EVALUATE_PER_MODEL.source}]"),
         "table": Estimate(fig.TINY_TABLE.seconds, f"CPU work on the CSVs [{fig.TINY_TABLE.source}]"),

@@ -14,7 +14,7 @@ from bench_scripts.ablations import LONGER_VARIANT, SIZE_VARIANT
 from bench_scripts.protocols import BB_METHODS, GRID_VARIANTS, REINIT_METHODS
 
 LABELS = {"none": "No defense", "lp": "LP", "vanilla-ft": "Vanilla FT", "fe-tuning": "FE-tuning",
-          "ft-init": "FT-init", "fst": "FST", "ft": "BB ft", "ft-sam": "BB ft-sam", "anp": "BB anp",
+          "ft-init": "FT-init", "fst": "FST", "pam": "PAM", "fst-pam": "FST + PAM", "ft": "BB ft", "ft-sam": "BB ft-sam", "anp": "BB anp",
           "i-bau": "BB i-bau", "nad": "BB nad", "clean-reference": "Clean reference"}
 LOW_RATE = 0.01  # the paper's claims are about the low-rate records (rate <= 1%)
 PERCENT = {"test_acc": "C-Acc", "test_asr": "ASR", "test_ra": "RA"}  # results.csv column -> table column (in %)
