@@ -6,9 +6,10 @@ paths are relative to BackdoorBench's root) and ``<BB>/data/cifar10`` to the dat
 --ratio <protocol's> [--epochs N ...]`` runs in its own process group from BackdoorBench's root, killed past
 its wall-clock cap. ``bb_hook/sitecustomize.py`` is first on that process's PYTHONPATH (then this repository,
 so it imports fst_plugin): it lets BackdoorBench build the package's CPU models (``resnet9_cpu``). A built-in
-tied to other architectures is not started. Every outcome lands in ``defense/<d>/builtin_run.json`` (status,
-one-line reason, wall time, cap, command), which evaluate.py turns into the results' rows; the script's output
-goes to ``defense/<d>/builtin_log.txt``. BackdoorBench's files are never copied or edited.
+tied to other architectures, or to CUDA on a CPU run, is not started. Every outcome lands in
+``defense/<d>/builtin_run.json`` (status, one-line reason, wall time, cap, command), which evaluate.py turns
+into the results' rows; the script's output goes to ``defense/<d>/builtin_log.txt``. BackdoorBench's files are
+never copied or edited.
 """
 from __future__ import annotations
 
@@ -119,8 +120,10 @@ def run_builtin(builtin: BuiltIn, record_dir: Path, protocol: Protocol, bb_root:
     folder = DefenseLayout.of(record_dir, builtin.name).folder
     model = load_attack_record(record_dir, check_files=False).model_name
     cap = cap_seconds(builtin, protocol)
-    if builtin.models is not None and model not in builtin.models:
-        outcome = BuiltinRun(builtin.name, CANNOT, f"{model}: {builtin.bound_by}", cap_s=cap)
+    why_not = (f"{model}: {builtin.bound_by}" if builtin.models is not None and model not in builtin.models else
+               f"on {device}: {builtin.cuda_only}" if builtin.cuda_only and not device.startswith("cuda") else "")
+    if why_not:
+        outcome = BuiltinRun(builtin.name, CANNOT, why_not, cap_s=cap)
         outcome.write(folder)
         return outcome
     argv = command(builtin, record_dir.name, model, protocol, bb_root, python, device, extra)
@@ -132,7 +135,7 @@ def run_builtin(builtin: BuiltIn, record_dir: Path, protocol: Protocol, bb_root:
     wall = round(time.time() - started, 1)
     produced = DefenseLayout.of(record_dir, builtin.name).finished
     if code is None:
-        status, reason = EXCEEDED, f"exceeded the {cap / 60:g}-min cap"
+        status, reason = EXCEEDED, f"exceeded the {f'{cap / 60:g}-min' if cap % 60 == 0 else f'{cap:g}-s'} cap"
     elif code == 0 and produced:
         status, reason = OK, ""
     else:

@@ -37,6 +37,7 @@ class BuiltIn:
     lengths: tuple[str, ...] = ("epochs",)    # its yaml keys that set how long it trains
     models: Optional[tuple[str, ...]] = None  # None: any model generate_cls_model builds
     bound_by: str = ""                        # why only ``models``: the BackdoorBench code that ties it to them
+    cuda_only: str = ""                       # why it needs CUDA: the BackdoorBench code that asks for it
 
 
 # the architectures BackdoorBench's per-model switches know (ANP's get_anp_network, EP's get_dde_network, BNP's
@@ -46,7 +47,9 @@ _SWITCH_MODELS = ("preactresnet18", "vgg19_bn", "densenet161", "mobilenet_v3_lar
 BUILTINS = (
     BuiltIn("ft", 30),
     BuiltIn("ft-sam", 45),
-    BuiltIn("i-bau", 30, lengths=("n_rounds",)),
+    BuiltIn("i-bau", 30, lengths=("n_rounds",),
+            cuda_only="defense/i-bau.py's loss_outer builds its patch with torch.zeros_like(images, device='cuda') "
+                      "('TODO: cpu training')"),
     BuiltIn("clp", 10, ratio=False, lengths=()),                  # data-free: prunes from the weights alone
     BuiltIn("nc", 60, lengths=("epochs", "nc_epoch")),
     BuiltIn("sau", 60, lengths=("n_rounds",)),

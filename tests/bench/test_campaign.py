@@ -21,6 +21,7 @@ from bench_scripts.campaign import __main__ as campaign
 from bench_scripts.campaign.plan import Paths, build_plan, format_plan
 from bench_scripts.campaign.profiles import HELLO_KITTY, PROFILES
 from bench_scripts.campaign.runner import Runner
+from bench_scripts.protocols import BB_METHODS
 from fst_plugin.demo import synthetic_images, write_image_folders
 
 STAGES = ("smoke", "speed", "records", "defenses", "builtins", "reference", "retune", "pam", "evaluate", "table",
@@ -64,6 +65,19 @@ def test_the_budget_decides_which_stages_start(tmp_path) -> None:
     assert runner.decide(plan.stage("evaluate")) is None  # the finishing stages have their reserve
     assert runner.decide(plan.stage("pam")).status == "skipped"
     assert "blended-hello_kitty_0.01_s0" in format_plan(plan)
+
+
+def test_the_builtins_stage_runs_every_builtin_of_the_one_list_through_run_defenses_under_the_profile_cap(tmp_path):
+    plan = build_plan(PROFILES["gpu"], Paths(tmp_path, tmp_path / "work", tmp_path / "out"), budget_s=540,
+                      backdoorbench=_fake_backdoorbench(tmp_path / "bb"))
+    stage = plan.stage("builtins")
+    assert stage.skip is None
+    ran = {(job.needs, job.argv[job.argv.index("--bb-defenses") + 1]) for job in stage.jobs}
+    assert {d for _, d in ran} == set(BB_METHODS) and len(ran) == len(stage.jobs)
+    for job in stage.jobs:
+        assert job.argv[1:3] == ("-m", "bench_scripts.run_defenses")
+        settings = job.argv[job.argv.index("--set") + 1:job.argv.index("--cache")]
+        assert f"bb_cap_s={PROFILES['gpu'].builtin_cap_s}" in settings
 
 
 def _wait_for(predicate, timeout_s: float) -> None:
