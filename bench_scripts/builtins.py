@@ -118,11 +118,13 @@ def run_builtin(builtin: BuiltIn, record_dir: Path, protocol: Protocol, bb_root:
                 device: str, extra: Sequence[str] = ()) -> BuiltinRun:
     """One built-in on one record; its outcome is written to ``defense/<d>/builtin_run.json`` and returned."""
     folder = DefenseLayout.of(record_dir, builtin.name).folder
+    (folder / LOG_FILE).unlink(missing_ok=True)   # an earlier run's output must not pass for this one's
     model = load_attack_record(record_dir, check_files=False).model_name
     cap = cap_seconds(builtin, protocol)
     why_not = (f"{model}: {builtin.bound_by}" if builtin.models is not None and model not in builtin.models else
                f"on {device}: {builtin.cuda_only}" if builtin.cuda_only and not device.startswith("cuda") else "")
     if why_not:
+        log.info("BackdoorBench %s on %s not started: %s", builtin.name, record_dir.name, why_not)
         outcome = BuiltinRun(builtin.name, CANNOT, why_not, cap_s=cap)
         outcome.write(folder)
         return outcome
@@ -144,5 +146,5 @@ def run_builtin(builtin: BuiltIn, record_dir: Path, protocol: Protocol, bb_root:
         reason = failure_reason(output, bb_root, code) if code else "exit 0 without writing defense_result.pt"
     outcome = BuiltinRun(builtin.name, status, reason, wall, cap, shown)
     outcome.write(folder)
-    log.info("BackdoorBench %s on %s: %s %s (%.0f s)", builtin.name, record_dir.name, status, reason, wall)
+    log.info("BackdoorBench %s on %s after %.0f s: %s", builtin.name, record_dir.name, wall, reason or status)
     return outcome

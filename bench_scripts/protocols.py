@@ -46,13 +46,13 @@ _SWITCH_MODELS = ("preactresnet18", "vgg19_bn", "densenet161", "mobilenet_v3_lar
                   "convnext_tiny", "vit_b_16")
 BUILTINS = (
     BuiltIn("ft", 30),
-    BuiltIn("ft-sam", 45),
+    BuiltIn("ft-sam", 30),
     BuiltIn("i-bau", 30, lengths=("n_rounds",),
             cuda_only="defense/i-bau.py's loss_outer builds its patch with torch.zeros_like(images, device='cuda') "
                       "('TODO: cpu training')"),
-    BuiltIn("clp", 10, ratio=False, lengths=()),                  # data-free: prunes from the weights alone
+    BuiltIn("clp", 20, ratio=False, lengths=()),                  # data-free: prunes from the weights alone
     BuiltIn("nc", 60, lengths=("epochs", "nc_epoch")),
-    BuiltIn("sau", 60, lengths=("n_rounds",)),
+    BuiltIn("sau", 30, lengths=("n_rounds",)),
     BuiltIn("fp", 45),
     BuiltIn("nad", 30, lengths=("epochs", "te_epochs"), models=(*_SWITCH_MODELS, "vgg19", "resnet18"),
             bound_by="defense/nad.py computes its attention-transfer loss only inside `if args.model == "
