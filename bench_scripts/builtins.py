@@ -74,14 +74,18 @@ def link_into(bb_root: Path, record_dir: Path, data_dir: Path) -> None:
             raise SystemExit(f"{link} exists and is not {target}; move it away or use another BackdoorBench checkout")
 
 
+def yaml_path(builtin: BuiltIn) -> str:
+    """BackdoorBench's CIFAR-10 settings of ``builtin``, relative to its root."""
+    return f"config/defense/{builtin.name}/{DATASET}.yaml"
+
+
 def command(builtin: BuiltIn, record: str, model: str, protocol: Protocol, bb_root: Path, python: str,
             device: str, extra: Sequence[str] = ()) -> list[str]:
     """BackdoorBench's command line for ``builtin``: its yaml, the record's model, the protocol's clean ratio, and
     the yaml's length settings capped at the protocol's ``bb_epochs`` (never raised)."""
-    yaml_path = f"./config/defense/{builtin.name}/{DATASET}.yaml"
-    settings = yaml.safe_load((bb_root / yaml_path).read_text()) or {}
+    settings = yaml.safe_load((bb_root / yaml_path(builtin)).read_text()) or {}
     argv = [python, f"./defense/{builtin.name}.py", "--result_file", record, "--dataset", DATASET,
-            "--yaml_path", yaml_path, "--model", model, "--device", device, "--num_workers", str(protocol.num_workers)]
+            "--yaml_path", f"./{yaml_path(builtin)}", "--model", model, "--device", device, "--num_workers", str(protocol.num_workers)]
     if builtin.ratio:
         argv += ["--ratio", f"{protocol.defense_ratio:g}"]
     for key in builtin.lengths if protocol.bb_epochs is not None else ():
@@ -123,9 +127,11 @@ def run_builtin(builtin: BuiltIn, record_dir: Path, protocol: Protocol, bb_root:
     cap = cap_seconds(builtin, protocol)
     why_not = (f"{model}: {builtin.bound_by}" if builtin.models is not None and model not in builtin.models else
                f"on {device}: {builtin.cuda_only}" if builtin.cuda_only and not device.startswith("cuda") else "")
-    if why_not:
-        log.info("BackdoorBench %s on %s not started: %s", builtin.name, record_dir.name, why_not)
-        outcome = BuiltinRun(builtin.name, CANNOT, why_not, cap_s=cap)
+    missing = [p for p in (f"defense/{builtin.name}.py", yaml_path(builtin)) if not (bb_root / p).is_file()]
+    if why_not or missing:
+        status, reason = (CANNOT, why_not) if why_not else (FAILED, f"this checkout has no {' or '.join(missing)}")
+        log.info("BackdoorBench %s on %s not started: %s", builtin.name, record_dir.name, reason)
+        outcome = BuiltinRun(builtin.name, status, reason, cap_s=cap)
         outcome.write(folder)
         return outcome
     argv = command(builtin, record_dir.name, model, protocol, bb_root, python, device, extra)

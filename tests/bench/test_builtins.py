@@ -98,11 +98,11 @@ def tree(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ran(tree):
-    """ft (through the hook), sau (raises), nad (tied to other models), i-bau (needs CUDA), ft-sam (asleep past a
-    3-second cap)."""
+    """ft (through the hook), sau (raises), nad (tied to other models), i-bau (needs CUDA), clp (not in this
+    checkout), ft-sam (asleep past a 3-second cap)."""
     with pytest.MonkeyPatch.context() as patch:   # the harness's sitecustomize first, as a test harness puts it
         patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, (str(tree / "harness"), os.environ.get("PYTHONPATH")))))
-        for defenses, cap in ((["ft", "sau", "nad", "i-bau"], 600), (["ft-sam"], 3)):
+        for defenses, cap in ((["ft", "sau", "nad", "i-bau", "clp"], 600), (["ft-sam"], 3)):
             protocol = dataclasses.replace(get_protocol("cpu"), bb_cap_s=cap)
             run_backdoorbench([tree / "cache" / "record" / RECORD], defenses, tree / "bb", protocol,
                               tree / "data" / "cifar10", tree / "results", force=False, python=sys.executable)
@@ -152,7 +152,10 @@ def test_a_failing_defense_gets_its_one_line_reason_and_a_model_or_cuda_bound_on
     assert bound.status == builtins.CANNOT and bound.reason == f"resnet9_cpu: {BUILTIN['nad'].bound_by}"
     cuda = _outcome(ran, "i-bau")
     assert cuda.status == builtins.CANNOT and cuda.reason == f"on cpu: {BUILTIN['i-bau'].cuda_only}"
-    for name in ("nad", "i-bau"):
+    absent = _outcome(ran, "clp")
+    assert absent.status == builtins.FAILED and absent.reason == "this checkout has no defense/clp.py or " \
+        "config/defense/clp/cifar10.yaml"
+    for name in ("nad", "i-bau", "clp"):
         assert not (ran / name / builtins.LOG_FILE).exists()
 
 
