@@ -60,6 +60,7 @@ class BuiltinRun:
 
 
 def cap_seconds(builtin: BuiltIn, protocol: Protocol) -> float:
+    """The protocol's one cap for every built-in (the campaign's), else the built-in's own CPU cap."""
     return float(protocol.bb_cap_s) if protocol.bb_cap_s is not None else 60.0 * builtin.cpu_cap_min
 
 
@@ -85,7 +86,8 @@ def command(builtin: BuiltIn, record: str, model: str, protocol: Protocol, bb_ro
     the yaml's length settings capped at the protocol's ``bb_epochs`` (never raised)."""
     settings = yaml.safe_load((bb_root / yaml_path(builtin)).read_text()) or {}
     argv = [python, f"./defense/{builtin.name}.py", "--result_file", record, "--dataset", DATASET,
-            "--yaml_path", f"./{yaml_path(builtin)}", "--model", model, "--device", device, "--num_workers", str(protocol.num_workers)]
+            "--yaml_path", f"./{yaml_path(builtin)}", "--model", model, "--device", device,
+            "--num_workers", str(protocol.num_workers)]
     if builtin.ratio:
         argv += ["--ratio", f"{protocol.defense_ratio:g}"]
     for key in builtin.lengths if protocol.bb_epochs is not None else ():

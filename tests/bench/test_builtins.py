@@ -35,7 +35,8 @@ sys.path.append(os.getcwd())
 import torch
 from utils.aggregate_block.model_trainer_generate import generate_cls_model
 parser = argparse.ArgumentParser()
-for flag in ("--result_file", "--model", "--yaml_path", "--dataset", "--device", "--num_workers", "--ratio", "--epochs"):
+for flag in ("--result_file", "--model", "--yaml_path", "--dataset", "--device", "--num_workers", "--ratio",
+             "--epochs"):
     parser.add_argument(flag)
 args, _ = parser.parse_known_args()
 record = os.path.join("record", args.result_file)
