@@ -27,6 +27,13 @@ def _column(runs: pd.DataFrame, name: str) -> pd.Series:
     return runs[name] if name in runs else pd.Series(np.nan, index=runs.index)
 
 
+def _why(status: str, reason: object) -> str:
+    """``status: reason``, or the reason alone where it says the status already ("exceeded the 30-min cap")."""
+    if not isinstance(reason, str) or not reason:
+        return status
+    return reason if reason.startswith(status.split()[0]) else f"{status}: {reason}"
+
+
 def summary(df: pd.DataFrame) -> pd.DataFrame:
     """One row per defense (ours, then every built-in, run or not): over the low-rate records it ran on, the mean
     C-Acc, ASR, retuned ASR (fractions) and wall time (s), how many records it ran on, and why it did not on the
@@ -37,7 +44,7 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
     for defense in DEFENSES:
         runs = low[low["variant"] == defense]
         ran = runs[runs["test_acc"].notna()]
-        reasons = sorted({f"{status}: {reason}" if reason else status for status, reason in
+        reasons = sorted({_why(status, reason) for status, reason in
                           zip(_column(runs, "bb_status"), _column(runs, "bb_reason"))
                           if isinstance(status, str) and status != "ok"})
         rows.append({"defense": defense, "source": "BackdoorBench" if defense in BB_METHODS else "fst_plugin",

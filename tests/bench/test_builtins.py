@@ -203,7 +203,9 @@ def _results() -> pd.DataFrame:
                  {**base, "record": record, "rate": rate, "variant": "ft", "test_acc": 0.84, "test_asr": 0.5 + rate,
                   "retune_asr": 0.9, "defense_wall_s": 300.0, "bb_status": "ok", "bb_reason": ""},
                  {**base, "record": record, "rate": rate, "variant": "nad", "test_acc": np.nan, "test_asr": np.nan,
-                  "bb_status": "cannot run", "bb_reason": "resnet9_cpu: defense/nad.py ..."}]
+                  "bb_status": "cannot run", "bb_reason": "resnet9_cpu: defense/nad.py ..."},
+                 {**base, "record": record, "rate": rate, "variant": "fp", "test_acc": np.nan, "test_asr": np.nan,
+                  "bb_status": builtins.EXCEEDED, "bb_reason": "exceeded the 45-min cap"}]
     return pd.DataFrame(rows)
 
 
@@ -218,6 +220,7 @@ def test_the_side_by_side_section_has_each_defense_its_reason_and_the_low_rate_m
     # ft's ASR over the two low-rate records only (the 5% record is left out): (0.51 + 0.505) / 2
     assert lines["BB ft"].split(" | ")[2:7] == ["2/2", "84.00", "50.75", "90.00", "300"]
     assert "cannot run: resnet9_cpu: defense/nad.py ..." in lines["BB nad"]
+    assert lines["BB fp"].endswith("| – | exceeded the 45-min cap |")
     assert lines["FST"].split(" | ")[2:7] == ["2/2", "72.00", "1.00", "2.00", "40"]
     assert "not run" in lines["BB sau"]
     assert "badnets 5%" not in text and "badnets 0.5%" in text
