@@ -11,7 +11,9 @@ C-Acc, ASR, RA, DER against "none", and where the poisoned images' penultimate f
 to the target class's clean-feature centroid (a head-free feature-level ASR), the share nearest to their own
 class's, and the silhouette of target-class clean vs poisoned features (bench_scripts/measures.py: C-Acc, ASR
 and RA through fst_plugin.core.metrics, the package's one evaluator). The defense wall time comes from the
-defense's run_info.json. Per-model results are cached next to the model (bench_eval.json, keyed by the
+defense's run_info.json (a BackdoorBench built-in's from the runner's builtin_run.json, whose status and one-line
+reason fill ``bb_status`` / ``bb_reason``; a built-in that left no model gets a row with its reason and no
+numbers). Per-model results are cached next to the model (bench_eval.json, keyed by the
 file's size and mtime), so re-running after adding defenses only evaluates the new ones.
 
 Retuning attack (issue 11, fst_plugin.probes.retune): ``retune_acc``, ``retune_asr``, ``retune_ra`` are each model's
@@ -41,6 +43,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bench_scripts.builtins import RUN_FILE, BuiltinRun
 from bench_scripts.common import add_protocol_args, link_data, load_defended, load_model, log_timing, start
 from bench_scripts.measures import TestSets, measure
 from bench_scripts.protocols import GRID_VARIANTS
@@ -50,7 +53,7 @@ from fst_plugin.probes.config import CLEAN_REFERENCE, QraConfig, RetuneConfig
 from fst_plugin.probes.qra import read_metrics, run_qra
 from fst_plugin.probes.retune import run_retune
 from fst_plugin.record import load_attack_record
-from fst_plugin.record.layout import DefenseLayout, defense_results
+from fst_plugin.record.layout import DefenseLayout, defense_results, defenses_dir
 from fst_plugin.runtime import resolve_device
 
 log = logging.getLogger("bench.evaluate")
@@ -84,7 +87,7 @@ def variant_columns(defense_dir: Path) -> dict[str, Any]:
     layout = DefenseLayout(defense_dir, defense_dir.name)
     info_path = layout.run_info
     if not info_path.is_file():  # a BackdoorBench built-in
-        return {"method": defense_dir.name, "source": "backdoorbench"}
+        return builtin_columns(defense_dir)
     info = json.loads(info_path.read_text())
     cfg = info.get("config", {})
     index = cfg.get("index")
@@ -94,6 +97,25 @@ def variant_columns(defense_dir: Path) -> dict[str, Any]:
             "n_clean": n_clean, "projection": {None: "auto", True: "on", False: "off"}.get(cfg.get("projection")),
             "projection_bound": cfg.get("projection_bound", "equal"),
             "epochs": cfg.get("epochs"), "defense_wall_s": round(float(info.get("wall_time_s", float("nan"))), 1)}
+
+
+def builtin_columns(defense_dir: Path) -> dict[str, Any]:
+    """A BackdoorBench built-in's columns: its status, one-line reason and wall time (builtin_run.json)."""
+    run = BuiltinRun.read(defense_dir)
+    columns: dict[str, Any] = {"method": defense_dir.name, "source": "backdoorbench"}
+    if run is not None:
+        columns.update(bb_status=run.status, bb_reason=run.reason, defense_wall_s=run.wall_s)
+    return columns
+
+
+def unfinished_builtins(record_dir: Path, base: dict[str, Any]) -> list[dict[str, Any]]:
+    """A row for each built-in that left no defense_result.pt (failed, past its cap, or cannot run), with its reason."""
+    rows = []
+    for run_file in sorted(defenses_dir(record_dir).glob(f"*/{RUN_FILE}")):
+        if not DefenseLayout.of(record_dir, run_file.parent.name).finished:
+            rows.append({**base, "variant": run_file.parent.name, **builtin_columns(run_file.parent),
+                         **dict.fromkeys(("test_acc", "test_asr", "test_ra", "der"), np.nan)})
+    return rows
 
 
 def find_reference(record_dir: Path, seed: Any, name: str | None = None) -> Path | None:
@@ -184,7 +206,7 @@ def evaluate_record(record_dir: Path, data_dir: Path, device: str, retune: Retun
                  100 * metrics["test_acc"], 100 * metrics["test_asr"], 100 * metrics["test_ra"])
     if retune is not None:
         rows += retune_rows(record_dir, rows, sets, before, retune, qra)
-    return rows
+    return rows + unfinished_builtins(record_dir, base)
 
 
 def retune_rows(record_dir: Path, rows: list[dict[str, Any]], sets: TestSets, before: dict[str, float],
@@ -242,7 +264,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
               None if "all" in args.qra_variants else set(args.qra_variants))
     rows = [row for name in names for row in evaluate_record(run.record_dir(name), args.data, device, retune, qra)]
     df = pd.DataFrame(rows)
-    for col in ("alpha", "n_clean", "projection", "projection_bound", "epochs"):
+    for col in ("alpha", "n_clean", "projection", "projection_bound", "epochs", "bb_status", "bb_reason"):
         if col not in df:
             df[col] = np.nan
     df.insert(0, "protocol", protocol.name)

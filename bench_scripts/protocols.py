@@ -21,9 +21,57 @@ from typing import Optional
 
 from fst_plugin.defense.config import DefenseConfig
 
-# the package's five tuning modes, and BackdoorBench's built-in defenses the grid can run from its checkout
+# the package's five tuning modes
 METHODS = ("lp", "vanilla-ft", "fe-tuning", "ft-init", "fst")
-BB_METHODS = ("ft", "ft-sam", "anp", "i-bau", "nad")
+
+
+@dataclass(frozen=True)
+class BuiltIn:
+    """One of BackdoorBench's post-training defenses as the grid runs it: ``defense/<name>.py`` with its own
+    ``config/defense/<name>/cifar10.yaml``, the protocol's clean ratio where it takes one (``ratio``), its
+    yaml's length settings (``lengths``) capped at the protocol's ``bb_epochs``, and a wall-clock cap."""
+
+    name: str
+    cpu_cap_min: int                          # wall-clock cap on the 2-core CPU (protocol bb_cap_s: None)
+    ratio: bool = True                        # takes --ratio, its clean training fraction
+    lengths: tuple[str, ...] = ("epochs",)    # its yaml keys that set how long it trains
+    models: Optional[tuple[str, ...]] = None  # None: any model generate_cls_model builds
+    bound_by: str = ""                        # why only ``models``: the BackdoorBench code that ties it to them
+    cuda_only: str = ""                       # why it needs CUDA: the BackdoorBench code that asks for it
+
+
+# the architectures BackdoorBench's per-model switches know (ANP's get_anp_network, EP's get_dde_network, BNP's
+# get_mbns_network rebuild the model with their own BatchNorm class; NAD picks layers per model name)
+_SWITCH_MODELS = ("preactresnet18", "vgg19_bn", "densenet161", "mobilenet_v3_large", "efficientnet_b3",
+                  "convnext_tiny", "vit_b_16")
+BUILTINS = (
+    BuiltIn("ft", 30),
+    BuiltIn("ft-sam", 30),
+    BuiltIn("i-bau", 30, lengths=("n_rounds",),
+            cuda_only="defense/i-bau.py's loss_outer builds its patch with torch.zeros_like(images, device='cuda') "
+                      "('TODO: cpu training')"),
+    BuiltIn("clp", 20, ratio=False, lengths=()),                  # data-free: prunes from the weights alone
+    BuiltIn("nc", 60, lengths=("epochs", "nc_epoch")),
+    BuiltIn("sau", 30, lengths=("n_rounds",)),
+    BuiltIn("fp", 45),
+    BuiltIn("nad", 30, lengths=("epochs", "te_epochs"), models=(*_SWITCH_MODELS, "vgg19", "resnet18"),
+            bound_by="defense/nad.py computes its attention-transfer loss only inside `if args.model == "
+                     "'preactresnet18'` / 'vgg19' / ... branches that name each model's layers"),
+    BuiltIn("anp", 45, lengths=(), models=_SWITCH_MODELS,
+            bound_by="defense/anp.py's get_anp_network rebuilds the model with NoisyBatchNorm2d for "
+                     + ", ".join(_SWITCH_MODELS) + " only (else SystemError)"),
+    BuiltIn("ep", 10, ratio=False, lengths=(), models=_SWITCH_MODELS,
+            bound_by="defense/ep.py's get_dde_network rebuilds the model with BatchNorm2d_DDE for "
+                     + ", ".join(_SWITCH_MODELS) + " only (else SystemError)"),
+    BuiltIn("bnp", 10, lengths=(), models=_SWITCH_MODELS,
+            bound_by="defense/bnp.py's get_mbns_network rebuilds the model with BatchNorm2d_MBNS for "
+                     + ", ".join(_SWITCH_MODELS) + " only (else SystemError)"),
+    BuiltIn("npd", 45, models=("preactresnet18",),
+            bound_by="defense/npd.py's prepare_polarizer asserts args.model == 'preactresnet18' and plugs its "
+                     "polarizer at the yaml's target_layer_name layer4.1.conv1"),
+)
+BUILTIN = {b.name: b for b in BUILTINS}
+BB_METHODS = tuple(BUILTIN)     # BackdoorBench's built-ins the grid runs from its checkout
 # PAM (Min et al., NeurIPS 2024): the pam defense, and FST taking PAM's step and reversed samples ("fst-pam");
 # variant -> the mode it runs (settings: pam_run)
 PAM_VARIANTS = {"pam": "pam", "fst-pam": "fst"}
@@ -76,6 +124,10 @@ class Protocol:
     long_methods: tuple = ("fst",)
     ablation_lrs: tuple = (0.05,)           # the "larger lr" check (the paper's lr is defense_lr = 0.01)
     tsne_points: int = 500                  # per group (target-class clean, poisoned) in diagnostics
+    # BackdoorBench's built-ins (BUILTINS): their length settings capped at this many epochs (None: the yaml's)
+    # and one wall-clock cap for each run (None: each built-in's cpu_cap_min)
+    bb_epochs: Optional[int] = None
+    bb_cap_s: Optional[int] = None
     notes: str = ""
 
     def to_dict(self) -> dict:
@@ -96,7 +148,7 @@ PROTOCOLS: dict[str, Protocol] = {
                     # trimmed to what fits a shared 2-core machine in one session; the gpu protocol runs all
                     # (alpha 0 is FT-init with projection, i.e. the grid's ft-init run: not repeated)
                     alphas=(0.05, 0.2, 0.5, 1.0), size_methods=("fst",), pam_settings=CPU_PAM, pam_epochs=15,
-                    projection_methods=REINIT_METHODS,
+                    projection_methods=REINIT_METHODS, bb_epochs=10,
                     notes="2-core CPU; per-epoch curves on 2000+2000 seeded test images"),
     "gpu": Protocol("gpu", model="preactresnet18", device="cuda", epochs=100, batch_size=128, lr=0.01,
                     momentum=0.9, nesterov=False, schedule="cosine", weight_decay=5e-4,
@@ -110,7 +162,7 @@ PROTOCOLS: dict[str, Protocol] = {
     "tiny": Protocol("tiny", model="preactresnet_small", device="cpu", epochs=1, batch_size=64, lr=0.05,
                      train_per_class=40, test_per_class=10, defense_epochs=2, defense_ratio=0.25,
                      defense_batch_size=32, eval_subset=40, grid=(("badnets", 0.1), ("blended", 0.1)),
-                     alphas=(0.0, 0.2), tuning_sizes=(20,), tsne_points=20,
+                     alphas=(0.0, 0.2), tuning_sizes=(20,), tsne_points=20, bb_epochs=1,
                      pam_epochs=2, pam_settings={"unlearn_rounds": 2, "inversion_pretrain_epochs": 1,
                                    "inversion_mask_epochs": 1, "inversion_generator_epochs": 1, "generator_filters": 4},
                      notes="pipeline test only"),

@@ -1,7 +1,8 @@
 """Run the defense grid on cached attack records: our five tuning modes and, optionally, BackdoorBench's built-ins.
 
     python -m bench_scripts.run_defenses --protocol cpu --data data/cifar10 [--records badnets_0.01_s0 ...]
-        [--methods lp vanilla-ft fe-tuning ft-init fst] [--backdoorbench ~/BackdoorBench --bb-defenses ft ft-sam anp i-bau nad]
+        [--methods lp vanilla-ft fe-tuning ft-init fst] [--backdoorbench ~/BackdoorBench
+         --bb-defenses ft ft-sam i-bau ... --bb-python BB_VENV/bin/python]
 
 Each defense runs through its BackdoorBench life cycle (the registered class from fst_plugin.plugins) with the
 protocol's settings (paper defaults: 2% clean data, 10 epochs, lr 0.01, alpha 0.2, seed 0) and writes
@@ -9,26 +10,25 @@ protocol's settings (paper defaults: 2% clean data, 10 epochs, lr 0.01, alpha 0.
 finished defense (defense_result.pt present) is skipped unless --force. Numbers for the tables come from
 evaluate.py, which re-evaluates every defense_result.pt on the full test sets.
 
-BackdoorBench built-ins are run with its own scripts from its root: the record is linked as
-``<BB>/record/<name>`` and ``python ./defense/<d>.py --result_file ... --yaml_path
-./config/defense/<d>/cifar10.yaml`` is called (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1, since its torch.load predates
-torch 2.6). They need a model BackdoorBench can build, i.e. the gpu protocol's preactresnet18 (not resnet9_cpu),
-and CIFAR-10 under <BB>/data/cifar10.
+BackdoorBench built-ins (--backdoorbench BB, the list and caps in protocols.BUILTINS) are run by its own scripts
+from its root, each in its own process group under a wall-clock cap, with an import hook that lets BackdoorBench
+build the cpu protocol's resnet9_cpu (bench_scripts/builtins.py); each writes
+``record/<name>/defense/<d>/builtin_run.json`` (ok / failed / exceeded the cap / cannot run, with a one-line
+reason), which evaluate.py reads. A built-in with that file is skipped unless --force.
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
-from bench_scripts.common import DATASET, add_protocol_args, link_data, log_timing, run_defense, start
-from bench_scripts.protocols import BB_METHODS, METHODS, PAM_VARIANTS, pam_run
+from bench_scripts.builtins import BuiltinRun, link_into, run_builtin
+from bench_scripts.common import add_protocol_args, link_data, log_timing, run_defense, start
+from bench_scripts.protocols import BB_METHODS, BUILTIN, METHODS, PAM_VARIANTS, pam_run
 from fst_plugin.record.layout import DefenseLayout
 
 log = logging.getLogger("bench.run_defenses")
@@ -62,35 +62,27 @@ def run_ours(records: list[Path], methods: list[str], protocol, data_root: Path,
                        defense_wall_s=round(result.wall_time_s, 1))
 
 
-def run_backdoorbench(records: list[Path], defenses: list[str], bb_root: Path, protocol, results: Path,
-                      force: bool, extra_args: Sequence[str] = ()) -> None:
-    """BackdoorBench's own defense scripts on our records (see the module docstring for the requirements)."""
+def run_backdoorbench(records: list[Path], defenses: list[str], bb_root: Path, protocol, data_dir: Path,
+                      results: Path, force: bool, python: str, extra_args: Sequence[str] = ()) -> None:
+    """BackdoorBench's own defense scripts on our records (bench_scripts/builtins.py), each under its cap."""
     bb_root = bb_root.resolve()
     if not (bb_root / "defense").is_dir():
-        raise SystemExit(f"{bb_root} is not a BackdoorBench checkout (no defense/ folder)")
-    env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
+        raise SystemExit(f"{bb_root} is not a BackdoorBench checkout (no defense/ folder); pass its root")
+    unknown = sorted(set(defenses) - set(BUILTIN))
+    if unknown:
+        raise SystemExit(f"unknown built-ins {unknown}; use some of {', '.join(BUILTIN)} (protocols.BUILTINS)")
     device = "cuda" if protocol.device in ("auto", "cuda") else protocol.device
     for record_dir in records:
-        # the record's bd_train/bd_test PNG folders are stored as ./record/<name>/..., relative to BackdoorBench's
-        # root, so the link must carry the record's own name
-        name = record_dir.name
-        link = bb_root / "record" / name
-        link.parent.mkdir(exist_ok=True)
-        if not link.exists():
-            link.symlink_to(record_dir.resolve(), target_is_directory=True)
-        elif link.resolve() != record_dir.resolve():
-            raise SystemExit(f"{link} exists and is not this record ({record_dir}); move it away or run the other "
-                             "protocol's records from another BackdoorBench checkout")
+        link_into(bb_root, record_dir, data_dir)
         for defense in defenses:
-            if DefenseLayout.of(record_dir, defense).finished and not force:
+            layout = DefenseLayout.of(record_dir, defense)
+            if (layout.finished or BuiltinRun.read(layout.folder)) and not force:
+                log.info("done already: %s", layout.folder)
                 continue
-            cmd = [sys.executable, f"./defense/{defense}.py", "--result_file", name, "--dataset", DATASET,
-                   "--yaml_path", f"./config/defense/{defense}/{DATASET}.yaml", "--device", device,
-                   "--num_workers", str(protocol.num_workers), *extra_args]
-            log.info("BackdoorBench: %s", " ".join(cmd))
-            started = time.time()
-            subprocess.run(cmd, cwd=bb_root, env=env, check=True)
-            log_timing(results, f"backdoorbench {defense} {record_dir.name}", time.time() - started)
+            layout.result.unlink(missing_ok=True)   # a forced re-run must not count an earlier run's result
+            outcome = run_builtin(BUILTIN[defense], record_dir, protocol, bb_root, python, device, extra_args)
+            log_timing(results, f"backdoorbench {defense} {record_dir.name}", outcome.wall_s, status=outcome.status,
+                       reason=outcome.reason)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -103,7 +95,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backdoorbench", type=Path, help="a BackdoorBench checkout: also run its built-ins")
     parser.add_argument("--bb-defenses", nargs="*", default=list(BB_METHODS))
     parser.add_argument("--bb-args", default="", help="extra arguments for BackdoorBench's defense scripts, "
-                        "e.g. --bb-args='--epochs 1 --amp True'")
+                        "e.g. --bb-args='--amp False'")
+    parser.add_argument("--bb-python", default=sys.executable,
+                        help="the interpreter BackdoorBench runs with (default: this one); it needs BackdoorBench's "
+                             "requirements, and imports fst_plugin from this repository")
     parser.add_argument("--force", action="store_true")
     run = start(parser, argv)
     args, protocol, results = run.args, run.protocol, run.results
@@ -111,8 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     records = list_records(run.root, args.records)
     run_ours(records, args.methods, protocol, data_root, results, args.seed, args.force)
     if args.backdoorbench:
-        run_backdoorbench(records, args.bb_defenses, args.backdoorbench, protocol, results, args.force,
-                          shlex.split(args.bb_args))
+        run_backdoorbench(records, args.bb_defenses, args.backdoorbench, protocol, args.data, results, args.force,
+                          args.bb_python, shlex.split(args.bb_args))
 
 
 if __name__ == "__main__":

@@ -168,14 +168,15 @@ def build_plan(p: Profile, paths: Paths, budget_s: float, backdoorbench: Optiona
                          Job(bench("run_defenses", *common, "--records", n), needs=n),
                          Job(bench("ablations", *common, "--record", n, "--only", "lr"), needs=n))),
                      parallel=p.jobs)
-    builtin_skip = ("no BackdoorBench checkout (--backdoorbench)" if backdoorbench is None else
-                    None if p.protocol.startswith("gpu") else
-                    f"BackdoorBench cannot build the {p.protocol} protocol's model")
-    builtins = _stage(p, "builtins", 21, f"BackdoorBench's {', '.join(BB_METHODS)} (run_defenses --backdoorbench), default "
-                     f"settings, each capped at {p.builtin_cap_s} s",
-                     tuple(Job(bench("run_defenses", *common, "--records", n, "--methods", "--backdoorbench",
+    # BackdoorBench's built-ins (protocols.BUILTINS) through run_defenses' runner, each under the profile's cap
+    builtin_common = ("--protocol", p.protocol, "--set", *p.record_set, f"bb_cap_s={p.builtin_cap_s}", "--cache",
+                      str(paths.cache), "--results", str(paths.results), *data)
+    builtins = _stage(p, "builtins", 21, f"BackdoorBench's {', '.join(BB_METHODS)} (run_defenses --backdoorbench), "
+                     f"their cifar10.yaml, each capped at {p.builtin_cap_s} s",
+                     tuple(Job(bench("run_defenses", *builtin_common, "--records", n, "--methods", "--backdoorbench",
                                      str(backdoorbench or "BACKDOORBENCH"), "--bb-defenses", d), needs=n)
-                           for n in names for d in BB_METHODS), parallel=p.jobs, skip=builtin_skip)
+                           for n in names for d in BB_METHODS), parallel=p.jobs,
+                     skip=None if backdoorbench is not None else "no BackdoorBench checkout (--backdoorbench)")
     reference = _records_stage(p, paths, common, backdoorbench, (CLEAN_REFERENCE,), "reference", 21,
                                "the clean reference (rate 0) that retune and QRA compare against")
     retune = _stage(p, "retune", 21, "evaluate --retune: the retuning attack on every model, with the clean reference",

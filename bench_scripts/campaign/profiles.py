@@ -125,7 +125,9 @@ def _tiny_estimates(p: Profile) -> dict[str, Estimate]:
                 "pam": fig.TINY_DEFENSES, "evaluate": fig.TINY_EVALUATE, "table": fig.TINY_TABLE}
     out = {name: Estimate(figure.seconds, f"[{figure.source}]", min_s=figure.seconds / 4)
            for name, figure in measured.items()}
-    out["builtins"] = Estimate(0, "skipped on the tiny protocol: BackdoorBench cannot build its model")
+    out["builtins"] = Estimate(len(BB_METHODS) * p.builtin_cap_s, min_s=p.builtin_cap_s, basis=
+                               f"{len(BB_METHODS)} built-ins x their cap {p.builtin_cap_s} s (an upper bound, not "
+                               "measured)")
     out["collect"] = Estimate(1, "copies at most 8 files")
     return out
 

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from bench_scripts.evaluate import QRA_COLUMNS, RETUNE_COLUMNS, RETUNE_VARIANTS
+from bench_scripts.protocols import BB_METHODS
 from bench_scripts.report.figures import pyplot, save
 from bench_scripts.report.tables import LABELS, PERCENT, pct, per_record_lines
 
@@ -32,7 +33,8 @@ def retune_section(df: pd.DataFrame) -> Optional[str]:
     sub = _retuned(df)
     if sub.empty:
         return None
-    methods = [m for m in RETUNE_VARIANTS if m in set(sub["variant"])]
+    # the built-ins' columns are the side-by-side section's (report/side_by_side.py); the long table lists them all
+    methods = [m for m in RETUNE_VARIANTS if m in set(sub["variant"]) and m not in BB_METHODS]
 
     def cells(_rate: float, _m: str, r: Optional[pd.Series]) -> list[str]:
         return ([pct(r.test_acc) if r is not None else "–",

@@ -11,11 +11,12 @@ import numpy as np
 import pandas as pd
 
 from bench_scripts.ablations import LONGER_VARIANT, SIZE_VARIANT
-from bench_scripts.protocols import BB_METHODS, GRID_VARIANTS, REINIT_METHODS
+from bench_scripts.protocols import BB_METHODS, METHODS, PAM_VARIANTS, REINIT_METHODS
 
 LABELS = {"none": "No defense", "lp": "LP", "vanilla-ft": "Vanilla FT", "fe-tuning": "FE-tuning",
-          "ft-init": "FT-init", "fst": "FST", "pam": "PAM", "fst-pam": "FST + PAM", "ft": "BB ft", "ft-sam": "BB ft-sam", "anp": "BB anp",
-          "i-bau": "BB i-bau", "nad": "BB nad", "clean-reference": "Clean reference"}
+          "ft-init": "FT-init", "fst": "FST", "pam": "PAM", "fst-pam": "FST + PAM",
+          **{m: f"BB {m}" for m in BB_METHODS}, "clean-reference": "Clean reference"}
+OURS = ("none", *METHODS, *PAM_VARIANTS)  # the main table's columns; the built-ins have their side-by-side section
 LOW_RATE = 0.01  # the paper's claims are about the low-rate records (rate <= 1%)
 PERCENT = {"test_acc": "C-Acc", "test_asr": "ASR", "test_ra": "RA"}  # results.csv column -> table column (in %)
 
@@ -48,9 +49,9 @@ def per_record_lines(grid: pd.DataFrame, methods: list[str], heads: Callable[[st
     return lines
 
 
-def main_table(df: pd.DataFrame, always: tuple[str, ...] = ()) -> str:
-    """``always``: methods given a column even where no record has a run of them (their cells stay "–")."""
-    methods = [m for m in GRID_VARIANTS if m in set(df["variant"]) or m in always]
+def main_table(df: pd.DataFrame) -> str:
+    """Records × our modes (C-Acc / ASR), with the average and std rows over the low-rate records and all."""
+    methods = [m for m in OURS if m in set(df["variant"])]
     values: dict[str, list[list[float]]] = {m: [] for m in methods}
 
     def cells(rate: float, m: str, run: Optional[pd.Series]) -> list[str]:
@@ -150,7 +151,7 @@ def timings_table(path: Path) -> str:
     return df[keep].to_markdown(index=False)
 
 
-def missing_inputs(df: pd.DataFrame, root: Path, results: Path, builtins_shown: bool) -> str:
+def missing_inputs(df: pd.DataFrame, root: Path, results: Path) -> str:
     """What the tables and figures could not show, and why: absent record folders (efficiency curves, the
     epoch-3 target, t-SNE) and BackdoorBench built-ins that were not run."""
     lines = []
@@ -162,8 +163,7 @@ def missing_inputs(df: pd.DataFrame, root: Path, results: Path, builtins_shown: 
     no_tsne = [r for r in records if not (results / "figures" / f"tsne_{r}.png").is_file()]
     if no_tsne:
         lines.append(f"- No t-SNE figure for {', '.join(no_tsne)} (`diagnostics.py` needs the record folder).")
-    if builtins_shown:
-        not_run = [LABELS[m] for m in BB_METHODS if m not in set(df["variant"])]
-        if not_run:
-            lines.append(f"- {', '.join(not_run)}: not run on these records; their columns are empty on purpose.")
+    not_run = [LABELS[m] for m in BB_METHODS if m not in set(df["variant"])]
+    if not_run:
+        lines.append(f"- {', '.join(not_run)}: not run on these records (`run_defenses --backdoorbench`).")
     return "\n".join(lines)

@@ -109,6 +109,7 @@ def backdoor_and_record(record_dir: Path, *, model_name: str, dataset: str, trai
                      int(train.labels[i])) for i in attack.poisoned]
     write_attack_record(record_dir, model_name=model_name, num_classes=info.num_classes, state_dict=model.state_dict(),
                         clean_data=dataset, img_size=(info.height, info.width, info.channels),
-                        test_size=test.size or len(test.labels), bd_test=bd_test, train_size=train.size,
+                        test_size=test.size or len(test.labels), bd_test=bd_test,
+                        train_size=train.size or len(train.labels),
                         bd_train=bd_train, **dict(record_extra(result) if record_extra else {}))
     return result

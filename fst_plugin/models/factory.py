@@ -32,6 +32,7 @@ _OWN_MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnext29": resnext29,
     "senet18": senet18,
 }
+OWN_CPU_MODELS = ("preactresnet_small", "resnet9", "resnet9_cpu")  # ours alone: BackdoorBench cannot build them
 VIT_INPUT_SIZE = (224, 224)  # BackdoorBench resizes every input to a ViT's pretraining size
 
 

@@ -1,7 +1,9 @@
 """A saved model result (``defense_result.pt``, ``retune_result.pt``, an attack record's weights) as a ready model.
 
 BackdoorBench's defenses save ``{'model_name', 'num_classes', 'model'}``; the FST authors' scripts a bare
-state_dict. One reader for both, used by the probes and the benchmark scripts.
+state_dict. One reader for both, used by the probes and the benchmark scripts. A model saved while pruned by
+``torch.nn.utils.prune`` (BackdoorBench's fp keeps its mask on the last linear layer) holds ``<name>_orig`` and
+``<name>_mask``; they are read as the pruned ``<name>``.
 """
 from __future__ import annotations
 
@@ -53,7 +55,16 @@ def read_result(path: Path, what: str, trust: bool = False) -> SavedState:
         raise RecordError(f"{what} {path}: model_name is {name!r}", fix)
     if classes is not None and (isinstance(classes, bool) or not isinstance(classes, (int, np.integer))):
         raise RecordError(f"{what} {path}: num_classes is {classes!r}", fix)
-    return SavedState(dict(state), name, None if classes is None else int(classes))
+    return SavedState(fold_pruning(state), name, None if classes is None else int(classes))
+
+
+def fold_pruning(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with each pruned ``<name>_orig`` / ``<name>_mask`` pair replaced by ``<name>`` = orig × mask."""
+    out = dict(state)
+    for key in [k for k in state if k.endswith("_orig") and k[:-5] + "_mask" in state]:
+        base = key[:-5]
+        out[base] = out.pop(key) * out.pop(base + "_mask")
+    return out
 
 
 def model_from_state(state: Mapping[str, torch.Tensor], name: str, num_classes: int,

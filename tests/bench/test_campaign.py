@@ -21,6 +21,7 @@ from bench_scripts.campaign import __main__ as campaign
 from bench_scripts.campaign.plan import Paths, build_plan, format_plan
 from bench_scripts.campaign.profiles import HELLO_KITTY, PROFILES
 from bench_scripts.campaign.runner import Runner
+from bench_scripts.protocols import BB_METHODS
 from fst_plugin.demo import synthetic_images, write_image_folders
 
 STAGES = ("smoke", "speed", "records", "defenses", "builtins", "reference", "retune", "pam", "evaluate", "table",
@@ -47,7 +48,8 @@ def test_the_dry_run_lists_every_stage_with_an_estimate_and_its_measured_source(
     bases = [line for line in text.splitlines() if "estimate rests on:" in line]
     assert len(bases) == len(STAGES)
     assert sum("h100-2026-11-25" in line for line in bases) >= 8  # the GPU estimates rest on the H100 figures
-    assert "skipped: pam not registered" in text and "skipped: no BackdoorBench checkout" in text
+    assert "skipped: no BackdoorBench checkout" in text
+    assert "skipped: pam not registered" not in text and "--methods pam fst-pam" in text  # pam is registered here
     assert "torchrun --nproc_per_node 1 (nccl)" in text and "--stop-after-s" in text
     assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()  # a dry run writes nothing
 
@@ -62,8 +64,22 @@ def test_the_budget_decides_which_stages_start(tmp_path) -> None:
     now[0] += 540 - runner.reserve - plan.stage("records").min_s + 1  # one second too little for the records
     assert runner.decide(plan.stage("records")).status == "not started"
     assert runner.decide(plan.stage("evaluate")) is None  # the finishing stages have their reserve
-    assert runner.decide(plan.stage("pam")).status == "skipped"
+    now[0] = 1000.0 + 540 - runner.reserve - plan.stage("pam").min_s + 1  # one second too little for PAM
+    assert runner.decide(plan.stage("pam")).status == "not started"
     assert "blended-hello_kitty_0.01_s0" in format_plan(plan)
+
+
+def test_the_builtins_stage_runs_every_builtin_of_the_one_list_through_run_defenses_under_the_profile_cap(tmp_path):
+    plan = build_plan(PROFILES["gpu"], Paths(tmp_path, tmp_path / "work", tmp_path / "out"), budget_s=540,
+                      backdoorbench=_fake_backdoorbench(tmp_path / "bb"))
+    stage = plan.stage("builtins")
+    assert stage.skip is None
+    ran = {(job.needs, job.argv[job.argv.index("--bb-defenses") + 1]) for job in stage.jobs}
+    assert {d for _, d in ran} == set(BB_METHODS) and len(ran) == len(stage.jobs)
+    for job in stage.jobs:
+        assert job.argv[1:3] == ("-m", "bench_scripts.run_defenses")
+        settings = job.argv[job.argv.index("--set") + 1:job.argv.index("--cache")]
+        assert f"bb_cap_s={PROFILES['gpu'].builtin_cap_s}" in settings
 
 
 def _wait_for(predicate, timeout_s: float) -> None:

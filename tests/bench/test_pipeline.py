@@ -140,7 +140,8 @@ import argparse, os, sys
 from pathlib import Path
 import torch
 p = argparse.ArgumentParser()
-for flag in ("--result_file", "--dataset", "--yaml_path", "--device", "--num_workers", "--epochs"):
+for flag in ("--result_file", "--dataset", "--yaml_path", "--model", "--device", "--num_workers", "--ratio", "--epochs",
+             "--amp"):
     p.add_argument(flag)
 a = p.parse_args()
 assert os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] == "1"
@@ -153,7 +154,7 @@ assert pngs, f"no PNGs under {folder} (relative to {os.getcwd()})"
 out = record / "defense" / Path(sys.argv[0]).stem
 out.mkdir(parents=True, exist_ok=True)
 torch.save({"model_name": res["model_name"], "num_classes": res["num_classes"], "model": res["model"],
-            "epochs_arg": a.epochs}, out / "defense_result.pt")
+            "epochs_arg": a.epochs, "amp_arg": a.amp, "model_arg": a.model}, out / "defense_result.pt")
 '''
 
 
@@ -161,7 +162,7 @@ def test_backdoorbench_builtins_run_from_its_root_on_our_records(bench, tmp_path
     """--backdoorbench: the record is linked under <BB>/record/ by its own name (its PNG paths are relative to
     BackdoorBench's root), each built-in is run there with --bb-args, and its result joins results.csv."""
     bb = tmp_path / "BackdoorBench"
-    for name in ("ft", "nad"):
+    for name in ("ft", "ft-sam"):
         (bb / "defense").mkdir(parents=True, exist_ok=True)
         (bb / "defense" / f"{name}.py").write_text(FAKE_BB_DEFENSE)
         (bb / "config" / "defense" / name).mkdir(parents=True)
@@ -169,15 +170,17 @@ def test_backdoorbench_builtins_run_from_its_root_on_our_records(bench, tmp_path
     data = bench / "mydata"
     common = ["--protocol", "tiny", "--cache", str(bench / "cache"), "--results", str(tmp_path / "results")]
     run_defenses.main(common + ["--data", str(data), "--records", "badnets_0.1_s0", "--methods",
-                                "--backdoorbench", str(bb), "--bb-defenses", "ft", "nad", "--bb-args=--epochs 1"])
+                                "--backdoorbench", str(bb), "--bb-defenses", "ft", "ft-sam", "--bb-args=--amp False"])
     record = bench / "cache" / "tiny" / "record" / "badnets_0.1_s0"
     assert (bb / "record" / "badnets_0.1_s0").resolve() == record.resolve()
-    for name in ("ft", "nad"):
-        assert torch.load(record / "defense" / name / "defense_result.pt", weights_only=True)["epochs_arg"] == "1"
+    for name in ("ft", "ft-sam"):   # the yaml's 20 epochs capped at the tiny protocol's bb_epochs
+        saved = torch.load(record / "defense" / name / "defense_result.pt", weights_only=True)
+        assert (saved["epochs_arg"], saved["amp_arg"], saved["model_arg"]) == ("1", "False", "preactresnet_small")
+    assert (bb / "data" / "cifar10").resolve() == data.resolve()
     df = evaluate.main(["--protocol", "tiny", "--cache", str(bench / "cache"), "--data", str(data),
                         "--records", "badnets_0.1_s0", "--out", str(tmp_path / "results.csv")])
     none = df[df.variant == "none"].iloc[0]
-    for name in ("ft", "nad"):   # the fake "defense" returns the attacked model unchanged
+    for name in ("ft", "ft-sam"):   # the fake "defense" returns the attacked model unchanged
         row = df[df.variant == name].iloc[0]
         assert row.source == "backdoorbench" and row.test_asr == pytest.approx(none.test_asr)
 

@@ -18,7 +18,7 @@ def test_list_shows_the_registered_defenses() -> None:
     proc = cli("list")
     assert proc.returncode == 0
     names = [line.split()[0] for line in proc.stdout.splitlines()]
-    assert names == ["fe-tuning", "fst", "ft-init", "lp", "vanilla-ft"]
+    assert names == ["fe-tuning", "fst", "ft-init", "lp", "pam", "vanilla-ft"]
     assert "fst_plugin.adapter.defenses:FST" in proc.stdout
 
 
