@@ -19,6 +19,7 @@ from fst_plugin.core import (
     reinit_head,
     tune,
 )
+from fst_plugin.core.modes import PAPER_MODES
 from fst_plugin.errors import ConfigError, ModelError, TrainingDiverged
 from fst_plugin.models import build_model
 
@@ -58,15 +59,18 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_modes_are_the_papers_table() -> None:
-    table = {name: (m.reinit_head, m.train_head, m.train_backbone, m.feature_shift_penalty) for name, m in MODES.items()}
+    table = {name: (m.reinit_head, m.train_head, m.train_backbone, m.feature_shift_penalty, m.path_aware)
+             for name, m in MODES.items()}
     assert table == {
-        "lp": (False, True, False, False),
-        "vanilla-ft": (False, True, True, False),
-        "fe-tuning": (True, False, True, False),
-        "ft-init": (True, True, True, False),
-        "fst": (True, True, True, True),
+        "lp": (False, True, False, False, False),
+        "vanilla-ft": (False, True, True, False, False),
+        "fe-tuning": (True, False, True, False, False),
+        "ft-init": (True, True, True, False, False),
+        "fst": (True, True, True, True, False),
+        "pam": (False, True, True, False, True),   # the follow-up's: vanilla FT with PAM's step and data
     }
-    assert all(m.project_head_norm for m in MODES.values())  # the official code's default
+    assert all(MODES[m].project_head_norm for m in PAPER_MODES)  # the official code's default
+    assert not MODES["pam"].project_head_norm  # the authors' PAM code has no projection
     assert get_mode("FE_tuning").name == "fe-tuning"
     with pytest.raises(ConfigError, match="unknown tuning mode"):
         get_mode("nope")
@@ -103,7 +107,7 @@ def test_penalty_gradient_is_alpha_w0_plus_ce_gradient() -> None:
     assert feature_shift_penalty(head, [w0]).item() == pytest.approx((model.fc.weight * w0).sum().item())
 
 
-@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("mode", PAPER_MODES)  # the modes that project by default (pam does not)
 def test_head_norm_equals_w0_norm_after_every_step(mode: str) -> None:
     torch.manual_seed(1)
     model = TinyNet()

@@ -21,7 +21,7 @@ import pytest
 
 from fst_plugin import __version__
 from fst_plugin.defense.shipped import shipped_config, shipped_configs_dir
-from fst_plugin.core.modes import MODES
+from fst_plugin.core.modes import MODES, PAPER_MODES
 from fst_plugin.export.exporter import render_defense
 from fst_plugin.export.installer import LAUNCHER, MANIFEST
 from tests.builders import CLI_THREADS, REPO, TinyBB, assert_outputs_complete, backdoorbench_tree, copy_record
@@ -209,7 +209,7 @@ def test_a_regular_install_runs_the_demo(installed: Path, where: str, tmp_path: 
     assert package == _site_packages(installed) / "fst_plugin" / "__init__.py"
     rows = [line for line in stdout.splitlines() if line.startswith("|")]
     assert " ".join(rows[0].split()) == "| defense | C-Acc | ASR | RA | time_s |"  # the header, padding aside
-    assert [row.split("|")[1].strip() for row in rows[2:]] == ["no defense", *MODES]
+    assert [row.split("|")[1].strip() for row in rows[2:]] == ["no defense", *PAPER_MODES]
     assert (out / "record" / "demo_badnet" / "attack_result.pt").is_file() and (out / "demo.log").is_file()
 
 
