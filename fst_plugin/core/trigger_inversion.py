@@ -22,9 +22,10 @@ generated image's logits against the clean image's probabilities (theirs applies
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +99,20 @@ class FeatureView:
 
     def output(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(features)
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode without gradients inside the block, as it was (mode, ``requires_grad``) after it."""
+    was_training = model.training
+    flags = [p.requires_grad for p in model.parameters()]
+    model.eval().requires_grad_(False)
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
 
 
 def _epochs(count: int, loader: Iterable, device: str):
@@ -174,12 +189,14 @@ def train_generator(view: FeatureView, gen: TriggerGenerator, mask: torch.Tensor
 @torch.no_grad()
 def detect_target(view: FeatureView, gen: TriggerGenerator, loader: Iterable, device: str, num_classes: int,
                   noise: float = 0.03) -> int:
-    """The class the model gives most generated images (from slightly noised clean inputs)."""
+    """The class the model (in eval mode, left as it was) gives most generated images (from slightly noised clean
+    inputs)."""
     gen.eval()
     counts = torch.zeros(num_classes, dtype=torch.int64)
-    for images, _ in _epochs(1, loader, device):
-        made = gen(images + noise * torch.randn_like(images))
-        counts += torch.bincount(view.model(made).argmax(1).cpu(), minlength=num_classes)
+    with frozen(view.model) as model:
+        for images, _ in _epochs(1, loader, device):
+            made = gen(images + noise * torch.randn_like(images))
+            counts += torch.bincount(model(made).argmax(1).cpu(), minlength=num_classes)
     return int(counts.argmax())
 
 
@@ -200,19 +217,12 @@ def invert(model: nn.Module, head: ClassifierHead, loader: Iterable, config: Inv
            generator: Optional[torch.Generator] = None) -> TriggerGenerator:
     """One inversion round (pretraining first when ``gen`` is None): the mask, then the generator. ``model`` is
     left as it was (mode and ``requires_grad``)."""
-    was_training = model.training
-    flags = [p.requires_grad for p in model.parameters()]
-    model.eval().requires_grad_(False)
-    view = FeatureView(model, head)
-    try:
+    with frozen(model):
+        view = FeatureView(model, head)
         if gen is None:
             images, *_ = next(iter(loader))
             gen = TriggerGenerator(images.shape[1], config.base_filters, config.depth).to(device)
             pretrain(view, gen, loader, config, device)
         mask = decouple(view, loader, config, device, generator)
         train_generator(view, gen, mask, loader, config, device, target)
-    finally:
-        model.train(was_training)
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
     return gen.eval()

@@ -62,13 +62,8 @@ class ReversedSamples:
         self.generator = invert(model, head, self.loader, self.config.inversion, self.device, gen=self.generator,
                                 target=self.target, generator=self.rng)
         if self.target is None:
-            was_training = model.training
-            model.eval()
-            try:
-                self.target = detect_target(FeatureView(model, head), self.generator, self.loader, self.device,
-                                            self.num_classes)
-            finally:
-                model.train(was_training)
+            self.target = detect_target(FeatureView(model, head), self.generator, self.loader, self.device,
+                                        self.num_classes)
             log.info("reversed samples point at class %d", self.target)
 
     def start_epoch(self, model: nn.Module, head: ClassifierHead, epoch: int, epochs: int) -> None:
