@@ -20,12 +20,12 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -186,17 +186,26 @@ def run_job(job: RecordJob) -> tuple[Optional[Path], Optional[str]]:
         return None, f"{type(exc).__name__}: {exc}"
 
 
-def run_jobs(jobs: list[RecordJob], workers: int) -> list[tuple[Optional[Path], Optional[str]]]:
-    """Run the jobs, ``workers`` at a time in separate processes (they share the GPU, or split the CPU cores)."""
+def run_jobs(jobs: list, workers: int, work: Callable = run_job) -> list:
+    """``work`` on each job (by default: make its record), ``workers`` at a time in separate processes (they share
+    the GPU, or split the CPU cores). A SIGTERM to this process terminates the workers too: spawned workers are
+    not in its process group, so without this a killed run left them training and writing records."""
     if workers <= 1 or len(jobs) <= 1:
-        return [run_job(job) for job in jobs]
+        return [work(job) for job in jobs]
     workers = min(workers, len(jobs))
     threads = max(1, (os.cpu_count() or 1) // workers)
     log.info("making %d records, %d at a time (%d torch threads each)", len(jobs), workers, threads)
     context = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked processes
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=setup,
-                             initargs=(threads,)) as pool:
-        return list(pool.map(run_job, jobs))
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        with context.Pool(workers, initializer=setup, initargs=(threads,)) as pool:  # leaving it terminates them
+            return pool.map(work, jobs, chunksize=1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
