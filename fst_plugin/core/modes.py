@@ -10,6 +10,7 @@ no projection (their code has none); ``path_aware`` is only its default: any mod
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from fst_plugin.errors import ConfigError
 
@@ -26,6 +27,11 @@ class TuningMode:
     project_head_norm: bool
     summary: str
     path_aware: bool = False  # PAM's step and reversed-sample unlearning by default
+
+    def uses_pam(self, choice: Optional[bool] = None) -> bool:
+        """Whether a run takes PAM's step and data: the user's choice (on/off), else (auto, None) this mode's
+        default."""
+        return self.path_aware if choice is None else choice
 
 
 MODES: dict[str, TuningMode] = {

@@ -132,7 +132,7 @@ def prepare(config: DefenseConfig, record: AttackRecord, method: str) -> Defense
 
 def uses_pam(config: DefenseConfig, method: str) -> bool:
     """PAM's step and data: the config's ``pam``, else the mode's default (on for pam only)."""
-    return get_mode(method).path_aware if config.pam is None else config.pam
+    return get_mode(method).uses_pam(config.pam)
 
 
 def tuning_config(config: DefenseConfig, method: str, device: str, world: World) -> TuningConfig:
