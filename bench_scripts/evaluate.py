@@ -159,16 +159,19 @@ class Qra:
     """The QRA columns: read each model's finished QRA run, running missing ones (after its retune) if asked."""
 
     def __init__(self, run_missing: bool, dataset_path: Path, device: str, results: Path, ratio: float,
-                 variants: set[str] | None = None) -> None:
+                 variants: set[str] | None = None, max_asr: float | None = None) -> None:
         self.run_missing, self.dataset_path, self.device, self.results = run_missing, dataset_path, device, results
         self.ratio, self.variants = ratio, variants  # ratio: as Retune's; variants: which ones --qra runs (None: all)
+        self.max_asr = max_asr  # --qra runs only on models purified to this ASR (None: on every model)
 
-    def columns(self, record_dir: Path, variant: str, reference: Path | None) -> dict[str, float]:
+    def columns(self, record_dir: Path, variant: str, reference: Path | None, asr: float) -> dict[str, float]:
+        """``asr``: the model's ASR after its defense; QRA reactivates a purified model, so a model left above
+        ``max_asr`` is not attacked (its columns stay empty unless a QRA result exists)."""
         empty = dict.fromkeys(QRA_COLUMNS, np.nan)
         if variant == CLEAN_REFERENCE or reference is None:
             return empty
         layout = DefenseLayout.of(record_dir, variant)
-        wanted = self.variants is None or variant in self.variants
+        wanted = (self.variants is None or variant in self.variants) and (self.max_asr is None or asr <= self.max_asr)
         metrics = read_metrics(layout.qra_dir)
         if metrics is None and self.run_missing and wanted and layout.retune_result.is_file():
             started = time.time()
@@ -216,7 +219,7 @@ def retune_rows(record_dir: Path, rows: list[dict[str, Any]], sets: TestSets, be
     for row in rows:
         row.update(retune.columns(record_dir, row["variant"], sets))
         if qra is not None:
-            row.update(qra.columns(record_dir, row["variant"], reference))
+            row.update(qra.columns(record_dir, row["variant"], reference, row["test_asr"]))
     has_bd_train = sets.record.bd_train is not None and bool(sets.record.bd_train.images)
     ref_layout = DefenseLayout.of(record_dir, CLEAN_REFERENCE)
     if reference is None or not has_bd_train or not (retune.run_missing or ref_layout.retune_result.is_file()):
@@ -246,6 +249,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                         "results that exist")
     parser.add_argument("--qra-variants", nargs="*", default=list(QRA_VARIANTS),
                         help="which models --qra attacks (default: as --retune-variants, without the clean reference)")
+    parser.add_argument("--qra-max-asr", type=float, metavar="FRACTION",
+                        help="--qra attacks only models whose ASR after the defense is at most this (e.g. 0.1: QRA "
+                             "asks whether a purified model can be reactivated; default: every model)")
     parser.add_argument("--reference", help="clean reference record (default: <attack>_0_s<seed> of the protocol)")
     parser.add_argument("--retune-variants", nargs="*", default=list(RETUNE_VARIANTS),
                         help="which models --retune attacks (default: none, the five modes, BackdoorBench's built-ins "
@@ -261,7 +267,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                     out.parent, protocol.defense_ratio,
                     None if "all" in args.retune_variants else set(args.retune_variants))
     qra = Qra(args.qra, data_root, device, out.parent, protocol.defense_ratio,
-              None if "all" in args.qra_variants else set(args.qra_variants))
+              None if "all" in args.qra_variants else set(args.qra_variants), args.qra_max_asr)
     rows = [row for name in names for row in evaluate_record(run.record_dir(name), args.data, device, retune, qra)]
     df = pd.DataFrame(rows)
     for col in ("alpha", "n_clean", "projection", "projection_bound", "epochs", "bb_status", "bb_reason"):
