@@ -76,6 +76,9 @@ BB_METHODS = tuple(BUILTIN)     # BackdoorBench's built-ins the grid runs from i
 # variant -> the mode it runs (settings: pam_run)
 PAM_VARIANTS = {"pam": "pam", "fst-pam": "fst"}
 GRID_VARIANTS = ("none", *METHODS, *PAM_VARIANTS, *BB_METHODS)  # the backdoored model ("none") and every defense
+# QRA (evaluate --qra) asks whether a purified model can be reactivated: the grids run it on models whose ASR after
+# the defense is at most this (--qra-max-asr); a model left backdoored has nothing to reactivate
+QRA_MAX_ASR = 0.1
 REINIT_METHODS = ("fst", "ft-init", "fe-tuning")  # the modes that re-initialise the head (the size ablation's)
 
 # (attack, poisoning rate) pairs; the low-rate grid is what the paper's Table 1/2 claims are about.

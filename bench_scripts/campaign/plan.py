@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from bench_scripts.campaign.profiles import CLEAN_REFERENCE, HELLO_KITTY, RECORDS, Profile, RecordSpec
-from bench_scripts.protocols import BB_METHODS, PAM_VARIANTS
+from bench_scripts.protocols import BB_METHODS, PAM_VARIANTS, QRA_MAX_ASR
 
 STOP_AFTER = "{stop_after_s}"
 SMOKE_RECORD, SMOKE_REFERENCE = "badnets_0.1_s0", "badnets_0_s0"
@@ -179,9 +179,10 @@ def build_plan(p: Profile, paths: Paths, budget_s: float, backdoorbench: Optiona
                      skip=None if backdoorbench is not None else "no BackdoorBench checkout (--backdoorbench)")
     reference = _records_stage(p, paths, common, backdoorbench, (CLEAN_REFERENCE,), "reference", 21,
                                "the clean reference (rate 0) that retune and QRA compare against")
-    retune = _stage(p, "retune", 21, "evaluate --retune: the retuning attack on every model, with the clean reference",
-                   tuple(Job(bench("evaluate", *protocol, *data,
-                                   "--records", n, "--retune", "--out", str(paths.work / "retune" / f"{n}.csv")),
+    retune = _stage(p, "retune", 21, "evaluate --retune --qra: the retuning attack on every model, ours and the "
+                   f"built-ins, with the clean reference; QRA on those purified to ASR <= {QRA_MAX_ASR:g}",
+                   tuple(Job(bench("evaluate", *protocol, *data, "--records", n, "--retune", "--qra",
+                                   "--qra-max-asr", f"{QRA_MAX_ASR:g}", "--out", str(paths.work / "retune" / f"{n}.csv")),
                              needs=n) for n in names), parallel=p.jobs)
     pam = _stage(p, "pam", 22, f"PAM and FST + PAM ({', '.join(PAM_VARIANTS)}) on every record, before the retune",
                 tuple(Job(bench("run_defenses", *common, "--records", n, "--methods", *PAM_VARIANTS), needs=n)

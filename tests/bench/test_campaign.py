@@ -21,7 +21,7 @@ from bench_scripts.campaign import __main__ as campaign
 from bench_scripts.campaign.plan import Paths, build_plan, format_plan
 from bench_scripts.campaign.profiles import HELLO_KITTY, PROFILES
 from bench_scripts.campaign.runner import Runner
-from bench_scripts.protocols import BB_METHODS
+from bench_scripts.protocols import BB_METHODS, QRA_MAX_ASR
 from fst_plugin.demo import synthetic_images, write_image_folders
 
 STAGES = ("smoke", "speed", "records", "defenses", "builtins", "reference", "retune", "pam", "evaluate", "table",
@@ -80,6 +80,13 @@ def test_the_builtins_stage_runs_every_builtin_of_the_one_list_through_run_defen
         assert job.argv[1:3] == ("-m", "bench_scripts.run_defenses")
         settings = job.argv[job.argv.index("--set") + 1:job.argv.index("--cache")]
         assert f"bb_cap_s={PROFILES['gpu'].builtin_cap_s}" in settings
+    retune = plan.stage("retune")    # then every model of every record, built-ins included, is retuned and QRA'd
+    assert {job.needs for job in retune.jobs} == {n for n, _ in ran}
+    for job in retune.jobs:
+        argv = list(job.argv)
+        assert argv[1:3] == ["-m", "bench_scripts.evaluate"] and "--retune" in argv and "--qra" in argv
+        assert "--retune-variants" not in argv  # the default: every variant, the built-ins among them
+        assert float(argv[argv.index("--qra-max-asr") + 1]) == QRA_MAX_ASR
 
 
 def _wait_for(predicate, timeout_s: float) -> None:
