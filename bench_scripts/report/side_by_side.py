@@ -37,7 +37,7 @@ def _why(status: str, reason: object) -> str:
 def summary(df: pd.DataFrame) -> pd.DataFrame:
     """One row per defense (ours, then every built-in, run or not): over the low-rate records it ran on, the mean
     C-Acc, ASR, retuned ASR (fractions) and wall time (s), how many records it ran on, and why it did not on the
-    others."""
+    others (its runner's reasons, and on how many records it was never attempted)."""
     low = _low_rate(df)
     n_records = low["record"].nunique()
     rows = []
@@ -47,6 +47,9 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
         reasons = sorted({_why(status, reason) for status, reason in
                           zip(_column(runs, "bb_status"), _column(runs, "bb_reason"))
                           if isinstance(status, str) and status != "ok"})
+        unattempted = n_records - runs["record"].nunique()   # records without a row: never started, not refused
+        if unattempted and (reasons or len(ran)):
+            reasons.append(f"not attempted on {unattempted} record{'s' * (unattempted > 1)}")
         rows.append({"defense": defense, "source": "BackdoorBench" if defense in BB_METHODS else "fst_plugin",
                      "records": f"{ran['record'].nunique()}/{n_records}", "test_acc": ran["test_acc"].mean(),
                      "test_asr": ran["test_asr"].mean(), "retune_asr": _column(ran, "retune_asr").mean(),

@@ -223,5 +223,9 @@ def test_the_side_by_side_section_has_each_defense_its_reason_and_the_low_rate_m
     assert lines["BB fp"].endswith("| – | exceeded the 45-min cap |")
     assert lines["FST"].split(" | ")[2:7] == ["2/2", "72.00", "1.00", "2.00", "40"]
     assert "not run" in lines["BB sau"]
+    # fp exceeded its cap on one record and was never started on the other: the row says both
+    partial = _results().drop(index=_results().query("variant == 'fp' and record == 'badnets_0.005_s0'").index)
+    fp = [line for line in side_by_side_section(partial).splitlines() if line.startswith("| BB fp |")][0]
+    assert fp.endswith("| exceeded the 45-min cap; not attempted on 1 record |")
     assert "badnets 5%" not in text and "badnets 0.5%" in text
     assert side_by_side_figure(_results(), tmp_path) == FIGURE and (tmp_path / FIGURE).is_file()
