@@ -58,6 +58,49 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _attack_label(attack: str, key: object) -> str:
+    return f"{attack}{f' ({key} key)' if isinstance(key, str) and key else ''}"
+
+
+def leaders(df: pd.DataFrame) -> list[dict]:
+    """Over all low-rate records, then per attack (and Blended key): the defense with the lowest mean ASR and the
+    one with the lowest mean ASR after retuning, each with its mean C-Acc and its cost against no defense (points).
+    Only defenses that ran on every record of the group compete, so each mean is over the same records."""
+    low = _low_rate(df)
+    ran = low[low["variant"].isin(DEFENSES) & low["test_acc"].notna()]
+    baseline = low[low["variant"] == "none"].drop_duplicates("record").set_index("record")["test_acc"]
+    keys = _column(low, "trigger_key")
+    groups = [("every low-rate record", sorted(low["record"].unique()))]
+    groups += [(_attack_label(attack, key), sorted(part["record"].unique()))
+               for (attack, key), part in low.assign(key=keys.fillna("")).groupby(["attack", "key"], sort=True)]
+    rows = []
+    for name, records in groups:
+        part = ran[ran["record"].isin(records)]
+        complete = part.groupby("variant").filter(lambda runs: runs["record"].nunique() == len(records))
+        if complete.empty:
+            continue
+        means = complete.groupby("variant")[["test_acc", "test_asr"]].mean()
+        means["retune_asr"] = complete.groupby("variant")["retune_asr"].mean() if "retune_asr" in complete else np.nan
+        reference = baseline.reindex(records).mean()
+        row = {"group": name, "records": len(records)}
+        for column in ("test_asr", "retune_asr"):
+            scored = means[means[column].notna()]
+            if scored.empty:
+                continue
+            best = scored[column].idxmin()
+            row[column] = (best, scored.loc[best, column], scored.loc[best, "test_acc"],
+                           reference - scored.loc[best, "test_acc"])
+        rows.append(row)
+    return rows
+
+
+def _leader_cell(entry: Optional[tuple]) -> str:
+    if entry is None:
+        return "–"
+    defense, asr, acc, cost = entry
+    return f"{LABELS[defense]}: ASR {pct(asr)}, C-Acc {pct(acc)} ({-100 * cost:+.2f})"
+
+
 def side_by_side_section(df: pd.DataFrame) -> Optional[str]:
     """The section's Markdown, or None when the results hold no low-rate record."""
     low = _low_rate(df)
@@ -82,6 +125,9 @@ def side_by_side_section(df: pd.DataFrame) -> Optional[str]:
             cells.append("–" if run is None else
                          f"{pct(run.test_acc)} / {pct(run.test_asr)} → {pct(run.get('retune_asr', np.nan))}")
         per_record.append(f"| {LABELS[defense]} | " + " | ".join(cells) + " |")
+    best = ["| records | lowest ASR | lowest ASR after retuning |", "|---|---|---|"]
+    best += [f"| {row['group']} ({row['records']}) | {_leader_cell(row.get('test_asr'))} | "
+             f"{_leader_cell(row.get('retune_asr'))} |" for row in leaders(df)]
     return ("## Side by side with BackdoorBench's built-ins (low-rate records)\n\n"
             "Every defense on the same records, measured by the same evaluator; BackdoorBench's built-ins ran with "
             "its own scripts and cifar10.yaml (`run_defenses --backdoorbench`; clean ratio, epoch caps and time "
@@ -89,6 +135,8 @@ def side_by_side_section(df: pd.DataFrame) -> Optional[str]:
             "images and clean reference for every model (`evaluate --retune`). Means over the low-rate records "
             f"each defense ran on (C-Acc / ASR in %, wall time of the defense in s). Figure: [figures/{FIGURE}]"
             f"(figures/{FIGURE}).\n\n" + "\n".join(lines)
+            + "\n\nWhich defense leads (means over the records, among the defenses that ran on all of them; in "
+            "brackets the C-Acc change against the backdoored model, in points):\n\n" + "\n".join(best)
             + "\n\nPer record: C-Acc / ASR → ASR after retuning (%).\n\n" + "\n".join(per_record))
 
 

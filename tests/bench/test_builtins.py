@@ -17,7 +17,7 @@ import torch
 
 from bench_scripts import builtins, evaluate
 from bench_scripts.protocols import BUILTIN, get_protocol
-from bench_scripts.report.side_by_side import FIGURE, side_by_side_figure, side_by_side_section
+from bench_scripts.report.side_by_side import FIGURE, leaders, side_by_side_figure, side_by_side_section
 from bench_scripts.run_defenses import run_backdoorbench
 from fst_plugin.attacks import Attack, Split, TrainConfig, backdoor_and_record, badnets_trigger
 from fst_plugin.demo import synthetic_images, write_image_folders
@@ -228,4 +228,12 @@ def test_the_side_by_side_section_has_each_defense_its_reason_and_the_low_rate_m
     fp = [line for line in side_by_side_section(partial).splitlines() if line.startswith("| BB fp |")][0]
     assert fp.endswith("| exceeded the 45-min cap; not attempted on 1 record |")
     assert "badnets 5%" not in text and "badnets 0.5%" in text
+    # the leaders, over both low-rate records: FST has the lowest ASR before and after retuning, at 14 points
+    assert "| every low-rate record (2) | FST: ASR 1.00, C-Acc 72.00 (-14.00) | FST: ASR 2.00, C-Acc 72.00 (-14.00) |" in text
+    board = {row["group"]: row for row in leaders(_results())}
+    assert set(board) == {"every low-rate record", "badnets"} and board["badnets"]["records"] == 2
+    better_ft = _results()
+    better_ft.loc[better_ft["variant"] == "ft", "test_asr"] = 0.001   # a built-in that beats FST is named
+    assert leaders(better_ft)[0]["test_asr"][:2] == ("ft", 0.001)
+    assert leaders(better_ft)[0]["retune_asr"][0] == "fst"
     assert side_by_side_figure(_results(), tmp_path) == FIGURE and (tmp_path / FIGURE).is_file()
