@@ -11,7 +11,7 @@ import pandas as pd
 
 from bench_scripts.protocols import BB_METHODS, METHODS, PAM_VARIANTS
 from bench_scripts.report.figures import pyplot, save
-from bench_scripts.report.tables import LABELS, LOW_RATE, pct, row_label
+from bench_scripts.report.tables import LABELS, LOW_RATE, attack_label, pct, row_label
 
 DEFENSES = (*METHODS, *PAM_VARIANTS, *BB_METHODS)
 FIGURE = "side_by_side_retune.png"
@@ -58,10 +58,6 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _attack_label(attack: str, key: object) -> str:
-    return f"{attack}{f' ({key} key)' if isinstance(key, str) and key else ''}"
-
-
 def leaders(df: pd.DataFrame) -> list[dict]:
     """Over all low-rate records, then per attack (and Blended key): the defense with the lowest mean ASR and the
     one with the lowest mean ASR after retuning, each with its mean C-Acc and its cost against no defense (points).
@@ -71,7 +67,7 @@ def leaders(df: pd.DataFrame) -> list[dict]:
     baseline = low[low["variant"] == "none"].drop_duplicates("record").set_index("record")["test_acc"]
     keys = _column(low, "trigger_key")
     groups = [("every low-rate record", sorted(low["record"].unique()))]
-    groups += [(_attack_label(attack, key), sorted(part["record"].unique()))
+    groups += [(attack_label(attack, key), sorted(part["record"].unique()))
                for (attack, key), part in low.assign(key=keys.fillna("")).groupby(["attack", "key"], sort=True)]
     rows = []
     for name, records in groups:
@@ -79,8 +75,8 @@ def leaders(df: pd.DataFrame) -> list[dict]:
         complete = part.groupby("variant").filter(lambda runs: runs["record"].nunique() == len(records))
         if complete.empty:
             continue
-        means = complete.groupby("variant")[["test_acc", "test_asr"]].mean()
-        means["retune_asr"] = complete.groupby("variant")["retune_asr"].mean() if "retune_asr" in complete else np.nan
+        means = (complete.assign(retune_asr=_column(complete, "retune_asr"))
+                 .groupby("variant")[["test_acc", "test_asr", "retune_asr"]].mean())
         reference = baseline.reindex(records).mean()
         row = {"group": name, "records": len(records)}
         for column in ("test_asr", "retune_asr"):

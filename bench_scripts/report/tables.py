@@ -25,9 +25,14 @@ def pct(x: float) -> str:
     return "–" if pd.isna(x) else f"{100 * x:.2f}"
 
 
+def attack_label(attack: str, key: Optional[str] = None) -> str:
+    """``blended``, or ``blended (flower key)`` for a Blended record keyed by an image file."""
+    return f"{attack}{f' ({key} key)' if isinstance(key, str) and key else ''}"
+
+
 def row_label(attack: str, rate: float, key: Optional[str] = None) -> str:
     """``blended 1%``, or ``blended (flower key) 1%`` for a Blended record keyed by an image file."""
-    return f"{attack}{f' ({key} key)' if isinstance(key, str) and key else ''} {100 * rate:g}%"
+    return f"{attack_label(attack, key)} {100 * rate:g}%"
 
 
 def per_record_lines(grid: pd.DataFrame, methods: list[str], heads: Callable[[str], str],
