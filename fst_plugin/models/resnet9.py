@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fst_plugin.runtime import cpu_bf16_supported
+
 
 def _conv_bn(c_in: int, c_out: int, pool: bool = False) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)]
@@ -37,14 +39,6 @@ class Residual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.conv2(self.conv1(x))
-
-
-def cpu_bf16_supported() -> bool:
-    """True when oneDNN has native bfloat16 kernels on this CPU (otherwise bf16 would be slow emulation)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 class ResNet9(nn.Module):
