@@ -96,7 +96,19 @@ def variant_columns(defense_dir: Path) -> dict[str, Any]:
     return {"method": info.get("method", defense_dir.name), "source": "fst_plugin", "alpha": cfg.get("alpha"),
             "n_clean": n_clean, "projection": {None: "auto", True: "on", False: "off"}.get(cfg.get("projection")),
             "projection_bound": cfg.get("projection_bound", "equal"),
-            "epochs": cfg.get("epochs"), "defense_wall_s": round(float(info.get("wall_time_s", float("nan"))), 1)}
+            "epochs": cfg.get("epochs"), "defense_wall_s": round(float(info.get("wall_time_s", float("nan"))), 1),
+            **pam_columns(info.get("pam_inversion"))}
+
+
+def pam_columns(rounds: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """What a PAM run's trigger inversion found (run_info.json's ``pam_inversion``, one row a round): the class it
+    detected after round 1, the share of reversed samples the model gave that class and the mask's saturation after
+    the last round, and where the features were split. Empty for a run without PAM."""
+    if not rounds:
+        return {}
+    first, last = rounds[0], rounds[-1]
+    return {"pam_detected_class": first["detected_class"], "pam_share_to_detected": last["share_to_detected"],
+            "pam_mask_saturation": last["mask_saturation"], "pam_feature_split": first["feature_split"]}
 
 
 def builtin_columns(defense_dir: Path) -> dict[str, Any]:
@@ -204,7 +216,10 @@ def evaluate_record(record_dir: Path, data_dir: Path, device: str, retune: Retun
     for path in defense_results(record_dir):
         metrics = cached_measure(path, lambda p=path: load_defended(p), sets, device)
         der = defense_effectiveness_rating(before["test_acc"], before["test_asr"], metrics["test_acc"], metrics["test_asr"])
-        rows.append({**base, "variant": path.parent.name, **variant_columns(path.parent), **metrics, "der": der})
+        row = {**base, "variant": path.parent.name, **variant_columns(path.parent), **metrics, "der": der}
+        if "pam_detected_class" in row:  # the defense cannot know the target; the evaluator, holding the record, can
+            row["pam_target_found"] = row["pam_detected_class"] == info.get("target")
+        rows.append(row)
         log.info("%s / %s: C-Acc %.2f ASR %.2f RA %.2f", record_dir.name, path.parent.name,
                  100 * metrics["test_acc"], 100 * metrics["test_asr"], 100 * metrics["test_ra"])
     if retune is not None:

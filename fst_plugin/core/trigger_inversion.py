@@ -1,73 +1,103 @@
 """Backdoor trigger inversion by decoupling benign features (BTI-DBF, Xu et al., ICLR 2024), the source of the
-reversed backdoor samples that PAM unlearns with (Min et al., NeurIPS 2024).
+reversed backdoor samples that PAM unlearns with (Min et al., NeurIPS 2024), as the PAM authors run it
+(AISafety-HKUST/stable_backdoor_purification, ``fine_tune/BTIDBF``: ``pretrain.py``, ``btidbfu.py``,
+``models/unet_*.py``, ``models/mask.py``; written from reading them, nothing copied).
 
-A small U-Net generator learns to turn clean images into images whose features leave the benign ones while
-staying close in pixels: a stand-in for the unknown trigger. Usable alone: ``invert(model, head, loader, config)``
-returns the trained generator. The steps, written from the papers and the description of the authors'
-``fine_tune/BTIDBF`` scripts (AISafety-HKUST/stable_backdoor_purification; nothing copied):
+A U-Net generator learns to turn clean images into images whose features leave the benign ones while staying
+close in pixels: a stand-in for the unknown trigger. Usable alone: ``invert(model, head, loader, config)`` returns
+the trained generator. The steps, each a budget of optimiser steps (the authors' epochs over their 2500 images at
+batch 128, 20 batches an epoch):
 
-1. **pretrain** the generator to reproduce its input: same features and predictions, small pixel change;
-2. **decouple**: a feature mask m in [0, 1] (tanh-bounded) such that the masked features m·f keep the label
-   while the complement (1 − m)·f loses it (loss CE(m·f) − CE((1 − m)·f));
-3. **train the generator**: keep the benign part m·f of the generated image's features, push the rest away
-   (loss −MSE((1 − m)·f) + 0.01·MSE(m·f)), falling back to the pixel loss alone while the pixel MSE exceeds
-   ``norm_bound`` or the benign-feature MSE exceeds ``feat_bound``; from the second round on, also CE towards
-   the detected target.
+1. **pretrain** (1000 steps, their 50 epochs) the generator to reproduce its input: same features and
+   predictions, small pixel change;
+2. **decouple** (400 steps a round, their 20 epochs): a feature mask m in [0, 1] (tanh-bounded, drawn afresh each
+   round) such that the masked features m·f keep the label while the complement (1 − m)·f loses it (loss
+   CE(m·f) − CE((1 − m)·f)), fitted on a copy of the model in train mode, as theirs;
+3. **train the generator** (600 steps a round, their 30 epochs), the copy in eval mode: keep the benign part m·f
+   of the generated image's features, push the rest away (loss −MSE((1 − m)·f) + 0.01·MSE(m·f)), falling back to
+   the pixel loss alone while the pixel MSE exceeds ``norm_bound`` or the benign-feature MSE exceeds
+   ``feat_bound``; from the second round on, also CE towards the detected target. One Adam serves the generator
+   across the rounds (theirs is made once, before the first round).
 
-Everything works on normalised model inputs, as the authors' loaders do. Features are the head's input
-(the penultimate activations found by :class:`fst_plugin.core.head.ClassifierHead`). Where we differ on purpose:
-the model stays in eval mode and frozen throughout (the authors put a copy in train mode while fitting the mask,
-which moves its BatchNorm statistics), and the pretraining's prediction term is the cross-entropy of the
-generated image's logits against the clean image's probabilities (theirs applies softmax to the logits first).
+**The features** are the model's last feature map before its global pooling (the authors' ResNet-18 ``layer4``
+output, C×H×W, which their ``from_features_to_output`` pools and classifies): :class:`FeatureView` finds, on one
+probe batch, the last module output whose global average or max pool is the head's input, and classifies a
+feature map by that pool and the head. A model where no such map exists (an MLP classifier behind the pool, as
+VGG's or MobileNet-v3's, or a ViT) is split at the head's input instead, and the view says so (``split``).
+
+Everything works on normalised model inputs, as the authors' loaders do. Deviations that remain are listed in
+docs/pam.md.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fst_plugin.core.head import ClassifierHead
+from fst_plugin.runtime import cpu_bf16_supported, phase
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class InversionConfig:
-    """The authors' CIFAR-10 settings (cfg.py / defense.sh) as defaults."""
+    """The authors' CIFAR-10 settings (cfg.py / defense.sh), the budgets in optimiser steps."""
 
-    pretrain_epochs: int = 50
-    mask_epochs: int = 20
-    generator_epochs: int = 30
+    pretrain_steps: int = 1000
+    mask_steps: int = 400
+    generator_steps: int = 600
     generator_lr: float = 1e-3
     mask_lr: float = 0.01
     norm_bound: float = 0.3
     feat_bound: float = 3.0
     base_filters: int = 32
     depth: int = 4
+    bf16: bool = False                    # the generator's passes under bfloat16 autocast (a precision choice)
+    show_progress: Optional[bool] = None  # tqdm on a terminal, a log line per phase otherwise
 
 
-class _Block(nn.Sequential):
+def autocast(device: str, enabled: bool) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on ``device`` when ``enabled`` (the generator costs ~4x the classifier per image; bf16 halves
+    it on CPUs with native bf16 and on GPUs), else nothing."""
+    kind = torch.device(device).type
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=enabled and (kind != "cpu" or cpu_bf16_supported()))
+
+
+class _ConvBlock(nn.Module):
+    """Two 3×3 convolutions, each followed by an affine InstanceNorm and a LeakyReLU (the authors'
+    ``EncoderBlock``, which their decoder reuses)."""
+
     def __init__(self, cin: int, cout: int) -> None:
-        super().__init__(nn.Conv2d(cin, cout, 3, padding=1), nn.InstanceNorm2d(cout), nn.LeakyReLU(),
-                         nn.Conv2d(cout, cout, 3, padding=1), nn.InstanceNorm2d(cout), nn.LeakyReLU())
+        super().__init__()
+        self.conv1, self.norm1 = nn.Conv2d(cin, cout, 3, padding=1), nn.InstanceNorm2d(cout, affine=True)
+        self.conv2, self.norm2 = nn.Conv2d(cout, cout, 3, padding=1), nn.InstanceNorm2d(cout, affine=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.leaky_relu(self.norm1(self.conv1(x)))
+        return F.leaky_relu(self.norm2(self.conv2(x)))
 
 
 class TriggerGenerator(nn.Module):
-    """A U-Net (max-pool down, transposed-conv up, skip connections, 1x1 conv out) from images to images."""
+    """The authors' U-Net (``UNet(n_channels=3, num_classes=3, base_filter_num=32, num_blocks=4)``): encoder blocks
+    of ``base_filters·2^i`` channels (at most 512) with 2×2 max-pooling, a bottleneck of twice the last width, and
+    decoder steps of a 3×3 stride-2 transposed convolution (channels kept) and a LeakyReLU, concatenated with the
+    skip and merged by a block; a 1×1 convolution back to image channels."""
 
     def __init__(self, channels: int = 3, base_filters: int = 32, depth: int = 4) -> None:
         super().__init__()
         widths = [min(base_filters * 2 ** i, 512) for i in range(depth)]
-        self.down = nn.ModuleList(_Block(cin, cout) for cin, cout in zip([channels, *widths[:-1]], widths))
-        self.bottom = _Block(widths[-1], widths[-1] * 2)
+        self.down = nn.ModuleList(_ConvBlock(cin, cout) for cin, cout in zip([channels, *widths[:-1]], widths))
+        self.bottom = _ConvBlock(widths[-1], widths[-1] * 2)
         ups = [widths[-1] * 2, *reversed(widths[1:])]
-        self.up = nn.ModuleList(nn.ConvTranspose2d(cin, cout, 2, stride=2) for cin, cout in zip(ups, reversed(widths)))
-        self.merge = nn.ModuleList(_Block(2 * w, w) for w in reversed(widths))
+        self.up = nn.ModuleList(nn.ConvTranspose2d(c, c, 3, stride=2, padding=1, output_padding=1) for c in ups)
+        self.merge = nn.ModuleList(_ConvBlock(c + w, w) for c, w in zip(ups, reversed(widths)))
         self.out = nn.Conv2d(widths[0], channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,27 +108,75 @@ class TriggerGenerator(nn.Module):
             x = F.max_pool2d(x, 2)
         x = self.bottom(x)
         for up, merge, skip in zip(self.up, self.merge, reversed(skips)):
-            x = merge(torch.cat([up(x), skip], dim=1))
+            x = merge(torch.cat([F.leaky_relu(up(x)), skip], dim=1))
         return self.out(x)
 
 
-class FeatureView:
-    """``model`` split at its head: features (the head's input) and the head on features."""
+_POOLS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "avg": lambda f: f.mean(dim=(2, 3)),
+    "max": lambda f: f.amax(dim=(2, 3)),
+}
 
-    def __init__(self, model: nn.Module, head: ClassifierHead) -> None:
+
+class FeatureView:
+    """``model`` split at its last feature map before the global pooling in front of the head (``split`` names it),
+    or, where no such map exists, at the head's input. ``features(x)`` runs the model and returns the map;
+    ``output(features)`` pools and classifies it, as the authors' ``from_features_to_output``."""
+
+    def __init__(self, model: nn.Module, head: ClassifierHead, probe: Optional[torch.Tensor] = None) -> None:
         self.model, self.head = model, head.modules[-1]  # the layer that produces the logits
+        self.seam: Optional[nn.Module] = None
+        self.pool: Optional[str] = None
+        self.split = "the head's input"
+        if probe is not None:
+            self._find_seam(probe)
+
+    @torch.no_grad()
+    def _find_seam(self, probe: torch.Tensor) -> None:
+        """The last module output (a map larger than 1×1) whose global average or max pool equals the head's
+        input on ``probe``, in the model's current mode."""
+        outputs: list[tuple[str, nn.Module, torch.Tensor]] = []
+        head_input: list[torch.Tensor] = []
+
+        def record(name: str, module: nn.Module) -> Callable:
+            def hook(_m: nn.Module, _inputs: Any, out: Any) -> None:
+                if isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[2] * out.shape[3] > 1:
+                    outputs.append((name, module, out.detach().float().clone()))
+            return hook
+
+        handles = [m.register_forward_hook(record(n, m)) for n, m in self.model.named_modules()
+                   if n and m is not self.head]
+        handles.append(self.head.register_forward_hook(lambda _m, inputs, _o: head_input.append(inputs[0].detach())))
+        try:
+            self.model(probe)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if not head_input or head_input[0].dim() != 2:
+            return
+        target = head_input[0].float()
+        for name, module, out in reversed(outputs):
+            for pool, reduce in _POOLS.items():
+                pooled = reduce(out)
+                if pooled.shape == target.shape and torch.allclose(pooled, target, rtol=1e-3, atol=1e-4):
+                    self.seam, self.pool = module, pool
+                    self.split = f"{name} ({'x'.join(map(str, out.shape[1:]))}, then global {pool} pool)"
+                    return
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         captured: list[torch.Tensor] = []
-        handle = self.head.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0]))
+        if self.seam is None:
+            handle = self.head.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0]))
+        else:
+            handle = self.seam.register_forward_hook(lambda _m, _inputs, out: captured.append(out))
         try:
             self.model(x)
         finally:
             handle.remove()
-        return captured[0]
+        return captured[-1].float()
 
     def output(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features)
+        return self.head(features if self.pool is None else _POOLS[self.pool](features))
 
 
 @contextlib.contextmanager
@@ -115,22 +193,33 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
             p.requires_grad_(flag)
 
 
-def _epochs(count: int, loader: Iterable, device: str):
-    for _ in range(count):
-        for images, labels, *_ in loader:
-            yield images.to(device), labels.to(device)
+def _steps(count: int, loader: Iterable, device: str, desc: str, show: Optional[bool]) -> Iterator[tuple]:
+    """``count`` batches of ``loader`` (images, labels on ``device``), passing over it as often as needed, with the
+    phase's progress (a bar on a terminal, else a log line)."""
+    if count <= 0:
+        return
+    done = 0
+    with phase(desc, count, show) as bar:
+        while done < count:
+            for images, labels, *_ in loader:
+                yield images.to(device), labels.to(device)
+                bar.update(1)
+                done += 1
+                if done == count:
+                    return
 
 
 GeneratorLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _fit_generator(view: FeatureView, gen: TriggerGenerator, loader: Iterable, epochs: int, config: InversionConfig,
-                   device: str, loss_of: GeneratorLoss) -> None:
-    """Adam on the generator: ``loss_of(images, made, clean features, made features)`` per batch."""
-    optimiser = torch.optim.Adam(gen.parameters(), lr=config.generator_lr)
+def _fit_generator(view: FeatureView, gen: TriggerGenerator, optimiser: torch.optim.Optimizer, loader: Iterable,
+                   steps: int, device: str, loss_of: GeneratorLoss, desc: str, show: Optional[bool],
+                   bf16: bool = False) -> None:
+    """``steps`` Adam steps on the generator: ``loss_of(images, made, clean features, made features)`` per batch."""
     gen.train()
-    for images, _ in _epochs(epochs, loader, device):
-        made = gen(images)
+    for images, _ in _steps(steps, loader, device, desc, show):
+        with autocast(device, bf16):
+            made = gen(images).float()
         with torch.no_grad():
             clean_features = view.features(images)
         loss = loss_of(images, made, clean_features, view.features(made))
@@ -140,24 +229,30 @@ def _fit_generator(view: FeatureView, gen: TriggerGenerator, loader: Iterable, e
 
 
 def pretrain(view: FeatureView, gen: TriggerGenerator, loader: Iterable, config: InversionConfig, device: str) -> None:
-    """Step 1: the generator learns to reproduce clean images (same features and predictions, little change)."""
+    """Step 1: the generator learns to reproduce clean images (same features and predictions, little change), with
+    its own Adam (the authors' pretrain.py). The prediction term is theirs: ``CrossEntropyLoss`` with the clean
+    image's softmax as the input and the generated image's softmax as the soft target."""
     def loss_of(images, made, clean, feats):
-        loss_pred = F.cross_entropy(view.output(feats), view.output(clean).softmax(1))
+        loss_pred = F.cross_entropy(view.output(clean).softmax(1), view.output(feats).softmax(1))
         loss_norm = F.mse_loss(made, images)
         return loss_pred + F.mse_loss(feats, clean) + (100 * loss_norm if loss_norm > 0.1 else 0.01 * loss_norm)
 
-    _fit_generator(view, gen, loader, config.pretrain_epochs, config, device, loss_of)
+    optimiser = torch.optim.Adam(gen.parameters(), lr=config.generator_lr)
+    _fit_generator(view, gen, optimiser, loader, config.pretrain_steps, device, loss_of, "inversion: pretraining",
+                   config.show_progress, config.bf16)
 
 
 def decouple(view: FeatureView, loader: Iterable, config: InversionConfig, device: str,
              generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Step 2: the benign-feature mask m in [0, 1] (shape of one feature vector)."""
+    """Step 2: the benign-feature mask m in [0, 1], of one feature map's shape (batch dimension 1), fitted in the
+    model's current mode (the authors': a copy in train mode)."""
     images, _, *_ = next(iter(loader))
     with torch.no_grad():
-        shape = view.features(images[:1].to(device)).shape[1:]
+        shape = view.features(images[:1].to(device)).shape
     raw = torch.randn(shape, generator=generator).to(device).requires_grad_(True)
     optimiser = torch.optim.Adam([raw], lr=config.mask_lr)
-    for images, labels in _epochs(config.mask_epochs, loader, device):
+    for images, labels in _steps(config.mask_steps, loader, device, "inversion: benign-feature mask",
+                                 config.show_progress):
         mask = torch.tanh(raw) / (2 + 1e-7) + 0.5
         with torch.no_grad():
             features = view.features(images)
@@ -169,8 +264,8 @@ def decouple(view: FeatureView, loader: Iterable, config: InversionConfig, devic
     return (torch.tanh(raw) / (2 + 1e-7) + 0.5).detach()
 
 
-def train_generator(view: FeatureView, gen: TriggerGenerator, mask: torch.Tensor, loader: Iterable,
-                    config: InversionConfig, device: str, target: Optional[int] = None) -> None:
+def train_generator(view: FeatureView, gen: TriggerGenerator, optimiser: torch.optim.Optimizer, mask: torch.Tensor,
+                    loader: Iterable, config: InversionConfig, device: str, target: Optional[int] = None) -> None:
     """Step 3: generated images keep the benign features m·f and move the rest; towards ``target`` if given."""
     def loss_of(images, made, clean, feats):
         benign, backdoor = F.mse_loss(mask * clean, mask * feats), F.mse_loss((1 - mask) * clean, (1 - mask) * feats)
@@ -183,21 +278,29 @@ def train_generator(view: FeatureView, gen: TriggerGenerator, mask: torch.Tensor
             loss = loss + F.cross_entropy(view.output(feats), torch.full((len(images),), target, device=device))
         return loss
 
-    _fit_generator(view, gen, loader, config.generator_epochs, config, device, loss_of)
+    _fit_generator(view, gen, optimiser, loader, config.generator_steps, device, loss_of,
+                   "inversion: trigger generator", config.show_progress, config.bf16)
 
 
 @torch.no_grad()
-def detect_target(view: FeatureView, gen: TriggerGenerator, loader: Iterable, device: str, num_classes: int,
-                  noise: float = 0.03) -> int:
-    """The class the model (in eval mode, left as it was) gives most generated images (from slightly noised clean
-    inputs)."""
+def class_counts(model: nn.Module, gen: TriggerGenerator, loader: Iterable, device: str, num_classes: int,
+                 noise: float = 0.03) -> torch.Tensor:
+    """How many generated images (from slightly noised clean inputs, one pass over ``loader``) the model, in eval
+    mode and left as it was, gives each class (the authors' ``get_target_label`` counts)."""
     gen.eval()
     counts = torch.zeros(num_classes, dtype=torch.int64)
-    with frozen(view.model) as model:
-        for images, _ in _epochs(1, loader, device):
+    with frozen(model):
+        for images, *_ in loader:
+            images = images.to(device)
             made = gen(images + noise * torch.randn_like(images))
             counts += torch.bincount(model(made).argmax(1).cpu(), minlength=num_classes)
-    return int(counts.argmax())
+    return counts
+
+
+def detect_target(model: nn.Module, gen: TriggerGenerator, loader: Iterable, device: str, num_classes: int,
+                  noise: float = 0.03) -> int:
+    """The class the model gives most generated images."""
+    return int(class_counts(model, gen, loader, device, num_classes, noise).argmax())
 
 
 def with_reversed(images: torch.Tensor, gen: TriggerGenerator, fraction: float,
@@ -212,17 +315,50 @@ def with_reversed(images: torch.Tensor, gen: TriggerGenerator, fraction: float,
     return mixed
 
 
+def mask_saturation(mask: torch.Tensor) -> float:
+    """Mean of |2m − 1|: 0 when every entry sits at its random start's centre 0.5, 1 when each is 0 or 1."""
+    return float((2 * mask - 1).abs().mean())
+
+
+@dataclass
+class Inversion:
+    """A trigger generator and what fits it across rounds: its Adam (one for every round, as the authors'), and
+    what the last round left (the mask and the feature split) for the run's diagnostics."""
+
+    generator: TriggerGenerator
+    optimiser: torch.optim.Optimizer
+    mask: Optional[torch.Tensor] = None
+    split: str = ""
+
+    @classmethod
+    def new(cls, channels: int, config: InversionConfig, device: str) -> "Inversion":
+        gen = TriggerGenerator(channels, config.base_filters, config.depth).to(device)
+        return cls(gen, torch.optim.Adam(gen.parameters(), lr=config.generator_lr))
+
+
 def invert(model: nn.Module, head: ClassifierHead, loader: Iterable, config: InversionConfig, device: str,
-           gen: Optional[TriggerGenerator] = None, target: Optional[int] = None,
-           generator: Optional[torch.Generator] = None) -> TriggerGenerator:
-    """One inversion round (pretraining first when ``gen`` is None): the mask, then the generator. ``model`` is
-    left as it was (mode and ``requires_grad``)."""
-    with frozen(model):
-        view = FeatureView(model, head)
-        if gen is None:
-            images, *_ = next(iter(loader))
-            gen = TriggerGenerator(images.shape[1], config.base_filters, config.depth).to(device)
-            pretrain(view, gen, loader, config, device)
-        mask = decouple(view, loader, config, device, generator)
-        train_generator(view, gen, mask, loader, config, device, target)
-    return gen.eval()
+           inversion: Optional[Inversion] = None, target: Optional[int] = None,
+           generator: Optional[torch.Generator] = None) -> Inversion:
+    """One inversion round on a copy of ``model`` (pretraining first when ``inversion`` is None): the mask with the
+    copy in train mode, then the generator with it in eval mode. ``model`` itself is not touched."""
+    probe, *_ = next(iter(loader))
+    probe = probe.to(device)
+    fresh = inversion is None
+    if inversion is None:
+        inversion = Inversion.new(probe.shape[1], config, device)
+    copied = copy.deepcopy(model).requires_grad_(False)
+    view = FeatureView(copied.eval(), head_of_copy(model, copied, head), probe)
+    inversion.split = view.split
+    if fresh:
+        pretrain(view, inversion.generator, loader, config, device)
+    copied.train()
+    inversion.mask = decouple(view, loader, config, device, generator)
+    copied.eval()
+    train_generator(view, inversion.generator, inversion.optimiser, inversion.mask, loader, config, device, target)
+    inversion.generator.eval()
+    return inversion
+
+
+def head_of_copy(model: nn.Module, copied: nn.Module, head: ClassifierHead) -> ClassifierHead:
+    """``head``'s layers as they sit in ``copied``, a deep copy of ``model``."""
+    return ClassifierHead(tuple((name, copied.get_submodule(name)) for name in head.names))

@@ -9,7 +9,9 @@ authors' ``btidbfu.py``: pretrain once, then per round decouple, train the gener
 """
 from __future__ import annotations
 
+import copy
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
@@ -18,11 +20,12 @@ from torch import nn
 
 from fst_plugin.core.head import ClassifierHead
 from fst_plugin.core.trigger_inversion import (
-    FeatureView,
+    Inversion,
     InversionConfig,
     TriggerGenerator,
-    detect_target,
+    class_counts,
     invert,
+    mask_saturation,
     with_reversed,
 )
 
@@ -44,27 +47,48 @@ def round_starts(epochs: int, rounds: int) -> list[int]:
 
 
 class ReversedSamples:
-    """The trigger generator of one tuning run: fitted at each round's start, mixed into every training batch."""
+    """The trigger generator of one tuning run: fitted at each round's start, mixed into every training batch.
+
+    ``rounds`` holds one diagnostic row a round (the feature split, the mask's saturation, the detected class and
+    the share of generated images the model gives it); whether the detected class is the attack's target is for
+    the evaluator to say, which knows the record."""
 
     def __init__(self, config: UnlearningConfig, loader: Iterable, num_classes: int, device: str, seed: int) -> None:
         self.config, self.loader, self.num_classes, self.device = config, loader, num_classes, device
         self.rng = torch.Generator().manual_seed(seed)  # its own: the tuning's shuffling is not shifted
-        self.generator: Optional[TriggerGenerator] = None
+        self.inversion: Optional[Inversion] = None
         self.target: Optional[int] = None
-        self.rounds_done = 0
+        self.rounds: list[dict[str, Any]] = []
+
+    @property
+    def generator(self) -> Optional[TriggerGenerator]:
+        return None if self.inversion is None else self.inversion.generator
+
+    @property
+    def rounds_done(self) -> int:
+        return len(self.rounds)
 
     def fit_round(self, model: nn.Module, head: ClassifierHead) -> None:
         """One inversion round on ``model`` as it is now (pretraining first in round 1); the target class is
-        detected after round 1 and pulls the later rounds. ``model``'s mode and gradients are left as they were."""
-        self.rounds_done += 1
-        log.info("trigger inversion round %d of %d%s", self.rounds_done, self.config.rounds,
+        detected after round 1 and pulls the later rounds. ``model`` is left as it was."""
+        log.info("trigger inversion round %d of %d%s", self.rounds_done + 1, self.config.rounds,
                  "" if self.target is None else f" (towards class {self.target})")
-        self.generator = invert(model, head, self.loader, self.config.inversion, self.device, gen=self.generator,
+        started = time.perf_counter()
+        self.inversion = invert(model, head, self.loader, self.config.inversion, self.device, inversion=self.inversion,
                                 target=self.target, generator=self.rng)
+        counts = class_counts(model, self.inversion.generator, self.loader, self.device, self.num_classes)
         if self.target is None:
-            self.target = detect_target(FeatureView(model, head), self.generator, self.loader, self.device,
-                                        self.num_classes)
-            log.info("reversed samples point at class %d", self.target)
+            self.target = int(counts.argmax())
+        row = {"round": self.rounds_done + 1, "feature_split": self.inversion.split,
+               "mask_saturation": round(mask_saturation(self.inversion.mask), 4),
+               "mask_benign_share": round(float((self.inversion.mask > 0.5).float().mean()), 4),
+               "detected_class": self.target,
+               "share_to_detected": round(float(counts[self.target]) / max(int(counts.sum()), 1), 4),
+               "class_counts": counts.tolist(), "seconds": round(time.perf_counter() - started, 1)}
+        self.rounds.append(row)
+        log.info("inversion round %d: features split at %s; mask saturation %.3f; %.1f%% of reversed samples go to "
+                 "class %d (%.0f s)", row["round"], row["feature_split"], row["mask_saturation"],
+                 100 * row["share_to_detected"], self.target, row["seconds"])
 
     def start_epoch(self, model: nn.Module, head: ClassifierHead, epoch: int, epochs: int) -> None:
         """Fit the next round when ``epoch`` starts one (the first round is fitted before tuning begins)."""
@@ -77,17 +101,26 @@ class ReversedSamples:
             raise RuntimeError("no trigger generator yet: fit_round() runs before the first batch")
         return with_reversed(images, self.generator, self.config.fraction, self.rng)
 
-    def state_dict(self) -> dict[str, Any]:
-        """The generator (with what rebuilds it alone: :func:`generator_from_state`), the target, the round."""
+    def generator_state(self) -> dict[str, Any]:
+        """The generator with what rebuilds it alone (:func:`generator_from_state`): ``trigger_generator.pt``."""
         inversion, gen = self.config.inversion, self.generator
         return {"generator": None if gen is None else {k: v.detach().cpu().clone() for k, v in gen.state_dict().items()},
                 "channels": None if gen is None else gen.out.out_channels, "base_filters": inversion.base_filters,
-                "depth": inversion.depth, "target": self.target, "rounds_done": self.rounds_done,
-                "rng": self.rng.get_state()}
+                "depth": inversion.depth, "target": self.target, "rounds": list(self.rounds)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs: the generator, its Adam (it carries across rounds), the rounds, the RNG."""
+        optimiser = None if self.inversion is None else copy.deepcopy(self.inversion.optimiser.state_dict())
+        return {**self.generator_state(), "generator_optimiser": optimiser, "rng": self.rng.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator = None if state["generator"] is None else generator_from_state(state).to(self.device)
-        self.target, self.rounds_done = state["target"], state["rounds_done"]
+        if state["generator"] is None:
+            self.inversion = None
+        else:
+            gen = generator_from_state(state).to(self.device)
+            self.inversion = Inversion(gen, torch.optim.Adam(gen.parameters(), lr=self.config.inversion.generator_lr))
+            self.inversion.optimiser.load_state_dict(state["generator_optimiser"])
+        self.target, self.rounds = state["target"], list(state["rounds"])
         self.rng.set_state(state["rng"])
 
 

@@ -56,10 +56,10 @@ def lr_schedule_of(lr_scheduler: str) -> str:
 
 def unlearning_config(settings: Any) -> UnlearningConfig:
     """PAM's reversed-sample settings from a :class:`DefenseConfig` (or the exported script's args: same names)."""
-    inversion = InversionConfig(pretrain_epochs=settings.inversion_pretrain_epochs,
-                                mask_epochs=settings.inversion_mask_epochs,
-                                generator_epochs=settings.inversion_generator_epochs,
-                                base_filters=settings.generator_filters)
+    inversion = InversionConfig(pretrain_steps=settings.inversion_pretrain_steps,
+                                mask_steps=settings.inversion_mask_steps,
+                                generator_steps=settings.inversion_generator_steps,
+                                base_filters=settings.generator_filters, bf16=settings.amp)
     return UnlearningConfig(rounds=settings.unlearn_rounds, fraction=settings.reversed_fraction, inversion=inversion)
 
 
@@ -77,7 +77,8 @@ class DefenseConfig:
 
     # BackdoorBench's shared defense keys
     device: str = option("auto", "auto (cuda when present, else cpu), cpu, cuda, cuda:N", resume=False)
-    amp: bool = option(False, "mixed precision (CUDA only)")
+    amp: bool = option(False, "mixed precision: the tuning on CUDA; PAM's trigger generator in bfloat16 on CUDA and "
+                              "on CPUs with native bf16")
     pin_memory: bool = option(False, "dataloader pin_memory", flags=("-pm",), resume=False)
     non_blocking: bool = option(False, ".to(), non_blocking", flags=("-nb",))
     prefetch: bool = option(False, "accepted for BackdoorBench compatibility", flags=("-pf",))
@@ -126,12 +127,14 @@ class DefenseConfig:
                                  "epochs", check=("> 0", _positive))
     reversed_fraction: float = option(UnlearningConfig.fraction, "PAM: share of each batch replaced by reversed "
                                       "samples", check=("in (0, 1]", lambda v: 0 < v <= 1))
-    inversion_pretrain_epochs: int = option(InversionConfig.pretrain_epochs, "PAM: epochs pretraining the trigger "
-                                            "generator to reproduce clean images", check=(">= 0", _not_negative))
-    inversion_mask_epochs: int = option(InversionConfig.mask_epochs, "PAM: epochs fitting the benign-feature mask, "
-                                        "per round", check=(">= 0", _not_negative))
-    inversion_generator_epochs: int = option(InversionConfig.generator_epochs, "PAM: epochs training the trigger "
-                                             "generator, per round", check=(">= 0", _not_negative))
+    inversion_pretrain_steps: int = option(InversionConfig.pretrain_steps, "PAM: optimiser steps pretraining the "
+                                           "trigger generator to reproduce clean images (the authors': 50 epochs of "
+                                           "20 batches)", check=(">= 0", _not_negative))
+    inversion_mask_steps: int = option(InversionConfig.mask_steps, "PAM: optimiser steps fitting the benign-feature "
+                                       "mask, per round (the authors': 20 epochs)", check=(">= 0", _not_negative))
+    inversion_generator_steps: int = option(InversionConfig.generator_steps, "PAM: optimiser steps training the "
+                                            "trigger generator, per round (the authors': 30 epochs)",
+                                            check=(">= 0", _not_negative))
     generator_filters: int = option(InversionConfig.base_filters, "PAM: width of the trigger generator's first "
                                     "U-Net block", check=("> 0", _positive))
     save_name: Optional[str] = option(None, "write to defense/<save_name>/ instead of defense/<method>/ "

@@ -225,8 +225,9 @@ def _tune_and_write(plan: DefensePlan, on_epoch_end: Optional[EpochHook]) -> Def
                                     "record": str(plan.record.record_dir), "seed": config.random_seed,
                                     "device": device, "wall_time_s": result.wall_time_s,
                                     "world_size": plan.world.size, "before": before, "after": after,
-                                    "config": config.to_dict(), "pam": uses_pam(config, plan.method)},
-                          trigger_generator=None if unlearning is None else unlearning.state_dict())
+                                    "config": config.to_dict(), "pam": uses_pam(config, plan.method),
+                                    "pam_inversion": None if unlearning is None else unlearning.rounds},
+                          trigger_generator=None if unlearning is None else unlearning.generator_state())
     _remove_checkpoint(plan)
     log.info("%s done in %.1f s: C-Acc %.4f ASR %.4f RA %.4f -> %s", plan.method, result.wall_time_s,
              after["test_acc"], after["test_asr"], after["test_ra"], plan.layout.folder)

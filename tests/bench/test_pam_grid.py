@@ -21,7 +21,9 @@ def test_pam_variants_take_their_settings_from_the_protocol():
     assert all(settings[k] == v for k, v in PAM_OPTIMISER.items())
     mode, settings = pam_run("fst-pam", cpu)
     assert mode == "fst" and "epochs" not in settings and "lr" not in settings  # FST's own optimiser
-    assert settings["generator_filters"] == cpu.pam_settings["generator_filters"]
+    # the CPU runs PAM at the authors' budget (the shipped yaml's steps and generator): only the precision differs
+    assert settings["amp"] is True and not any(k.startswith("inversion_") or k == "generator_filters" for k in settings)
+    assert cpu.pam_epochs == 90
 
 
 def test_run_defenses_and_evaluate_cover_both_pam_variants(tmp_path):
@@ -46,5 +48,9 @@ def test_run_defenses_and_evaluate_cover_both_pam_variants(tmp_path):
     for variant in ("pam", "fst-pam"):
         row = df[df.variant == variant].iloc[0]
         assert 0 <= row.test_asr <= 1 and 0 <= row.retune_asr <= 1
+        detected = json.loads(DefenseLayout.of(record, variant).run_info.read_text())["pam_inversion"][0]
+        assert row.pam_detected_class == detected["detected_class"]
+        assert row.pam_target_found == (detected["detected_class"] == 0)  # the tiny grid's records target class 0
+        assert 0 <= row.pam_share_to_detected <= 1 and 0 <= row.pam_mask_saturation <= 1
         assert DefenseLayout.of(record, variant).retune_result.is_file()
     assert df[df.variant == "none"].retune_asr.isna().all()  # only the variants asked for were retuned

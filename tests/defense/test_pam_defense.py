@@ -17,7 +17,7 @@ from fst_plugin.record import load_attack_record
 from fst_plugin.record.layout import DefenseLayout
 from tests.builders import TinyBB
 
-SMALL_INVERSION = {"inversion_pretrain_epochs": 1, "inversion_mask_epochs": 1, "inversion_generator_epochs": 1,
+SMALL_INVERSION = {"inversion_pretrain_steps": 1, "inversion_mask_steps": 1, "inversion_generator_steps": 1,
                    "generator_filters": 4}
 
 
@@ -37,8 +37,14 @@ def test_pam_writes_the_outputs_and_the_trigger_generator(fresh_bb: TinyBB) -> N
     assert [row["epoch"] for row in result.history] == [0, 1, 2]
     info = json.loads(layout.run_info.read_text())
     assert info["pam"] is True and info["mode"]["path_aware"] is True
+    rounds = info["pam_inversion"]  # the diagnostics of each inversion round; the target is the evaluator's to judge
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(r["feature_split"].startswith("layer3 (") and "avg pool" in r["feature_split"] for r in rounds)
+    assert all(0 <= r["mask_saturation"] <= 1 and 0 <= r["share_to_detected"] <= 1 for r in rounds)
+    assert all(r["detected_class"] == rounds[0]["detected_class"] for r in rounds)
+    assert "target" not in json.dumps(rounds)  # the defense does not know the attack's target
     state = torch.load(layout.trigger_generator, weights_only=False)
-    assert state["rounds_done"] == 2 and 0 <= state["target"] < 10  # round 1 before tuning, round 2 at epoch 1
+    assert len(state["rounds"]) == 2 and 0 <= state["target"] < 10  # round 1 before tuning, round 2 at epoch 1
     gen = generator_from_state(state)  # usable alone: images in, images out
     images = torch.randn(2, 3, 32, 32)
     assert gen(images).shape == images.shape

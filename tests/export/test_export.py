@@ -275,8 +275,8 @@ def test_export_refuses_bad_input_with_one_line_and_exit_2(bb_tree: Path, tmp_pa
 
 
 # pam: its inversion shrunk to CI size (the same settings on both sides)
-SMALL_PAM = ["--unlearn_rounds", "2", "--inversion_pretrain_epochs", "1", "--inversion_mask_epochs", "1",
-             "--inversion_generator_epochs", "1", "--generator_filters", "4"]
+SMALL_PAM = ["--unlearn_rounds", "2", "--inversion_pretrain_steps", "1", "--inversion_mask_steps", "1",
+             "--inversion_generator_steps", "1", "--generator_filters", "4"]
 
 
 @pytest.mark.parametrize("method", ["fst", "fe-tuning", "pam"])
