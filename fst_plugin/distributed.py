@@ -127,13 +127,38 @@ def session(world: World, device: str) -> Iterator[World]:
         dist.destroy_process_group()
 
 
+AUX_HEADS = ("aux1", "aux2", "AuxLogits")  # torchvision's GoogLeNet and Inception-v3
+
+
+def has_idle_parameters(model: nn.Module) -> bool:
+    """Whether a trainable parameter of ``model`` can never get a gradient: torchvision's GoogLeNet and Inception-v3
+    kept with their auxiliary classifiers but with ``aux_logits`` off (BackdoorBench's form, see
+    ``fst_plugin.models.factory.backdoorbench_form``) run those heads in training mode and drop their output."""
+    for module in model.modules():
+        if getattr(module, "aux_logits", None) is False:
+            heads = [head for head in (getattr(module, name, None) for name in AUX_HEADS) if isinstance(head, nn.Module)]
+            if any(p.requires_grad for head in heads for p in head.parameters()):
+                return True
+    return False
+
+
 def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
     """``model`` in DistributedDataParallel when a group is open (only the parameters that train now are
-    synchronised, so wrap after freezing); else ``model`` itself. DDP broadcasts rank 0's weights first."""
+    synchronised, so wrap after freezing); else ``model`` itself. DDP broadcasts rank 0's weights first.
+
+    A model with trainable parameters that never get a gradient (:func:`has_idle_parameters`: GoogLeNet's and
+    Inception-v3's aux heads) is wrapped with ``find_unused_parameters``; without it DDP stops at the second step.
+    Why not freeze the aux heads instead: which parameters train is the tuning mode's decision, taken by the core
+    before it wraps (and undone by ``finish``), and the result would be the same: DDP leaves a parameter no rank
+    used with no gradient, so SGD and its weight decay skip it exactly as one process does. The search for unused
+    parameters walks the autograd graph at every step, so only models that need it pay for it."""
     if not current_world().enabled:
         return model
     ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    idle = has_idle_parameters(model)
+    if idle:
+        log.info("the model has trainable parameters that get no gradient (aux heads): DDP looks for them each step")
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=idle)
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -112,6 +113,43 @@ def build_tiny_bb(root: Path, train_per_class: int = 20, test_per_class: int = 2
                         attack=Attack(badnets_trigger(), np.array([], dtype=np.int64), TARGET),
                         train_config=TrainConfig(epochs=0, device="cpu", seed=seed))
     return TinyBB(root, root / "record" / RECORD_NAME, root / "data", len(y_train), len(y_test))
+
+
+MNIST_RECORD_NAME = "tiny_mnist_badnet"
+
+
+def write_mnist_raw(folder: Path, train: bool, images: np.ndarray, labels: np.ndarray) -> None:
+    """torchvision's ``MNIST/raw`` idx files under ``folder`` (what ``load_clean_split("mnist")`` reads, never
+    downloaded): ``images`` uint8 (N, 28, 28, 1), ``labels`` 0..9."""
+    raw = Path(folder) / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    prefix, n = ("train" if train else "t10k"), len(labels)
+    (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28)
+                                                      + np.ascontiguousarray(images[..., 0]).tobytes())
+    (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n)
+                                                      + np.asarray(labels, dtype=np.uint8).tobytes())
+
+
+def build_tiny_mnist(root: Path, train_per_class: int = 5, test_per_class: int = 2, seed: int = SEED) -> TinyBB:
+    """The MNIST-shaped twin of :func:`build_tiny_bb`: ``data/mnist/MNIST/raw`` (the demo's synthetic images at
+    28x28, in grayscale: 1 channel) and ``record/tiny_mnist_badnet/``, a BadNets record (target 0) of an untrained
+    ``preactresnet_small`` built for 1-channel images."""
+    from fst_plugin.attacks import Attack, Split, TrainConfig, backdoor_and_record, badnets_trigger
+    from fst_plugin.demo import synthetic_images
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    splits = {}
+    for train, per_class in ((True, train_per_class), (False, test_per_class)):
+        images, labels = synthetic_images(per_class, rng, size=28)
+        gray = images.mean(axis=3, keepdims=True).round().astype(np.uint8)
+        write_mnist_raw(root / "data" / "mnist", train, gray, labels)
+        splits[train] = Split(gray, labels)
+    backdoor_and_record(root / "record" / MNIST_RECORD_NAME, model_name=MODEL, dataset="mnist", train=splits[True],
+                        test=splits[False], attack=Attack(badnets_trigger(), np.array([], dtype=np.int64), TARGET),
+                        train_config=TrainConfig(epochs=0, device="cpu", seed=seed))
+    return TinyBB(root, root / "record" / MNIST_RECORD_NAME, root / "data", len(splits[True].labels),
+                  len(splits[False].labels))
 
 
 def copy_record(fixture: TinyBB, name: str, root: Path) -> Path:

@@ -85,7 +85,7 @@ def backdoor_and_record(record_dir: Path, *, model_name: str, dataset: str, trai
     # torch's default generator starts from a random seed in every process (torch.initial_seed() differs
     # between two fresh interpreters), so the initial weights must be drawn under the run's own seed.
     torch.manual_seed(train_config.seed)
-    model = build_model(model_name, info.num_classes)
+    model = build_model(model_name, info.num_classes, info.channels)  # 1 for MNIST: the images' own channels
     started = time.time()
     if train_config.epochs > 0 and train_config.trigger_after_augment:
         # the clean images with the poisoned labels; the trigger is stamped after each batch's augmentation

@@ -134,7 +134,8 @@ def load_clean_split(dataset: str, root: str | Path, train: bool) -> Dataset:
             raise DataError(f"no MNIST files under {root}", f"put them there as {EXPECTED_LAYOUT['mnist']}") from None
     else:
         ds = _folder_split(root, train, dataset)
-    classes = len(set(getattr(ds, "targets", [])))
+    # by value: torchvision's MNIST keeps its targets as one tensor, whose 0-d elements never compare equal in a set
+    classes = len(np.unique(np.asarray(getattr(ds, "targets", []))))
     if classes > info.num_classes:
         raise DataError(f"dataset folder {root} holds {classes} classes but {dataset} has {info.num_classes}",
                         "check --dataset and --dataset_path")

@@ -35,8 +35,10 @@ class StandaloneBackend:
 
     name = "standalone"
 
-    def build_model(self, model_name: str, num_classes: int) -> nn.Module:
-        return build_model(model_name, num_classes)
+    def build_model(self, model_name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
+        """``model_name`` for ``in_channels``-channel images: the dataset's (1 for MNIST), or its weights do not
+        fit and its first convolution cannot read the images."""
+        return build_model(model_name, num_classes, in_channels)
 
     def transform(self, dataset: str, train: bool) -> Callable:
         return get_transform(dataset, train)
@@ -59,7 +61,9 @@ class BackdoorBenchBackend(StandaloneBackend):
         self._generate_cls_model = generate_cls_model
         self._splits: dict[str, Any] = {}
 
-    def build_model(self, model_name: str, num_classes: int) -> nn.Module:
+    def build_model(self, model_name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
+        """BackdoorBench's model as it built the record's (its factory takes no channel count: its records hold
+        what it builds); ours, for ``in_channels``, where its factory cannot build the name."""
         try:
             return self._generate_cls_model(model_name, num_classes)
         except (SystemError, TypeError, OSError) as exc:
@@ -70,7 +74,7 @@ class BackdoorBenchBackend(StandaloneBackend):
             # same. Anything else (out of memory, ...) is a real failure and propagates.
             log.warning("BackdoorBench's generate_cls_model cannot build %r (%s: %s); using this package's factory",
                         model_name, type(exc).__name__, str(exc).splitlines()[0][:160] if str(exc) else "")
-            return build_model(model_name, num_classes)
+            return build_model(model_name, num_classes, in_channels)
 
     def transform(self, dataset: str, train: bool) -> Callable:
         info = dataset_info(dataset)

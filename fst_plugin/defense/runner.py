@@ -110,7 +110,7 @@ def prepare(config: DefenseConfig, record: AttackRecord, method: str) -> Defense
     if config.model and config.model != record.model_name:
         log.warning("yaml/CLI model %r differs from the record's %r; using the record's", config.model,
                     record.model_name)
-    model = backend.build_model(record.model_name, record.num_classes)
+    model = backend.build_model(record.model_name, record.num_classes, info.channels)  # 1 for MNIST
     load_weights(model, record.state_dict, record.model_name)
     head = find_head(model, record.num_classes, config.head, config.whole_classifier)
     log.info("classifier head: %s", ", ".join(head.names))

@@ -15,7 +15,19 @@ from fst_plugin.errors import ConfigError
 from fst_plugin.options import option, parse_fraction
 
 NO_DEFENSE = "none"                   # the attacked model itself (attack_result.pt)
-CLEAN_REFERENCE = "clean-reference"   # a model trained on clean data only (--reference_record)
+CLEAN_REFERENCE = "clean-reference"   # a model trained on clean data only (--reference_record / --reference_model)
+REFERENCE_MODEL_HELP = ("a clean model file instead: a state_dict of the record's model_name (e.g. BackdoorBench's "
+                        "clean_model.pth), bare or under 'model' / 'state_dict'")
+
+
+def _reference_flags(record: Optional[Path], model: Optional[Path]) -> list[str]:
+    """The clean-reference flags given; more than one is refused in one line (the two name the same model)."""
+    given = [flag for flag, value in (("--reference_record", record), ("--reference_model", model))
+             if value is not None]
+    if len(given) > 1:
+        raise ConfigError("--reference_record and --reference_model both name the clean reference",
+                          "pass one of them: --reference_record DIR (a record at rate 0) or --reference_model FILE")
+    return given
 
 
 def _require(checks: tuple[tuple[str, object, str, bool], ...]) -> None:
@@ -31,9 +43,11 @@ class RetuneConfig:
 
     record: Path = option(metavar="DIR", help="the attack record folder")
     defense: str = option(metavar="NAME", help="a folder under DIR/defense/ holding defense_result.pt, none (the "
-                                               "attacked model) or clean-reference (with --reference_record)")
+                                               "attacked model) or clean-reference (with --reference_record or "
+                                               "--reference_model)")
     reference_record: Optional[Path] = option(None, "record of a model trained on clean data only (e.g. "
                                                     "make_records at rate 0)", metavar="DIR")
+    reference_model: Optional[Path] = option(None, REFERENCE_MODEL_HELP, metavar="FILE")
     poison_num: int = option(5, "poisoned training images in the tuning set")
     epochs: int = option(5, "retuning epochs")
     lr: float = option(0.01, "learning rate of sgd")
@@ -65,9 +79,12 @@ class RetuneConfig:
         if not is_defense_name(name):
             raise ConfigError(f"--defense {name!r} is not a defense folder name",
                               "pass the name of a folder under record/<name>/defense/, none or clean-reference")
-        if (name == CLEAN_REFERENCE) != (self.reference_record is not None):
-            raise ConfigError("--reference_record goes with --defense clean-reference, and only with it",
-                              "pass both (--defense clean-reference --reference_record DIR) or neither")
+        given = _reference_flags(self.reference_record, self.reference_model)
+        if (name == CLEAN_REFERENCE) != bool(given):
+            raise ConfigError("a clean reference (--reference_record or --reference_model) goes with --defense "
+                              "clean-reference, and only with it",
+                              "pass both (--defense clean-reference --reference_record DIR or --reference_model FILE) "
+                              "or neither")
 
 
 @dataclass(frozen=True)
@@ -77,9 +94,10 @@ class QraConfig:
     record: Path = option(metavar="DIR", help="the attack record folder")
     defense: str = option(metavar="NAME", help="a folder under DIR/defense/ holding defense_result.pt and "
                                                "retune/retune_result.pt, or none (the attacked model)")
-    # required, but checked by validate() so that its absence is the one-line error, not argparse's
-    reference_record: Optional[Path] = option(None, "required: record of a model trained on clean data only (e.g. "
-                                                    "make_records at rate 0)", metavar="DIR")
+    # one of the two is required, but checked by validate() so that its absence is the one-line error, not argparse's
+    reference_record: Optional[Path] = option(None, "required, or --reference_model: record of a model trained on "
+                                                    "clean data only (e.g. make_records at rate 0)", metavar="DIR")
+    reference_model: Optional[Path] = option(None, REFERENCE_MODEL_HELP, metavar="FILE")
     eps: float = option(16 / 255, "L-inf budget in [0, 1] pixels (default 16/255)", parse=parse_fraction)
     alpha_qra: float = option(0.2, "weight of the reactivation (KL) term")
     clean_num: int = option(500, "clean training images (from the tuning subset)")
@@ -120,7 +138,10 @@ class QraConfig:
                               "pass the name of a folder under record/<name>/defense/ or none")
         if name == CLEAN_REFERENCE:
             raise ConfigError("--defense clean-reference: QRA attacks a purified model against the clean reference",
-                              "pass a defense's name or none, and the clean model as --reference_record")
-        if self.reference_record is None:
-            raise ConfigError("QRA needs a clean reference model (no --reference_record given)",
-                              "pass --reference_record DIR, a record of the same dataset trained at rate 0")
+                              "pass a defense's name or none, and the clean model as --reference_record or "
+                              "--reference_model")
+        if not _reference_flags(self.reference_record, self.reference_model):
+            raise ConfigError("QRA needs a clean reference model (no --reference_record or --reference_model given)",
+                              "pass --reference_record DIR (a record of the same dataset trained at rate 0) or "
+                              "--reference_model FILE (a clean model's state_dict, e.g. BackdoorBench's "
+                              "clean_model.pth)")

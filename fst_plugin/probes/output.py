@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import pandas as pd
 import torch
@@ -47,13 +47,14 @@ class ProbeRun:
     config: RetuneConfig | QraConfig
 
 
-def run_info(run: ProbeRun, result: ProbeResult, measured: dict[str, Any], reference_record: Optional[Path] = None,
-             target: Optional[int] = None) -> dict[str, Any]:
+def run_info(run: ProbeRun, result: ProbeResult, measured: dict[str, Any],
+             reference: Optional[Mapping[str, str]] = None, target: Optional[int] = None) -> dict[str, Any]:
     """``run_info.json``'s content; ``measured`` holds the probe's numbers (retune: before/after, QRA: metrics),
-    ``reference_record`` and ``target`` are written by the probes whose numbers depend on them (QRA)."""
+    ``reference`` (``reference_record`` or ``reference_model``: path) and ``target`` are written by the probes whose
+    numbers depend on them (QRA)."""
     return {"method": run.method, "protocol": run.protocol, "defense": result.defense,
             "record": str(run.record.record_dir),
-            **({} if reference_record is None else {"reference_record": str(reference_record)}),
+            **(reference or {}),
             "model_name": run.model_name, "device": run.device, "seed": run.config.random_seed,
             **({} if target is None else {"target": target}),
             "clean_index_source": result.clean_index_source, "n_clean": result.n_clean,

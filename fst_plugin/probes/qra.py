@@ -50,7 +50,9 @@ Where we differ, on purpose:
 Output, written only after everything was validated and the attack finished, each file atomically:
 ``record/<name>/defense/<method>/retune/qra/{qra_df.csv, run_info.json, qra_result.pt}`` (the generator's
 weights last; its presence means the run finished). It needs ``fst-plugin retune`` to have run first on the same
-model (``retune/retune_result.pt``) and a clean reference record (same dataset, rate 0).
+model (``retune/retune_result.pt``) and a clean reference: a record of the same dataset at rate 0
+(``--reference_record``) or a clean model file of the record's architecture (``--reference_model``, e.g.
+BackdoorBench's ``clean_model.pth``; BackdoorBench writes no clean record).
 """
 from __future__ import annotations
 
@@ -159,8 +161,8 @@ def build_qra_set(record: AttackRecord, train_split: Dataset, subset: sources.Cl
 
 def prepare_qra(config: QraConfig) -> QraPlan:
     """Validate everything and build the three models, the training set and the test sets; writes nothing."""
-    config.validate()
-    assert config.reference_record is not None  # validate() requires it
+    config.validate()  # requires one clean reference: --reference_record or --reference_model
+    reference = sources.CleanReference(config.reference_record, config.reference_model)
     record = load_attack_record(config.record, trust=config.trust_record)
     save_dir = DefenseLayout.of(record.record_dir, config.defense).qra_dir
     sources.inside_record(save_dir, record.record_dir, "QRA output folder")
@@ -169,9 +171,9 @@ def prepare_qra(config: QraConfig) -> QraPlan:
     poisoned = sources.pick_poisoned(pool, config.poison_num, config.random_seed, record,
                              outside_class=target)  # fail fast, before loading
     device = resolve_device(config.device)
-    purified = sources.model_to_probe(record, config.defense, None, config.trust_record)
+    purified = sources.model_to_probe(record, config.defense, sources.CleanReference(), config.trust_record)
     retuned = sources.retuned_model(record, config.defense, config.trust_record)
-    clean = sources.reference_model(record, config.reference_record, config.trust_record)
+    clean = sources.reference_model(record, reference, config.trust_record)
     models = {"purified": purified.model, "retuned": retuned.model, "clean_reference": clean.model}
     for model in models.values():
         model.eval().requires_grad_(False)  # the generator is the only thing trained
@@ -275,7 +277,8 @@ def run_qra(config: QraConfig) -> QraResult:
 def write_qra_outputs(plan: QraPlan, result: QraResult, perturb: Perturbation) -> None:
     """``qra_df.csv``, ``run_info.json``, then ``qra_result.pt`` (its presence means the run finished)."""
     run = ProbeRun("qra", PROTOCOL, plan.record, plan.model_name, plan.device, plan.pool, plan.config)
-    info = run_info(run, result, {"metrics": result.metrics}, plan.config.reference_record, result.target)
+    reference = sources.CleanReference(plan.config.reference_record, plan.config.reference_model)
+    info = run_info(run, result, {"metrics": result.metrics}, reference.as_info(), result.target)
     write_probe_outputs(plan.save_dir, "qra_df.csv", pd.DataFrame(result.history), info, QRA_RESULT_NAME,
                         perturb.saved_form())
 

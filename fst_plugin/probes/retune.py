@@ -5,7 +5,7 @@ Defense") show that many purified models regain their backdoor after a few epoch
 a small set that holds only a few poisoned images. This module runs that measurement on any model of a
 BackdoorBench record: a defense's ``defense_result.pt`` (ours or BackdoorBench's built-ins'), the attacked
 model itself (``none``) or a clean reference model (same architecture trained on clean data only, the
-authors' "exact purification", given as another record).
+authors' "exact purification", given as another record or as a clean model file).
 
 What we take from the authors' script (``fine_tune/ft_poison.py`` of AISafety-HKUST/stable_backdoor_purification):
 
@@ -141,7 +141,8 @@ def prepare_retune(config: RetuneConfig) -> RetunePlan:
     pool = poisoned_pool(record)
     sources.pick_poisoned(pool, config.poison_num, config.random_seed, record)  # pool large enough: fail fast
     device = resolve_device(config.device)
-    probed = sources.model_to_probe(record, config.defense, config.reference_record, config.trust_record)
+    reference = sources.CleanReference(config.reference_record, config.reference_model)
+    probed = sources.model_to_probe(record, config.defense, reference, config.trust_record)
     train_split, test_split = sources.clean_splits(record, config.dataset_path)
     subset = sources.clean_subset(record, config.defense, config.ratio, config.random_seed, len(train_split))
     tuning = build_retune_set(record, train_split, subset, config.poison_num, config.random_seed, pool)

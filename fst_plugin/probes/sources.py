@@ -16,7 +16,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from fst_plugin.data import dataset_info, load_clean_split
-from fst_plugin.errors import ConfigError, DataError, RecordError
+from fst_plugin.errors import ConfigError, DataError, ModelError, RecordError
 from fst_plugin.probes.config import CLEAN_REFERENCE, NO_DEFENSE
 from fst_plugin.record import AttackRecord, PoisonedImage, load_attack_record
 from fst_plugin.record import choose_clean_indices
@@ -38,17 +38,63 @@ def inside_record(path: Path, record_dir: Path, what: str) -> Path:
 
 
 # ----- which model ----------------------------------------------------------------------------------------
-def reference_model(record: AttackRecord, reference_record: Path, trust: bool) -> ResultModel:
-    """The clean reference: the model of another record, trained on the attacked record's dataset at rate 0."""
-    reference = load_attack_record(reference_record, trust=trust, check_files=False)
-    if reference.clean_data != record.clean_data or reference.num_classes != record.num_classes:
-        raise RecordError(f"reference record {reference.record_dir} is a {reference.clean_data} model with "
-                          f"{reference.num_classes} classes, the attacked record a {record.clean_data} one with "
+@dataclass(frozen=True)
+class CleanReference:
+    """Where the clean reference comes from: another record trained at rate 0 (``--reference_record``), or a bare
+    model file (``--reference_model``), since BackdoorBench writes no clean record and its users hold a clean
+    model's weights instead (e.g. ``clean_model.pth``). The configs' ``validate()`` allows at most one."""
+
+    record: Optional[Path] = None
+    model_file: Optional[Path] = None
+
+    @property
+    def given(self) -> bool:
+        return self.record is not None or self.model_file is not None
+
+    def as_info(self) -> dict[str, str]:
+        """``run_info.json``'s note of where the reference came from (nothing when none was given)."""
+        if self.record is not None:
+            return {"reference_record": str(self.record)}
+        return {} if self.model_file is None else {"reference_model": str(self.model_file)}
+
+
+def reference_model(record: AttackRecord, reference: CleanReference, trust: bool) -> ResultModel:
+    """The clean reference: the model of another record trained on the attacked record's dataset at rate 0, or a
+    clean model file built as the attacked record's architecture."""
+    if reference.model_file is not None:
+        return reference_from_file(record, reference.model_file, trust)
+    assert reference.record is not None  # the configs' validate() asks for one of the two
+    other = load_attack_record(reference.record, trust=trust, check_files=False)
+    if other.clean_data != record.clean_data or other.num_classes != record.num_classes:
+        raise RecordError(f"reference record {other.record_dir} is a {other.clean_data} model with "
+                          f"{other.num_classes} classes, the attacked record a {record.clean_data} one with "
                           f"{record.num_classes}", "pass a reference trained on the attacked record's dataset")
-    if reference.model_name != record.model_name:
-        log.warning("reference model %s differs from the attacked model %s", reference.model_name, record.model_name)
-    return model_from_state(reference.state_dict, reference.model_name, reference.num_classes,
+    if other.model_name != record.model_name:
+        log.warning("reference model %s differs from the attacked model %s", other.model_name, record.model_name)
+    return model_from_state(other.state_dict, other.model_name, other.num_classes,
                             dataset_info(record.clean_data).channels)
+
+
+def reference_from_file(record: AttackRecord, path: Path, trust: bool) -> ResultModel:
+    """A clean model file as the reference: a state_dict, bare or under ``'model'`` / ``'state_dict'`` (read with
+    the allow-list unless ``trust``), built as the record's ``model_name`` for its ``num_classes`` and channels,
+    unless the file names its own (BackdoorBench's ``{'model_name', 'num_classes', 'model'}``). Its dataset cannot
+    be checked: the file does not say."""
+    saved = read_result(path, "reference model", trust)
+    name, classes = saved.name or record.model_name, saved.num_classes or record.num_classes
+    if classes != record.num_classes:
+        raise RecordError(f"reference model {path} has {classes} classes, the attacked record {record.num_classes}",
+                          "pass a clean model trained on the attacked record's dataset")
+    if name != record.model_name:
+        log.warning("reference model %s differs from the attacked model %s", name, record.model_name)
+    channels = dataset_info(record.clean_data).channels
+    try:
+        return model_from_state(saved.state, name, classes, channels)
+    except ModelError as exc:
+        raise ModelError(f"reference model {path} is not a {name} with {classes} classes and {channels} input "
+                         f"channel(s) ({exc.problem})",
+                         f"pass the state_dict of a clean {name} trained on {record.clean_data} (the attacked "
+                         "record's architecture)") from None
 
 
 def defended_model(record: AttackRecord, defense: str, trust: bool) -> ResultModel:
@@ -67,14 +113,14 @@ def defended_model(record: AttackRecord, defense: str, trust: bool) -> ResultMod
     return model_from_state(saved.state, name, classes, dataset_info(record.clean_data).channels)
 
 
-def model_to_probe(record: AttackRecord, defense: str, reference_record: Optional[Path], trust: bool) -> ResultModel:
+def model_to_probe(record: AttackRecord, defense: str, reference: CleanReference, trust: bool) -> ResultModel:
     """The model a probe starts from: a defense's result, the attacked model (``none``) or the clean reference."""
     if defense == NO_DEFENSE:
         return model_from_state(record.state_dict, record.model_name, record.num_classes,
                                 dataset_info(record.clean_data).channels)
     if defense == CLEAN_REFERENCE:
-        assert reference_record is not None  # the configs' validate() pairs the two
-        return reference_model(record, reference_record, trust)
+        assert reference.given  # the configs' validate() pairs the two
+        return reference_model(record, reference, trust)
     return defended_model(record, defense, trust)
 
 

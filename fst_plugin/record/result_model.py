@@ -1,7 +1,7 @@
 """A saved model result (``defense_result.pt``, ``retune_result.pt``, an attack record's weights) as a ready model.
 
 BackdoorBench's defenses save ``{'model_name', 'num_classes', 'model'}``; the FST authors' scripts a bare
-state_dict. One reader for both, used by the probes and the benchmark scripts. A model saved while pruned by
+state_dict; a training script's checkpoint often ``{'state_dict': ..., 'epoch': ...}``. One reader for all, used by the probes and the benchmark scripts. A model saved while pruned by
 ``torch.nn.utils.prune`` (BackdoorBench's fp keeps its mask on the last linear layer) holds ``<name>_orig`` and
 ``<name>_mask``; they are read as the pruned ``<name>``.
 """
@@ -41,10 +41,14 @@ class SavedState:
 
 def read_result(path: Path, what: str, trust: bool = False) -> SavedState:
     """The weights (and names) a result file holds, read without trusting its pickle unless ``trust``:
-    BackdoorBench's ``{'model_name', 'num_classes', 'model'}`` or a bare state_dict (the authors' own format)."""
+    BackdoorBench's ``{'model_name', 'num_classes', 'model'}``, a checkpoint's ``{'state_dict': ...}`` or a bare
+    state_dict (the authors' own format). A bare state_dict's values are tensors, so a ``'state_dict'`` key holding
+    a mapping cannot be one of its parameters."""
     data = load_untrusted(path, what, trust=trust)
     if isinstance(data, Mapping) and "model" in data:
         state, name, classes = data["model"], data.get("model_name"), data.get("num_classes")
+    elif isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
+        state, name, classes = data["state_dict"], data.get("model_name"), data.get("num_classes")
     else:
         state, name, classes = data, None, None
     fix = f"re-run the command that wrote this {what}"

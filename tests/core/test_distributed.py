@@ -3,6 +3,7 @@
 * The core: ``tune`` in 2 processes (DDP, each rank a slice of every global batch) ends with the weights of one
   process on the same global batches, the head and W₀ equal on both ranks, and the sharded evaluation gives the
   one-process numbers. The model here has no BatchNorm, so the only difference is float summation order.
+* GoogLeNet, whose aux heads never get a gradient, tunes under DDP (a tiny input, 2 steps).
 * The command: ``torchrun --nproc_per_node 2 -m fst_plugin run fst`` on the tiny record writes exactly the files
   of a one-process run, once, from rank 0; the evaluation before tuning is the one-process one, and the log
   names the world size.
@@ -24,7 +25,15 @@ from torch import nn
 
 from fst_plugin.core import evaluate_backdoor, find_head, get_mode, tune
 from fst_plugin.core.tuning import TuningConfig
-from fst_plugin.distributed import EvalShard, RankSlices, World, check_batch_size, world_from_env
+from fst_plugin.distributed import (
+    EvalShard,
+    RankSlices,
+    World,
+    check_batch_size,
+    has_idle_parameters,
+    world_from_env,
+    wrap_model,
+)
 from fst_plugin.errors import ConfigError
 from tests.builders import TinyBB, assert_outputs_complete, child_env, copy_record, write_yaml
 
@@ -157,6 +166,68 @@ def test_the_world_comes_from_torchruns_environment(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("RANK", "4")
     with pytest.raises(ConfigError):
         world_from_env()
+
+
+# ----- GoogLeNet: parameters that never get a gradient ------------------------------------------------------------
+GOOGLENET_SIZE = 15  # the smallest input GoogLeNet accepts (14x14 pools to nothing before its last inception)
+GOOGLENET_IMAGES = 8  # two global batches of 4: DDP reports unused parameters at the step after the first
+
+
+def _googlenet_run(world: World) -> dict:
+    """GoogLeNet (BackdoorBench's form: aux heads kept, their output dropped) tuned in ``vanilla-ft`` mode, every
+    parameter trainable, with weight decay: what DDP refused before."""
+    from fst_plugin.models import build_model
+
+    torch.manual_seed(3)
+    model = build_model("googlenet", 4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(GOOGLENET_IMAGES, 3, GOOGLENET_SIZE, GOOGLENET_SIZE, generator=gen)
+    y = torch.randint(0, 4, (GOOGLENET_IMAGES,), generator=gen)
+    train = RankSlices(FixedBatches(x, y, batch_size=4), world)
+    config = TuningConfig(epochs=1, lr=0.01, weight_decay=5e-4, seed=11, show_progress=False)
+    tune(model, find_head(model, 4), get_mode("vanilla-ft"), train, config)
+    return {"before": before, "after": {k: v.clone() for k, v in model.state_dict().items()},
+            "wraps": {"googlenet": wrap_model(build_model("googlenet", 4), torch.device("cpu")).find_unused_parameters,
+                      "resnet9": wrap_model(build_model("resnet9", 4), torch.device("cpu")).find_unused_parameters}}
+
+
+def _googlenet_worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        torch.save(_googlenet_run(World(rank, WORLD, rank)), Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_googlenet_tunes_under_ddp_and_its_aux_heads_stay_as_they_came(tmp_path: Path) -> None:
+    """Before, DDP stopped at the second step: GoogLeNet's aux heads run in training mode but their output is dropped,
+    so their parameters never get a gradient. With unused parameters handled, both ranks end with the same weights,
+    the main network moved, and the aux heads are untouched (no gradient, so weight decay skips them too, as in one
+    process); only a model with such parameters pays for DDP's search for them."""
+    mp.spawn(_googlenet_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    before, after = ranks[0]["before"], ranks[0]["after"]
+    params = [k for k in after if after[k].is_floating_point() and "running_" not in k]
+    aux = [k for k in params if k.startswith(("aux1.", "aux2."))]
+    assert aux and all(torch.equal(after[k], before[k]) for k in aux)
+    assert not torch.equal(after["fc.weight"], before["fc.weight"])
+    assert not torch.equal(after["conv1.conv.weight"], before["conv1.conv.weight"])
+    for key in params:  # DDP kept the ranks in step (BatchNorm's running statistics stay per rank)
+        assert torch.allclose(ranks[1]["after"][key], after[key], atol=1e-6, rtol=0), key
+    assert all(rank["wraps"] == {"googlenet": True, "resnet9": False} for rank in ranks)
+
+
+def test_only_trainable_parameters_without_a_gradient_ask_for_ddps_search() -> None:
+    from fst_plugin.models import build_model
+
+    googlenet, inception = build_model("googlenet", 4), build_model("inception_v3", 4)
+    assert has_idle_parameters(googlenet) and has_idle_parameters(inception)
+    assert not has_idle_parameters(build_model("resnet9", 4)) and not has_idle_parameters(_model())
+    for module in (googlenet.aux1, googlenet.aux2):
+        module.requires_grad_(False)  # e.g. lp / fst freeze the backbone: DDP does not track them at all
+    assert not has_idle_parameters(googlenet)
 
 
 # ----- the command: torchrun --nproc_per_node 2 -m fst_plugin run ... ------------------------------------------

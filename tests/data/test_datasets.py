@@ -112,6 +112,22 @@ def test_mnist_raw_files_are_read_without_download(tmp_path: Path) -> None:
     assert label == 7 and image.mode == "L" and np.array_equal(np.asarray(image), pixels[0])
 
 
+def test_mnist_with_more_images_than_classes_is_counted_by_label_value(tmp_path: Path) -> None:
+    """torchvision's MNIST keeps its targets as one tensor; counted as a set of 0-d tensors, 30 images of 10
+    classes looked like 30 classes and the real dataset was refused."""
+    from tests.builders import write_mnist_raw
+
+    labels = np.arange(30) % 10
+    for train in (True, False):
+        write_mnist_raw(tmp_path, train, _images(30, 28)[..., :1], labels)
+    split = load_clean_split("mnist", tmp_path, train=True)
+    assert len(split) == 30 and sorted({int(t) for t in split.targets}) == list(range(10))
+    labels[0] = 10  # an eleventh class is still refused
+    write_mnist_raw(tmp_path, True, _images(30, 28)[..., :1], labels)
+    with pytest.raises(DataError, match="holds 11 classes but mnist has 10"):
+        load_clean_split("mnist", tmp_path, train=True)
+
+
 def test_missing_or_unknown_layouts_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="does not exist"):
         load_clean_split("cifar10", tmp_path / "nope", train=True)

@@ -9,6 +9,7 @@ batch 10): these tests check the method's plumbing and invariants, not that it r
 """
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 from pathlib import Path
@@ -20,11 +21,12 @@ import torch
 
 from fst_plugin.cli import main as cli_main
 from fst_plugin.data import TransformedDataset, load_clean_split, materialise
+from fst_plugin.models import build_model
 from fst_plugin.probes.config import QraConfig
 from fst_plugin.probes.perturbation import load_perturbation, pixel_transform
 from fst_plugin.probes.qra import MODELS, prepare_qra, run_qra
 from fst_plugin.probes.retune import run_retune
-from fst_plugin.record import load_untrusted
+from fst_plugin.record import load_attack_record, load_untrusted
 from fst_plugin.record.layout import DefenseLayout
 from tests.builders import snapshot, state_dict_hash
 from tests.probes.retune_builders import RetuneWorkspace, tiny
@@ -113,7 +115,8 @@ def test_with_eps_zero_the_perturbed_numbers_equal_the_unperturbed_ones_exactly(
 @pytest.mark.parametrize("extra, message", [
     (["--defense", "ft"], "'ft' has no retune result"),
     (["--defense", "ft-sam"], "defense 'ft-sam' has no output"),
-    (["--defense", "fst", "--no-reference"], "QRA needs a clean reference model"),
+    (["--defense", "fst", "--no-reference"], "QRA needs a clean reference model (no --reference_record or "
+                                             "--reference_model given)"),
     (["--defense", "clean-reference"], "--defense clean-reference"),
     (["--defense", "fst", "--poison_num", "21"], "larger than the 20 poisoned training images"),
     (["--defense", "fst", "--clean_num", "51"], "--clean_num 51 is larger than the clean tuning subset (50"),
@@ -177,3 +180,80 @@ def test_the_benchmark_attacks_only_models_purified_below_qra_max_asr(ws, caplog
         qra.columns(ws.attacked, "fst", ws.reference, asr=0.05)
     assert "--poison_num 500 is larger than the" in caplog.text
     assert not DefenseLayout.of(ws.attacked, "fst").qra_dir.exists()
+
+
+# ----- the clean reference as a model file (BackdoorBench writes no clean record) ----------------------------------
+def save_clean_model(ws: RetuneWorkspace, path: Path, form: str = "bare") -> Path:
+    """The reference record's weights as a clean model file: a bare state_dict (BackdoorBench users'
+    ``clean_model.pth``), or under ``'model'`` / ``'state_dict'``."""
+    state = load_attack_record(ws.reference).state_dict
+    torch.save({"bare": state, "model": {"model": state, "epoch": 4}, "state_dict": {"state_dict": state}}[form],
+               path)
+    return path
+
+
+def test_qra_with_a_clean_model_file_gives_the_numbers_of_the_equivalent_reference_record(retuned, ws, tmp_path):
+    """The fixture's CLI run used ``--reference_record``; the same weights as ``clean_model.pth`` must give the
+    same generator and the same numbers for all three models (the reference is the only thing that changed)."""
+    shared = DefenseLayout.of(retuned.attacked, "fst").qra_dir
+    shutil.rmtree(DefenseLayout.of(ws.attacked, "fst").qra_dir)
+    clean_model = save_clean_model(ws, tmp_path / "clean_model.pth")
+    result = run_qra(small(ws, eps=16 / 255, reference_record=None, reference_model=clean_model))
+    info = json.loads((shared / "run_info.json").read_text())
+    assert result.metrics == info["metrics"]
+    assert (state_dict_hash(load_untrusted(result.save_dir / "qra_result.pt", "qra result")["model"])
+            == state_dict_hash(load_untrusted(shared / "qra_result.pt", "qra result")["model"]))
+    written = json.loads((result.save_dir / "run_info.json").read_text())
+    assert written["reference_model"] == str(clean_model) and "reference_record" not in written
+    assert info["reference_record"] == str(retuned.reference) and "reference_model" not in info
+
+
+@pytest.mark.parametrize("form", ["bare", "model", "state_dict"])
+def test_a_clean_model_file_is_read_bare_or_under_model_or_state_dict(ws, tmp_path, form):
+    path = save_clean_model(ws, tmp_path / f"{form}.pth", form)
+    plan = prepare_qra(small(ws, reference_record=None, reference_model=path))
+    expected = load_attack_record(ws.reference).state_dict
+    assert state_dict_hash(plan.models["clean_reference"].state_dict()) == state_dict_hash(expected)
+    assert state_dict_hash(plan.models["purified"].state_dict()) != state_dict_hash(expected)  # not vacuous
+
+
+def _write_bad_reference(ws: RetuneWorkspace, path: Path, kind: str) -> Path:
+    if kind == "garbage":
+        path.write_bytes(b"this is not a torch file" * 10)
+    elif kind == "other architecture":
+        torch.save(build_model("resnet9_cpu", 10).state_dict(), path)
+    elif kind == "other classes":
+        torch.save({"model_name": "preactresnet_small", "num_classes": 43,
+                    "model": build_model("preactresnet_small", 43).state_dict()}, path)
+    elif kind == "code":  # a whole pickled object: the allow-list refuses it
+        torch.save({"state_dict": load_attack_record(ws.reference).state_dict, "cfg": argparse.Namespace(a=1)},
+                   path)
+    return path
+
+
+@pytest.mark.parametrize("kind, extra, message", [
+    ("garbage", [], "reference model {path} is corrupt or truncated"),
+    ("other architecture", [], "reference model {path} is not a preactresnet_small with 10 classes"),
+    ("other classes", [], "reference model {path} has 43 classes, the attacked record 10"),
+    ("code", [], "which is not on the allow-list"),
+    ("missing", [], "reference model {path} does not exist"),
+    ("fine", ["--reference_record", "{reference}"], "--reference_record and --reference_model both name the clean "
+                                                     "reference"),
+])
+def test_a_bad_clean_model_file_or_both_references_exit_2_with_one_line_and_write_nothing(ws, capsys, tmp_path,
+                                                                                           kind, extra, message):
+    shutil.rmtree(DefenseLayout.of(ws.attacked, "fst").qra_dir)  # the fixture's run
+    path = tmp_path / "clean_model.pth"
+    if kind == "fine":
+        save_clean_model(ws, path)
+    elif kind != "missing":
+        _write_bad_reference(ws, path, kind)
+    before = snapshot(ws.root)
+    code = qra_cli(ws, "--defense", "fst", "--reference_model", str(path),
+                   *[e.format(reference=ws.reference) for e in extra], reference=False)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len([line for line in err if line.startswith("error:")]) == 1, err
+    assert message.format(path=path) in err[-1], err
+    assert snapshot(ws.root) == before
+    assert not list(ws.attacked.glob("defense/*/retune/qra"))

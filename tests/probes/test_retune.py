@@ -87,7 +87,10 @@ def test_a_retune_with_a_fixed_seed_is_deterministic_and_writes_backdoorbench_fo
     (["--defense", "fst", "--batch_size", "0"], "--batch_size is 0"),
     (["--defense", "none", "--ratio", "1.5"], "--ratio is 1.5"),
     (["--defense", "../../x"], "not a defense folder name"),
-    (["--defense", "clean-reference"], "--reference_record goes with"),
+    (["--defense", "clean-reference"], "goes with --defense clean-reference, and only with it"),
+    (["--defense", "fst", "--reference_model", "clean_model.pth"], "goes with --defense clean-reference"),
+    (["--defense", "clean-reference", "--reference_record", "r", "--reference_model", "m.pth"],
+     "--reference_record and --reference_model both name the clean reference"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(ws, capsys, extra, message):
     before = snapshot(ws.root)
@@ -146,6 +149,25 @@ def test_a_clean_reference_model_stays_near_its_pre_attack_asr(ws):
     shutil.rmtree(result.save_dir)
     heavy = run_retune(tiny(ws, defense="clean-reference", reference_record=ws.reference, epochs=20, poison_num=20))
     assert heavy.after["test_asr"] > result.before["test_asr"] + 0.10, (heavy.before, heavy.after)
+
+
+def test_the_clean_reference_retuned_from_a_clean_model_file_equals_the_one_from_its_record(ws, tmp_path, capsys):
+    """BackdoorBench users hold a clean model file, not a record: ``--reference_model clean_model.pth`` (a bare
+    state_dict) retunes the same weights into the same place as ``--reference_record``, bit for bit."""
+    from_record = run_retune(tiny(ws, defense="clean-reference", reference_record=ws.reference, epochs=1))
+    out = from_record.save_dir
+    first = state_dict_hash(load_untrusted(out / "retune_result.pt", "retune result")["model"])
+    shutil.rmtree(out)
+    clean_model = tmp_path / "clean_model.pth"
+    torch.save(load_attack_record(ws.reference).state_dict, clean_model)
+    code = cli_main(["retune", "--record", str(ws.attacked), "--defense", "clean-reference", "--reference_model",
+                     str(clean_model), "--dataset_path", str(ws.root / "data"), "--device", "cpu", "--ratio", "0.25",
+                     "--epochs", "1"])
+    assert code == 0, capsys.readouterr().err
+    assert state_dict_hash(load_untrusted(out / "retune_result.pt", "retune result")["model"]) == first
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["before"] == from_record.before and info["after"] == from_record.after
+    assert info["config"]["reference_model"] == str(clean_model) and info["config"]["reference_record"] is None
 
 
 def test_retune_runs_on_a_record_in_backdoorbenchs_own_layout_from_its_root(ws, capsys, monkeypatch):
