@@ -88,7 +88,9 @@ class TriggerGenerator(nn.Module):
     """The authors' U-Net (``UNet(n_channels=3, num_classes=3, base_filter_num=32, num_blocks=4)``): encoder blocks
     of ``base_filters·2^i`` channels (at most 512) with 2×2 max-pooling, a bottleneck of twice the last width, and
     decoder steps of a 3×3 stride-2 transposed convolution (channels kept) and a LeakyReLU, concatenated with the
-    skip and merged by a block; a 1×1 convolution back to image channels."""
+    skip and merged by a block; a 1×1 convolution back to image channels. An image whose side is not a multiple of
+    2^depth (MNIST's 28) is zero-padded to the next one and cropped back (theirs takes 32 and 224 only; at 28 four
+    poolings would leave a 1×1 map that InstanceNorm refuses)."""
 
     def __init__(self, channels: int = 3, base_filters: int = 32, depth: int = 4) -> None:
         super().__init__()
@@ -101,6 +103,9 @@ class TriggerGenerator(nn.Module):
         self.out = nn.Conv2d(widths[0], channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        unit = 2 ** len(self.down)
+        x = F.pad(x, (0, -width % unit, 0, -height % unit))
         skips = []
         for block in self.down:
             x = block(x)
@@ -109,7 +114,7 @@ class TriggerGenerator(nn.Module):
         x = self.bottom(x)
         for up, merge, skip in zip(self.up, self.merge, reversed(skips)):
             x = merge(torch.cat([F.leaky_relu(up(x)), skip], dim=1))
-        return self.out(x)
+        return self.out(x)[..., :height, :width]
 
 
 _POOLS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {

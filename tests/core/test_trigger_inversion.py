@@ -84,6 +84,12 @@ def test_the_generator_is_the_authors_unet_and_pretraining_teaches_it_to_reprodu
     assert F.mse_loss(small(images), images).item() < 0.5 * before
 
 
+def test_the_generator_takes_images_whose_side_is_not_a_multiple_of_its_poolings():
+    gen = TriggerGenerator(1, base_filters=4, depth=4).eval()
+    mnist = torch.rand(2, 1, 28, 28)
+    assert gen(mnist).shape == mnist.shape
+
+
 def test_budgets_are_optimiser_steps_whatever_the_loaders_length(caplog):
     model, head, loader = _setup()  # 2 batches an epoch
     images = next(iter(loader))[0]

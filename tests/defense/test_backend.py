@@ -14,6 +14,7 @@ from fst_plugin.api import run_defense
 from fst_plugin.defense.backend import BackdoorBenchBackend, StandaloneBackend
 from fst_plugin.models import build_model
 from fst_plugin.record import load_attack_record, load_untrusted
+from fst_plugin.core.unlearning import generator_from_state
 from tests.builders import assert_outputs_complete, build_tiny_mnist, write_yaml
 
 
@@ -95,3 +96,16 @@ def test_an_mnist_record_runs_a_defense_end_to_end_on_a_one_channel_model(mnist,
     model = build_model(saved["model_name"], saved["num_classes"], in_channels=1)
     model.load_state_dict(saved["model"])  # the tuned weights are a 1-channel model's
     assert not torch.equal(saved["model"]["linear.weight"], record.state_dict["linear.weight"])  # it did tune
+
+
+def test_pam_runs_on_an_mnist_record_its_generator_keeping_the_28_pixel_side(mnist, tmp_path: Path) -> None:
+    """The authors' U-Net pools four times; at 28×28 it pads to 32 and crops back, so PAM runs on MNIST too."""
+    fixture, yaml_path = mnist
+    record_dir = tmp_path / "record" / fixture.record.name
+    shutil.copytree(fixture.record, record_dir)
+    result = run_defense("pam", record_dir, yaml_path=str(yaml_path), dataset_path=str(fixture.data), device="cpu",
+                         epochs=1, unlearn_rounds=1, inversion_pretrain_steps=1, inversion_mask_steps=1,
+                         inversion_generator_steps=1, generator_filters=4)
+    state = torch.load(Path(result.save_path) / "trigger_generator.pt", weights_only=False)
+    gen = generator_from_state(state)
+    assert state["channels"] == 1 and gen(torch.rand(2, 1, 28, 28)).shape == (2, 1, 28, 28)
