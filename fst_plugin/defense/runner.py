@@ -32,7 +32,7 @@ from fst_plugin.io_utils import atomic_torch_save, atomic_write_text
 from fst_plugin.models.factory import load_weights
 from fst_plugin.record import AttackRecord, choose_clean_indices, load_untrusted
 from fst_plugin.record.defense_output import write_defense_outputs
-from fst_plugin.record.layout import DefenseLayout, checkpoint_file, index_file
+from fst_plugin.record.layout import DefenseLayout, checkpoint_file, index_file, inversion_checkpoint_file
 from fst_plugin.runtime import resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ class DefensePlan:
     channels_last: bool = False      # tensor path on CUDA: the model runs in channels_last
     eval_amp: bool = False           # tensor path on CUDA with amp: evaluation under autocast
     world: World = World()           # this process among torchrun's (size 1 without torchrun)
+    resume_inversion: Optional[dict[str, Any]] = None  # PAM's inversion round saved part-way (resume)
 
 
 @dataclass
@@ -123,11 +124,13 @@ def prepare(config: DefenseConfig, record: AttackRecord, method: str) -> Defense
     resume_key = _resume_key(config, mode.name, indices)
     checkpoint = checkpoint_file(Path(config.checkpoint_save) if config.checkpoint_save else layout.checkpoint_dir)
     resume = _load_checkpoint(checkpoint, resume_key, config.trust_record) if config.resume else None
+    resume_inversion = (_load_inversion_checkpoint(checkpoint, resume_key, config.trust_record)
+                        if config.resume and uses_pam(config, mode.name) else None)
     loaders = build_loaders(config, backend, device, record, train_raw, test_raw, indices)
     return DefensePlan(method=mode.name, config=config, record=record, layout=layout,
                        log_dir=Path(config.log) if config.log else layout.log_dir, device=device, model=model,
                        head=head, indices=indices, checkpoint=checkpoint, resume_key=resume_key, resume=resume,
-                       world=world, **loaders)
+                       resume_inversion=resume_inversion, world=world, **loaders)
 
 
 def uses_pam(config: DefenseConfig, method: str) -> bool:
@@ -145,11 +148,21 @@ def tuning_config(config: DefenseConfig, method: str, device: str, world: World)
 
 
 def reversed_samples(plan: DefensePlan) -> Optional[ReversedSamples]:
-    """PAM's reversed-sample source, fitted on the tuning loader (None when the run does not use PAM)."""
+    """PAM's reversed-sample source, fitted on the tuning loader (None when the run does not use PAM). The rank
+    that writes saves the inversion round under way beside the epoch checkpoint; ``--resume`` continues it."""
     config = plan.config
     if not uses_pam(config, plan.method):
         return None
-    return ReversedSamples(unlearning_config(config), plan.train_loader, plan.record.num_classes, plan.device, config.random_seed)
+    path = inversion_checkpoint_file(plan.checkpoint)
+
+    def save(state: dict[str, Any]) -> None:
+        atomic_torch_save({"resume_key": plan.resume_key, "state": state}, path)
+
+    samples = ReversedSamples(unlearning_config(config), plan.train_loader, plan.record.num_classes, plan.device,
+                              config.random_seed, checkpoint=save if plan.world.is_main else None)
+    if plan.resume_inversion is not None:
+        samples.resume_round(plan.resume_inversion)
+    return samples
 
 
 def _resume_key(config: DefenseConfig, method: str, indices: np.ndarray) -> str:
@@ -159,16 +172,33 @@ def _resume_key(config: DefenseConfig, method: str, indices: np.ndarray) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _load_checkpoint(path: Path, key: str, trust: bool) -> Optional[TuningState]:
-    if not path.is_file():
-        log.info("--resume: no checkpoint at %s, starting from epoch 0", path)
-        return None
+def _checked_state(path: Path, key: str, trust: bool) -> Any:
+    """The state a checkpoint file holds, refused unless a run with the same settings (``key``) wrote it."""
     data = load_untrusted(path, "checkpoint", trust=trust)
     if not isinstance(data, dict) or data.get("resume_key") != key or "state" not in data:
         raise RecordError(f"checkpoint {path} was written by a run with other settings",
                           "resume with the same yaml and arguments, or delete the checkpoint to start afresh")
+    return data["state"]
+
+
+def _load_inversion_checkpoint(checkpoint: Path, key: str, trust: bool) -> Optional[dict[str, Any]]:
+    """PAM's inversion round saved part-way beside ``checkpoint`` (None when there is none)."""
+    path = inversion_checkpoint_file(checkpoint)
+    if not path.is_file():
+        return None
+    state = _checked_state(path, key, trust)
+    if not isinstance(state, dict) or not {"round", "inversion", "rng", "target"} <= set(state):
+        raise RecordError(f"checkpoint {path} does not hold a trigger-inversion state", "delete it to start afresh")
+    return state
+
+
+def _load_checkpoint(path: Path, key: str, trust: bool) -> Optional[TuningState]:
+    if not path.is_file():
+        log.info("--resume: no checkpoint at %s, starting from epoch 0", path)
+        return None
+    state = _checked_state(path, key, trust)
     try:
-        return TuningState.from_dict(data["state"])
+        return TuningState.from_dict(state)
     except TypeError:  # not a mapping of exactly TuningState's fields
         raise RecordError(f"checkpoint {path} does not hold a tuning state", "delete it to start afresh") from None
 
@@ -238,6 +268,7 @@ def _remove_checkpoint(plan: DefensePlan) -> None:
     """Only an unfinished run needs its checkpoint (``resume``): a finished one removes it, and the default
     ``checkpoint/`` folder with it when nothing else is in there (a ``checkpoint_save`` folder of the user's stays)."""
     plan.checkpoint.unlink(missing_ok=True)
+    inversion_checkpoint_file(plan.checkpoint).unlink(missing_ok=True)
     folder = plan.checkpoint.parent
     if folder == plan.layout.checkpoint_dir and folder.is_dir() and not any(folder.iterdir()):
         folder.rmdir()
