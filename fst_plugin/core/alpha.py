@@ -136,8 +136,10 @@ def head_norm_sq(head: ClassifierHead) -> float:
 
 def choose_alpha(model: nn.Module, head: ClassifierHead, mode: TuningMode, fit_loader: Iterable,
                  held_out_loader: Iterable, config: TuningConfig, search: AlphaSearch = AlphaSearch()) -> AlphaChoice:
-    """The strongest α of ``search`` whose held-out accuracy stays within its budget of α = 0's (see the module
-    docstring); ``config`` is the real run's (its α is ignored). ``model`` and ``head`` are left as they are."""
+    """The strongest α = s / Σ‖W₀_l‖² over the strengths s of ``search`` whose held-out accuracy stays within its
+    budget of α = 0's (the same tuning without the penalty: a paired comparison), found by bisection; each
+    candidate tunes a fresh copy of ``model`` on ``fit_loader`` with ``config`` (the real run's; its α and PAM step
+    are ignored). Only the two loaders are read; ``model`` and ``head`` are left as they are."""
     if not mode.feature_shift_penalty:
         raise ValueError(f"mode {mode.name} has no feature-shift penalty to choose alpha for")
     started = time.time()

@@ -52,8 +52,8 @@ def parse_pam(value: Any) -> Optional[bool]:
 
 
 def parse_alpha(value: Any) -> Union[float, str]:
-    """A number (the paper's way: 0.2 on CIFAR-10) or ``auto`` (chosen on held-out clean tuning data,
-    :mod:`fst_plugin.core.alpha`)."""
+    """A number (the paper's way: 0.2 on CIFAR-10) or ``auto`` (chosen on held-out clean tuning data by
+    :func:`choose_alpha`)."""
     if isinstance(value, str) and value.strip().lower() == "auto":
         return "auto"
     if isinstance(value, (int, float, str)) and not isinstance(value, bool):
