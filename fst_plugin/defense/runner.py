@@ -218,7 +218,7 @@ def _load_checkpoint(path: Path, key: str, trust: bool) -> tuple[Optional[Tuning
             log.info("--resume: alpha %.4g, chosen before the run stopped; starting from epoch 0", choice.alpha)
             return None, choice
         return TuningState.from_dict(data["state"]), choice
-    except (TypeError, KeyError):  # not a mapping of exactly TuningState's (or AlphaChoice's) fields
+    except (TypeError, KeyError, ValueError):  # not a mapping of exactly TuningState's (or AlphaChoice's) fields
         raise RecordError(f"checkpoint {path} does not hold a tuning state", "delete it to start afresh") from None
 
 
