@@ -166,8 +166,12 @@ def choose_alpha(model: nn.Module, head: ClassifierHead, mode: TuningMode, fit_l
         disagreement = (preds != ref).double().mean().item()
         paired_se = math.sqrt(max(disagreement - diff * diff, 0.0) / n)
         trial = AlphaTrial(strength, alpha, acc, loss, disagreement, paired_se, time.time() - begun)
-        log.info("alpha auto: strength %g (alpha %.4g): held-out accuracy %.4f (%+.4f +- %.4f against alpha 0), "
-                 "loss %.4f (%.1f s)", strength, alpha, acc, diff, paired_se, loss, trial.seconds)
+        if strength == 0:
+            log.info("alpha auto: alpha 0 (the reference): held-out accuracy %.4f, loss %.4f (%.1f s)", acc, loss,
+                     trial.seconds)
+        else:
+            log.info("alpha auto: strength %g (alpha %.4g): held-out accuracy %.4f (%+.4f +- %.4f against alpha 0), "
+                     "loss %.4f (%.1f s)", strength, alpha, acc, diff, paired_se, loss, trial.seconds)
         return trial
 
     strengths = search.strengths
