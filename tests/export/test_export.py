@@ -113,10 +113,11 @@ def test_the_exported_arguments_and_defaults_are_the_configs_option_declarations
     for name, (flags, kind, choices, text) in rows.items():
         spec = specs[name]
         assert set(flags) == {f"--{name}", *spec.flags}
-        assert kind == ("str" if spec.choices else spec.type.__name__)
+        assert kind == ("str" if spec.choices or spec.parse else spec.type.__name__)  # words are read as text
         assert choices == spec.choices and text == EXPORTED_HELP.get(name, spec.help)
         assert constants["DEFAULTS"][name] == spec.default
     assert rows["projection"][1:3] == ("str", ("auto", "on", "off")) and rows["epochs"][1] == "int"
+    assert rows["alpha"][1] == "str"  # a number or auto, read by the pasted parse_alpha
 
 
 # Parses one value for every argument of the exported script with the script's own parser (its BackdoorBench imports
