@@ -28,7 +28,7 @@ from typing import Sequence
 
 from bench_scripts.builtins import BuiltinRun, link_into, run_builtin
 from bench_scripts.common import add_protocol_args, link_data, log_timing, run_defense, start
-from bench_scripts.protocols import BB_METHODS, BUILTIN, METHODS, PAM_VARIANTS, pam_run
+from bench_scripts.protocols import ALPHA_VARIANTS, BB_METHODS, BUILTIN, METHODS, PAM_VARIANTS, pam_run
 from fst_plugin.record.layout import DefenseLayout
 
 log = logging.getLogger("bench.run_defenses")
@@ -54,6 +54,10 @@ def run_ours(records: list[Path], methods: list[str], protocol, data_root: Path,
             started = time.time()
             if method in PAM_VARIANTS:
                 mode, settings = pam_run(method, protocol)
+                result = run_defense(record_dir, mode, protocol, data_root, save_name=method, extra=settings,
+                                     seed=seed)
+            elif method in ALPHA_VARIANTS:
+                mode, settings = ALPHA_VARIANTS[method]
                 result = run_defense(record_dir, mode, protocol, data_root, save_name=method, extra=settings,
                                      seed=seed)
             else:
@@ -90,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     add_protocol_args(parser)
     parser.add_argument("--records", nargs="*", help="record names (default: every record of the protocol)")
     parser.add_argument("--methods", nargs="*", default=list(METHODS),
-                        help=f"ours: {' '.join(METHODS)}, and PAM's {' '.join(PAM_VARIANTS)}")
+                        help=f"ours: {' '.join(METHODS)}, PAM's {' '.join(PAM_VARIANTS)} and FST with alpha auto "
+                             f"({' '.join(ALPHA_VARIANTS)})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backdoorbench", type=Path, help="a BackdoorBench checkout: also run its built-ins")
     parser.add_argument("--bb-defenses", nargs="*", default=list(BB_METHODS))
