@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 from torch import nn
 
 from fst_plugin.attacks import (
@@ -35,6 +34,7 @@ from fst_plugin.defense.runner import DefenseResult
 from fst_plugin.record import AttackRecord
 from fst_plugin.record.result_model import load_result_model, model_from_state
 
+from bench_scripts.jobs.process import COMMAND_ENV, share_of_cores, use_threads
 from bench_scripts.protocols import Protocol, get_protocol
 
 log = logging.getLogger("bench")
@@ -46,10 +46,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def setup(threads: Optional[int] = None) -> None:
-    """Logging, and torch threads = the machine's cores (2 here) unless told otherwise (``threads``, else
-    OMP_NUM_THREADS: two 2-thread processes on 2 cores stall each other's parallel regions, ~10x slower)."""
+    """Logging, and torch threads: ``threads``, else this process's share of the cores (jobs.process owns the
+    rule: OMP_NUM_THREADS where set, else every core this process may use)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
-    torch.set_num_threads(threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1)
+    use_threads(threads or share_of_cores())
 
 
 def add_protocol_args(parser: argparse.ArgumentParser, data: bool = True, results: bool = True) -> None:
@@ -148,10 +148,13 @@ def bench_info(record: AttackRecord) -> dict[str, Any]:
 
 
 def log_timing(results_dir: Path, step: str, wall_s: float, **details: Any) -> None:
-    """Append one line to ``results_dir/timings.jsonl``: the step, its wall time and the exact command."""
+    """Append one line to ``results_dir/timings.jsonl``: the step, its wall time and the exact command (the
+    grid's, where a job of it runs in a worker)."""
     results_dir.mkdir(parents=True, exist_ok=True)
+    command = os.environ.get(COMMAND_ENV) or " ".join(["python -m bench_scripts." + Path(sys.argv[0]).stem]
+                                                      + sys.argv[1:])
     row = {"step": step, "wall_s": round(wall_s, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-           "command": " ".join(["python -m bench_scripts." + Path(sys.argv[0]).stem] + sys.argv[1:]), **details}
+           "command": command, **details}
     with open(results_dir / "timings.jsonl", "a") as fh:
         fh.write(json.dumps(row, default=str) + "\n")
 
