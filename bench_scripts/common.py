@@ -31,6 +31,7 @@ from fst_plugin.attacks import (
 )
 from fst_plugin import api
 from fst_plugin.defense.runner import DefenseResult
+from fst_plugin.errors import FSTError
 from fst_plugin.record import AttackRecord
 from fst_plugin.record.result_model import load_result_model, model_from_state
 
@@ -139,7 +140,7 @@ def make_trigger(attack: str, seed: int, pattern_image: Optional[str] = None, bl
         return sig_trigger(40.0, 6.0)
     if attack == "wanet":
         return wanet_trigger(32, 32, k=4, strength=0.5, seed=seed)
-    raise SystemExit(f"unknown attack {attack!r}; use one of {', '.join(ATTACKS)}")
+    raise FSTError(f"unknown attack {attack!r}", f"use one of {', '.join(ATTACKS)}")
 
 
 def bench_info(record: AttackRecord) -> dict[str, Any]:

@@ -37,19 +37,21 @@ import argparse
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
 
 from bench_scripts.builtins import RUN_FILE, BuiltinRun
 from bench_scripts.common import add_protocol_args, link_data, load_defended, load_model, log_timing, start
+from bench_scripts.jobs.job import Job, Resources
 from bench_scripts.measures import TestSets, measure
-from bench_scripts.protocols import GRID_VARIANTS
+from bench_scripts.protocols import GRID_VARIANTS, Protocol
 from fst_plugin.core import defense_effectiveness_rating
 from fst_plugin.errors import FSTError
-from fst_plugin.probes.config import CLEAN_REFERENCE, QraConfig, RetuneConfig
+from fst_plugin.probes.config import CLEAN_REFERENCE, NO_DEFENSE, QraConfig, RetuneConfig
 from fst_plugin.probes.qra import read_metrics, run_qra
 from fst_plugin.probes.retune import run_retune
 from fst_plugin.record import load_attack_record
@@ -155,12 +157,7 @@ class Retune:
             return empty
         path = DefenseLayout.of(record_dir, variant).retune_result
         if not path.is_file() and self.run_missing and (self.variants is None or variant in self.variants):
-            started = time.time()
-            result = run_retune(RetuneConfig(record=record_dir, defense=variant, reference_record=reference,
-                                             dataset_path=self.dataset_path, device=self.device,
-                                             ratio=self.ratio))
-            log_timing(self.results, f"retune {variant} {record_dir.name}", time.time() - started,
-                       retune_wall_s=round(result.wall_time_s, 1))
+            RetuneModel(record_dir, variant, self.dataset_path, self.device, self.ratio, self.results, reference)()
         if not path.is_file():
             return empty
         metrics = cached_measure(path, lambda: load_defended(path), sets, self.device)
@@ -186,21 +183,107 @@ class Qra:
         wanted = (self.variants is None or variant in self.variants) and (self.max_asr is None or asr <= self.max_asr)
         metrics = read_metrics(layout.qra_dir)
         if metrics is None and self.run_missing and wanted and layout.retune_result.is_file():
-            started = time.time()
             try:
-                result = run_qra(QraConfig(record=record_dir, defense=variant, reference_record=reference,
-                                           dataset_path=self.dataset_path, device=self.device, ratio=self.ratio))
+                metrics = attack_with_qra(record_dir, variant, reference, self.dataset_path, self.device, self.ratio,
+                                          self.results)
             except FSTError as error:  # e.g. fewer poisoned images than the script's 500: the columns stay empty
                 log.warning("qra %s %s not run: %s (run `fst-plugin qra` with other settings; evaluate reads "
                             "its result)", variant, record_dir.name, error)
                 return empty
-            log_timing(self.results, f"qra {variant} {record_dir.name}", time.time() - started,
-                       qra_wall_s=round(result.wall_time_s, 1))
-            metrics = result.metrics
         if metrics is None:
             return empty
         model, ref = metrics["purified"], metrics["clean_reference"]
         return dict(zip(QRA_COLUMNS, (model["asr_qra"], model["clean_target_qra"], ref["asr_qra"])))
+
+
+@dataclass(frozen=True)
+class RetuneModel:
+    """The retuning attack on one model of one record (``variant``: a defense, ``none`` or the clean reference,
+    which takes ``reference``), as a job's work: writes ``defense/<variant>/retune/retune_result.pt`` last."""
+
+    record_dir: Path
+    variant: str
+    data_root: Path
+    device: str
+    ratio: float
+    results: Path
+    reference: Optional[Path] = None
+
+    def __call__(self) -> str:
+        layout = DefenseLayout.of(self.record_dir, self.variant)
+        if self.variant not in (NO_DEFENSE, CLEAN_REFERENCE) and not layout.finished:
+            return "no model to retune (its defense left none)"
+        bd_train = load_attack_record(self.record_dir, check_files=False).bd_train
+        if bd_train is None or not bd_train.images:
+            return "a clean record: nothing to retune with"
+        started = time.time()
+        result = run_retune(RetuneConfig(record=self.record_dir, defense=self.variant, reference_record=self.reference,
+                                         dataset_path=self.data_root, device=self.device, ratio=self.ratio))
+        log_timing(self.results, f"retune {self.variant} {self.record_dir.name}", time.time() - started,
+                   retune_wall_s=round(result.wall_time_s, 1))
+        return ""
+
+    def job(self, resources: Resources, needs: tuple[str, ...] = ()) -> Job:
+        return Job(f"{self.record_dir.name}/{self.variant}/retune", "retune", self,
+                   inputs=(self.record_dir / "attack_result.pt",),
+                   outputs=(DefenseLayout.of(self.record_dir, self.variant).retune_result,), needs=needs,
+                   resources=resources)
+
+
+def attack_with_qra(record_dir: Path, variant: str, reference: Path, data_root: Path, device: str, ratio: float,
+                    results: Path) -> dict[str, Any]:
+    """QRA on one retuned model against the clean ``reference``; its metrics (``run_info.json`` written last)."""
+    started = time.time()
+    result = run_qra(QraConfig(record=record_dir, defense=variant, reference_record=reference,
+                               dataset_path=data_root, device=device, ratio=ratio))
+    log_timing(results, f"qra {variant} {record_dir.name}", time.time() - started,
+               qra_wall_s=round(result.wall_time_s, 1))
+    return result.metrics
+
+
+@dataclass(frozen=True)
+class QraModel:
+    """QRA on one model of one record, as a job's work, after its retune; with ``max_asr``, only on a model its
+    defense purified to that ASR (measured as the results table measures it, on the full test sets)."""
+
+    record_dir: Path
+    variant: str
+    reference: Path
+    data_dir: Path
+    data_root: Path
+    device: str
+    ratio: float
+    results: Path
+    max_asr: Optional[float] = None
+
+    def __call__(self) -> str:
+        layout = DefenseLayout.of(self.record_dir, self.variant)
+        if not layout.retune_result.is_file():
+            return "no retuned model to attack"
+        if self.max_asr is not None:
+            asr = model_metrics(self.record_dir, self.variant, TestSets(self.record_dir, self.data_dir),
+                                self.device)["test_asr"]
+            if asr > self.max_asr:
+                return f"not purified: ASR {asr:.3f} > {self.max_asr:g}"
+        attack_with_qra(self.record_dir, self.variant, self.reference, self.data_root, self.device, self.ratio,
+                        self.results)
+        return ""
+
+    def job(self, resources: Resources, needs: tuple[str, ...] = ()) -> Job:
+        return Job(f"{self.record_dir.name}/{self.variant}/qra", "qra", self,
+                   inputs=(self.record_dir / "attack_result.pt", self.reference / "attack_result.pt"),
+                   outputs=(DefenseLayout.of(self.record_dir, self.variant).qra_result,), needs=needs,
+                   resources=resources)
+
+
+def model_metrics(record_dir: Path, variant: str, sets: TestSets, device: str) -> dict[str, float]:
+    """C-Acc, ASR, RA, ... of the record's model ``variant`` (``none``: the attacked model), cached beside it."""
+    if variant == NO_DEFENSE:
+        rec = sets.record
+        return cached_measure(record_dir / "attack_result.pt",
+                              lambda: load_model(rec.model_name, rec.num_classes, rec.state_dict), sets, device)
+    path = DefenseLayout.of(record_dir, variant).result
+    return cached_measure(path, lambda: load_defended(path), sets, device)
 
 
 def evaluate_record(record_dir: Path, data_dir: Path, device: str, retune: Retune | None = None,
@@ -209,12 +292,11 @@ def evaluate_record(record_dir: Path, data_dir: Path, device: str, retune: Retun
     rec, info = sets.record, sets.info
     base = {"record": record_dir.name, "attack": info.get("attack"), "trigger_key": info.get("trigger_key"),
             "rate": info.get("rate"), "seed": info.get("seed"), "model": rec.model_name}
-    before = cached_measure(record_dir / "attack_result.pt",
-                            lambda: load_model(rec.model_name, rec.num_classes, rec.state_dict), sets, device)
+    before = model_metrics(record_dir, NO_DEFENSE, sets, device)
     rows = [{**base, "variant": "none", "method": "none", "source": "attack", **before, "der": float("nan"),
              "defense_wall_s": 0.0, "attack_train_s": info.get("train_s")}]
     for path in defense_results(record_dir):
-        metrics = cached_measure(path, lambda p=path: load_defended(p), sets, device)
+        metrics = model_metrics(record_dir, path.parent.name, sets, device)
         der = defense_effectiveness_rating(before["test_acc"], before["test_asr"], metrics["test_acc"], metrics["test_asr"])
         row = {**base, "variant": path.parent.name, **variant_columns(path.parent), **metrics, "der": der}
         if "pam_detected_class" in row:  # the defense cannot know the target; the evaluator, holding the record, can
@@ -252,6 +334,59 @@ def retune_rows(record_dir: Path, rows: list[dict[str, Any]], sets: TestSets, be
     return [row]
 
 
+def eval_device(protocol: Protocol) -> str:
+    """The device the evaluator measures on: the protocol's, or the CPU where a cuda protocol finds no GPU."""
+    return resolve_device(protocol.device if protocol.device != "cuda" else "auto")
+
+
+def finished_records(root: Path) -> list[str]:
+    """Every record of the protocol's cache with its ``attack_result.pt``."""
+    return sorted(p.name for p in (root / "record").glob("*") if (p / "attack_result.pt").is_file())
+
+
+def write_results(protocol: Protocol, root: Path, data_dir: Path, out: Path, names: list[str],
+                  retune: Retune | None = None, qra: Qra | None = None) -> pd.DataFrame:
+    """Every model of the records ``names`` measured the same way -> ``out`` (results.csv); the table."""
+    started = time.time()
+    device = eval_device(protocol)
+    rows = [row for name in names for row in evaluate_record(root / "record" / name, data_dir, device, retune, qra)]
+    df = pd.DataFrame(rows)
+    for col in ("alpha", "n_clean", "projection", "projection_bound", "epochs", "bb_status", "bb_reason"):
+        if col not in df:
+            df[col] = np.nan
+    df.insert(0, "protocol", protocol.name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for col in ("test_acc", "test_asr", "test_ra", "der", "feat_target_share", "feat_true_share", "sep_silhouette",
+                *RETUNE_COLUMNS, *QRA_COLUMNS):
+        df[col] = df[col].astype(float).round(5)
+    df.to_csv(out, index=False)
+    log_timing(out.parent, "evaluate", time.time() - started, models=len(df))
+    log.info("wrote %s (%d rows)", out, len(df))
+    return df
+
+
+@dataclass(frozen=True)
+class WriteResults:
+    """results.csv of the grid's records, as a job's work: it runs no probe, it reads the retune and QRA results
+    that exist (their own jobs ran them)."""
+
+    protocol: Protocol
+    root: Path
+    data_dir: Path
+    out: Path
+    names: tuple[str, ...]
+
+    def __call__(self) -> str:
+        device = eval_device(self.protocol)
+        ratio = self.protocol.defense_ratio
+        names = [n for n in self.names if (self.root / "record" / n / "attack_result.pt").is_file()]
+        write_results(self.protocol, self.root, self.data_dir, self.out, names,
+                      Retune(False, self.root / "data", device, None, self.out.parent, ratio),
+                      Qra(False, self.root / "data", device, self.out.parent, ratio))
+        missing = len(self.names) - len(names)
+        return f"{len(names)} records" + (f" ({missing} missing: their record failed)" if missing else "")
+
+
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_protocol_args(parser, results=False)
@@ -273,9 +408,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                              "and the clean reference; 'all' adds the ablation variants)")
     run = start(parser, argv)
     args, protocol, root = run.args, run.protocol, run.root
-    names = args.records or sorted(p.name for p in (root / "record").glob("*") if (p / "attack_result.pt").is_file())
-    device = resolve_device(protocol.device if protocol.device != "cuda" else "auto")
-    started = time.time()
+    device = eval_device(protocol)
     out = args.out or run.results / "results.csv"
     data_root = link_data(root, args.data) if args.retune or args.qra else root / "data"
     retune = Retune(args.retune, data_root, device, args.reference,
@@ -283,20 +416,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                     None if "all" in args.retune_variants else set(args.retune_variants))
     qra = Qra(args.qra, data_root, device, out.parent, protocol.defense_ratio,
               None if "all" in args.qra_variants else set(args.qra_variants), args.qra_max_asr)
-    rows = [row for name in names for row in evaluate_record(run.record_dir(name), args.data, device, retune, qra)]
-    df = pd.DataFrame(rows)
-    for col in ("alpha", "n_clean", "projection", "projection_bound", "epochs", "bb_status", "bb_reason"):
-        if col not in df:
-            df[col] = np.nan
-    df.insert(0, "protocol", protocol.name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for col in ("test_acc", "test_asr", "test_ra", "der", "feat_target_share", "feat_true_share", "sep_silhouette",
-                *RETUNE_COLUMNS, *QRA_COLUMNS):
-        df[col] = df[col].astype(float).round(5)
-    df.to_csv(out, index=False)
-    log_timing(out.parent, "evaluate", time.time() - started, models=len(df))
-    log.info("wrote %s (%d rows)", out, len(df))
-    return df
+    return write_results(protocol, root, args.data, out, args.records or finished_records(root), retune, qra)
 
 
 if __name__ == "__main__":
