@@ -1,6 +1,6 @@
 """What every benchmark script shares: its command line (protocol, cache, results), triggers by name, the cache
 layout, timings, running one of the package's defenses (with the optional per-epoch test subset) and loading a
-result as a model. Measuring models is bench_scripts/measures.py.
+result as a model. Measuring models is bench_scripts/evaluation/measures.py.
 
 Cache layout (outside git): ``<cache>/<protocol>/record/<attack>[-<key>]_<rate>_s<seed>/`` are BackdoorBench records
 (``attack_result.pt`` + PNGs, ``defense/<name>/defense_result.pt`` after the defenses), and
@@ -13,7 +13,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from fst_plugin.errors import FSTError
 from fst_plugin.record import AttackRecord
 from fst_plugin.record.result_model import load_result_model, model_from_state
 
-from bench_scripts.jobs.process import COMMAND_ENV, share_of_cores, use_threads
+from bench_scripts.jobs.process import COMMAND_ENV, command_line, share_of_cores, use_threads
 from bench_scripts.protocols import Protocol, get_protocol
 
 log = logging.getLogger("bench")
@@ -152,10 +151,8 @@ def log_timing(results_dir: Path, step: str, wall_s: float, **details: Any) -> N
     """Append one line to ``results_dir/timings.jsonl``: the step, its wall time and the exact command (the
     grid's, where a job of it runs in a worker)."""
     results_dir.mkdir(parents=True, exist_ok=True)
-    command = os.environ.get(COMMAND_ENV) or " ".join(["python -m bench_scripts." + Path(sys.argv[0]).stem]
-                                                      + sys.argv[1:])
     row = {"step": step, "wall_s": round(wall_s, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-           "command": command, **details}
+           "command": os.environ.get(COMMAND_ENV) or command_line(), **details}
     with open(results_dir / "timings.jsonl", "a") as fh:
         fh.write(json.dumps(row, default=str) + "\n")
 

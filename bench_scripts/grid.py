@@ -22,14 +22,15 @@ import sys
 from pathlib import Path
 
 from bench_scripts.common import BenchRun, add_protocol_args, link_data, start
-from bench_scripts.evaluate import QraModel, RetuneModel, WriteResults, eval_device
+from bench_scripts.defenses.run import builtin_jobs, defense_jobs
+from bench_scripts.evaluation.evaluate import WriteResults, eval_device
+from bench_scripts.evaluation.per_model import QraModel, RetuneModel
 from bench_scripts.jobs.cli import add_executor_arguments, run_jobs
 from bench_scripts.jobs.graph import Graph, Report
 from bench_scripts.jobs.job import Job, Resources
-from bench_scripts.make_records import MakeRecord, Resumable, parse_grid
-from bench_scripts.make_table import WriteTable
 from bench_scripts.protocols import BB_METHODS, METHODS, PAM_VARIANTS, QRA_MAX_ASR
-from bench_scripts.run_defenses import builtin_jobs, defense_jobs
+from bench_scripts.records.make import MakeRecord, Resumable, parse_grid
+from bench_scripts.report.make_table import WriteTable
 from fst_plugin.probes.config import CLEAN_REFERENCE, NO_DEFENSE
 
 REFERENCE = ("badnets", 0.0)   # the clean reference record (rate 0) that retune and QRA compare against

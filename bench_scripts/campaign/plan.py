@@ -110,7 +110,7 @@ def _records_stage(p: Profile, paths: Paths, common: tuple[str, ...], bb: Option
                 missing_key = True
                 continue
             key = ("--blend-pattern", str(bb / HELLO_KITTY))
-        steps.append(Step(bench("make_records", *common, "--attacks", spec.item, *key, "--epochs", str(p.epochs),
+        steps.append(Step(bench("records", *common, "--attacks", spec.item, *key, "--epochs", str(p.epochs),
                               "--checkpoint-every", str(p.checkpoint_every), "--stop-after-s", STOP_AFTER,
                               *(("--compile",) if p.compile else ())), makes=spec.name()))
     stage = _stage(p, name, issue, what, steps, parallel=p.jobs)
@@ -144,7 +144,7 @@ def build_plan(p: Profile, paths: Paths, budget_s: float, backdoorbench: Optiona
 
     smoke = _stage(p, "smoke", 20, "every mode 1 epoch on a tiny record, tensor and per-image path, AMP; retune and qra "
                    f"one step; torchrun --nproc_per_node 1 ({'nccl' if p.device == 'cuda' else 'gloo'})", (
-                      Step(bench("make_records", *smoke_common, *data, "--attacks", "badnets:0.1", "badnets:0",
+                      Step(bench("records", *smoke_common, *data, "--attacks", "badnets:0.1", "badnets:0",
                                 "--set", *p.smoke_set)),
                       Step((sys.executable, "-m", "bench_scripts.campaign.smoke", *smoke_args,
                            *(("--compile-check",) if p.compile else ()))),
@@ -154,7 +154,7 @@ def build_plan(p: Profile, paths: Paths, budget_s: float, backdoorbench: Optiona
     speed_record = speed_cache / p.protocol / "record" / SPEED_RECORD
     speed = _stage(p, "speed", 20, "bench_scripts.speed: the compute limit, FST on the tensor and the per-image path, "
                    "one attack epoch", (
-                      Step(bench("make_records", "--protocol", p.protocol, "--cache", str(speed_cache), "--results",
+                      Step(bench("records", "--protocol", p.protocol, "--cache", str(speed_cache), "--results",
                                 str(paths.work / "speed_results"), *data, "--attacks", "badnets:0.01",
                                 "--set", *p.speed_set)),
                       Step(bench("speed", "--record", str(speed_record), "--dataset_path",
@@ -165,15 +165,15 @@ def build_plan(p: Profile, paths: Paths, budget_s: float, backdoorbench: Optiona
                              f"schedule, side by side, a checkpoint every {p.checkpoint_every} epochs")
     defenses = _stage(p, "defenses", 20, "the five modes (run_defenses) and FST at lr 0.05 (ablations --only lr)",
                      tuple(job for n in names for job in (
-                         Step(bench("run_defenses", *common, "--records", n), needs=n),
-                         Step(bench("ablations", *common, "--record", n, "--only", "lr"), needs=n))),
+                         Step(bench("defenses", *common, "--records", n), needs=n),
+                         Step(bench("defenses.ablations", *common, "--record", n, "--only", "lr"), needs=n))),
                      parallel=p.jobs)
     # BackdoorBench's built-ins (protocols.BUILTINS) through run_defenses' runner, each under the profile's cap
     builtin_common = ("--protocol", p.protocol, "--set", *p.record_set, f"bb_cap_s={p.builtin_cap_s}", "--cache",
                       str(paths.cache), "--results", str(paths.results), *data)
     builtins = _stage(p, "builtins", 21, f"BackdoorBench's {', '.join(BB_METHODS)} (run_defenses --backdoorbench), "
                      f"their cifar10.yaml, each capped at {p.builtin_cap_s} s",
-                     tuple(Step(bench("run_defenses", *builtin_common, "--records", n, "--methods", "--backdoorbench",
+                     tuple(Step(bench("defenses", *builtin_common, "--records", n, "--methods", "--backdoorbench",
                                      str(backdoorbench or "BACKDOORBENCH"), "--bb-defenses", d), needs=n)
                            for n in names for d in BB_METHODS), parallel=p.jobs,
                      skip=None if backdoorbench is not None else "no BackdoorBench checkout (--backdoorbench)")
@@ -181,18 +181,18 @@ def build_plan(p: Profile, paths: Paths, budget_s: float, backdoorbench: Optiona
                                "the clean reference (rate 0) that retune and QRA compare against")
     retune = _stage(p, "retune", 21, "evaluate --retune --qra: the retuning attack on every model, ours and the "
                    f"built-ins, with the clean reference; QRA on those purified to ASR <= {QRA_MAX_ASR:g}",
-                   tuple(Step(bench("evaluate", *protocol, *data, "--records", n, "--retune", "--qra",
+                   tuple(Step(bench("evaluation", *protocol, *data, "--records", n, "--retune", "--qra",
                                    "--qra-max-asr", f"{QRA_MAX_ASR:g}", "--out", str(paths.work / "retune" / f"{n}.csv")),
                              needs=n) for n in names), parallel=p.jobs)
     pam = _stage(p, "pam", 22, f"PAM and FST + PAM ({', '.join(PAM_VARIANTS)}) on every record, before the retune",
-                tuple(Step(bench("run_defenses", *common, "--records", n, "--methods", *PAM_VARIANTS), needs=n)
+                tuple(Step(bench("defenses", *common, "--records", n, "--methods", *PAM_VARIANTS), needs=n)
                       for n in names),
                 parallel=p.jobs, skip=None if "pam" in registered else "pam not registered (fst-plugin list)")
     evaluate = _stage(p, "evaluate", 20, "the one evaluator on every model -> results.csv",
-                      (Step(bench("evaluate", *protocol, *data, "--out",
+                      (Step(bench("evaluation", *protocol, *data, "--out",
                                  str(paths.results / "results.csv")), needs=ANY_RECORD),))
     table = _stage(p, "table", 20, "make_table -> table.md",
-                  (Step(bench("make_table", *protocol, "--results",
+                  (Step(bench("report", *protocol, "--results",
                              str(paths.results)), needs=ANY_RECORD),))
     collect = _stage(p, "collect", 20, f"at most 8 files of at most 16 MB into {paths.out}")
     notes = (f"commit {commit or 'unknown'}; records trained side by side as {p.jobs} processes sharing the device",)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shlex
 import sys
 from pathlib import Path
 from typing import Iterator, Union
@@ -15,7 +14,7 @@ from typing import Iterator, Union
 from bench_scripts.jobs.cluster import RayExecutor
 from bench_scripts.jobs.graph import Graph, Report, run_graph
 from bench_scripts.jobs.local import LocalExecutor
-from bench_scripts.jobs.process import WorkerContext
+from bench_scripts.jobs.process import WorkerContext, command_line
 from fst_plugin.errors import FSTError
 
 
@@ -38,7 +37,7 @@ def open_executor(args: argparse.Namespace, cache_root: Path) -> Iterator[Union[
     """The executor the flags name, closed on the way out."""
     if args.jobs < 1:
         raise FSTError(f"--jobs must be at least 1, got {args.jobs}", "pass --jobs 1 or more")
-    context = WorkerContext(grid_folder(cache_root) / "logs", shlex.join(["python", "-m", _module(), *sys.argv[1:]]))
+    context = WorkerContext(grid_folder(cache_root) / "logs", command_line())
     if args.executor == "ray":
         address = args.address or os.environ.get("RAY_ADDRESS")
         if not address:
@@ -49,12 +48,6 @@ def open_executor(args: argparse.Namespace, cache_root: Path) -> Iterator[Union[
         executor = LocalExecutor(args.jobs, context)
     with executor:
         yield executor
-
-
-def _module() -> str:
-    """The command's module, as ``python -m`` names it."""
-    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    return spec.name.removesuffix(".__main__") if spec is not None else Path(sys.argv[0]).stem
 
 
 def run_jobs(graph: Graph, args: argparse.Namespace, cache_root: Path, force: bool = False) -> Report:

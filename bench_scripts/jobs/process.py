@@ -86,6 +86,14 @@ def node_name() -> str:
     return socket.gethostname()
 
 
+def command_line() -> str:
+    """This process's command as one types it: ``python -m <module> <arguments>`` (the script's name when it was
+    not started with -m)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    program = ["python", "-m", spec.name.removesuffix(".__main__")] if spec is not None else [Path(sys.argv[0]).name]
+    return shlex.join([*program, *sys.argv[1:]])
+
+
 def job_log(log_dir: Path, job_name: str) -> Path:
     """The log file of a job: its name with the path separators flattened."""
     return log_dir / (job_name.replace("/", "__").replace(" ", "_") + ".log")

@@ -10,7 +10,7 @@ from typing import Callable, Optional
 import numpy as np
 import pandas as pd
 
-from bench_scripts.ablations import LONGER_VARIANT, SIZE_VARIANT
+from bench_scripts.defenses.ablations import LONGER_VARIANT, SIZE_VARIANT
 from bench_scripts.protocols import BB_METHODS, METHODS, PAM_VARIANTS, REINIT_METHODS
 
 LABELS = {"none": "No defense", "lp": "LP", "vanilla-ft": "Vanilla FT", "fe-tuning": "FE-tuning",

@@ -15,12 +15,13 @@ import pandas as pd
 import pytest
 import torch
 
-from bench_scripts import builtins, evaluate
+from bench_scripts.defenses import builtins
+from bench_scripts.evaluation import evaluate
 from bench_scripts.protocols import BUILTIN, get_protocol
 from bench_scripts.report.side_by_side import FIGURE, leaders, side_by_side_figure, side_by_side_section
 from bench_scripts.jobs.graph import Graph, run_graph
 from bench_scripts.jobs.local import LocalExecutor
-from bench_scripts.run_defenses import builtin_jobs
+from bench_scripts.defenses.run import builtin_jobs
 from fst_plugin.attacks import Attack, Split, TrainConfig, backdoor_and_record, badnets_trigger
 from fst_plugin.demo import synthetic_images, write_image_folders
 

@@ -77,14 +77,14 @@ def test_the_builtins_stage_runs_every_builtin_of_the_one_list_through_run_defen
     ran = {(step.needs, step.argv[step.argv.index("--bb-defenses") + 1]) for step in stage.steps}
     assert {d for _, d in ran} == set(BB_METHODS) and len(ran) == len(stage.steps)
     for step in stage.steps:
-        assert step.argv[1:3] == ("-m", "bench_scripts.run_defenses")
+        assert step.argv[1:3] == ("-m", "bench_scripts.defenses")
         settings = step.argv[step.argv.index("--set") + 1:step.argv.index("--cache")]
         assert f"bb_cap_s={PROFILES['gpu'].builtin_cap_s}" in settings
     retune = plan.stage("retune")    # then every model of every record, built-ins included, is retuned and QRA'd
     assert {step.needs for step in retune.steps} == {n for n, _ in ran}
     for step in retune.steps:
         argv = list(step.argv)
-        assert argv[1:3] == ["-m", "bench_scripts.evaluate"] and "--retune" in argv and "--qra" in argv
+        assert argv[1:3] == ["-m", "bench_scripts.evaluation"] and "--retune" in argv and "--qra" in argv
         assert "--retune-variants" not in argv  # the default: every variant, the built-ins among them
         assert float(argv[argv.index("--qra-max-asr") + 1]) == QRA_MAX_ASR
 

@@ -13,7 +13,11 @@ import torch
 
 pytest.importorskip("sklearn")
 
-from bench_scripts import ablations, diagnostics, evaluate, make_records, make_table, run_defenses
+from bench_scripts.defenses import ablations
+from bench_scripts.defenses import run as run_defenses
+from bench_scripts.evaluation import diagnostics, evaluate
+from bench_scripts.records import make as make_records
+from bench_scripts.report import make_table
 from bench_scripts.common import make_trigger
 from bench_scripts.protocols import METHODS
 from bench_scripts.report.tables import row_label

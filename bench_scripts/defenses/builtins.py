@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import yaml
 
 from bench_scripts.common import DATASET, REPO
-from bench_scripts.compat_matrix import failure_reason
+from bench_scripts.compat.matrix import failure_reason
 from bench_scripts.jobs.process import run_command
 from bench_scripts.protocols import BuiltIn, Protocol
 from fst_plugin.models.factory import OWN_CPU_MODELS

@@ -1,6 +1,6 @@
 """Run the defense grid on cached attack records: our five tuning modes and, optionally, BackdoorBench's built-ins.
 
-    python -m bench_scripts.run_defenses --protocol cpu --data data/cifar10 [--records badnets_0.01_s0 ...]
+    python -m bench_scripts.defenses --protocol cpu --data data/cifar10 [--records badnets_0.01_s0 ...]
         [--methods lp vanilla-ft fe-tuning ft-init fst] [--backdoorbench ~/BackdoorBench
          --bb-defenses ft ft-sam i-bau ... --bb-python BB_VENV/bin/python]
 
@@ -12,7 +12,7 @@ evaluate.py, which re-evaluates every defense_result.pt on the full test sets.
 
 BackdoorBench built-ins (--backdoorbench BB, the list and caps in protocols.BUILTINS) are run by its own scripts
 from its root, each in its own process group under a wall-clock cap, with an import hook that lets BackdoorBench
-build the cpu protocol's resnet9_cpu (bench_scripts/builtins.py); each writes
+build the cpu protocol's resnet9_cpu (bench_scripts/defenses/builtins.py); each writes
 ``record/<name>/defense/<d>/builtin_run.json`` (ok / failed / exceeded the cap / cannot run, with a one-line
 reason), which evaluate.py reads. A built-in with that file is skipped unless --force.
 
@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from bench_scripts.builtins import OK, RUN_FILE, link_into, run_builtin
 from bench_scripts.common import add_protocol_args, link_data, log_timing, run_defense, start
+from bench_scripts.defenses.builtins import OK, RUN_FILE, link_into, run_builtin
 from bench_scripts.jobs.cli import add_executor_arguments, run_jobs
 from bench_scripts.jobs.graph import Graph
 from bench_scripts.jobs.job import Job
@@ -91,7 +91,7 @@ class RunDefense:
 
 @dataclass(frozen=True)
 class RunBuiltin:
-    """One of BackdoorBench's built-ins on one record, as a job's work (bench_scripts/builtins.py): its outcome
+    """One of BackdoorBench's built-ins on one record, as a job's work (bench_scripts/defenses/builtins.py): its outcome
     (ok, failed, exceeded the cap, cannot run) is written to ``builtin_run.json`` and is the job's note; only a
     problem of this runner fails the job."""
 

@@ -1,6 +1,6 @@
 """Train backdoored CIFAR-10 models and write them as BackdoorBench attack records (no BackdoorBench needed).
 
-    python -m bench_scripts.make_records --protocol cpu --data data/cifar10 --attacks badnets:0.01 blended:0.01
+    python -m bench_scripts.records --protocol cpu --data data/cifar10 --attacks badnets:0.01 blended:0.01
 
 Attacks: badnets (3×3 white patch, bottom-right), blended (alpha 0.2, a seeded noise key or --blend-pattern
 IMAGE), sig (clean-label sinusoid, delta 40, f 6), wanet (a fixed warp, k 4, s 0.5, static poisoning);

@@ -1,6 +1,6 @@
 """The paper's ablations on one record, run as extra defense variants (evaluated later by evaluate.py).
 
-    python -m bench_scripts.ablations --protocol cpu --data data/cifar10 --record badnets_0.01_s0
+    python -m bench_scripts.defenses.ablations --protocol cpu --data data/cifar10 --record badnets_0.01_s0
         [--only alpha size projection]
 
 * alpha sweep: FST with alpha in the protocol's list (defense/fst_alpha<a>/);
@@ -26,9 +26,9 @@ import random
 from pathlib import Path
 
 from bench_scripts.common import DATASET, add_protocol_args, link_data, start
+from bench_scripts.defenses.run import RunDefense
 from bench_scripts.jobs.cli import add_executor_arguments, run_jobs
 from bench_scripts.jobs.graph import Graph
-from bench_scripts.run_defenses import RunDefense
 from fst_plugin.core import get_mode
 from fst_plugin.data import load_clean_split
 
