@@ -42,6 +42,7 @@ DATASET = "cifar10"
 TARGET = 0
 ATTACKS = ("badnets", "blended", "sig", "wanet")
 CLEAN_LABEL = {"sig"}                       # poison target-class images and keep their labels
+KEYED_ATTACKS = {"blended"}                 # a key image (--blend-pattern) or, without one, seeded noise
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -114,7 +115,7 @@ def record_name(attack: str, rate: float, seed: int, key: Optional[str] = None) 
 
 def trigger_key(attack: str, pattern_image: Optional[str]) -> Optional[str]:
     """The name of Blended's key image when one is given (its file stem), else None (seeded noise / no key)."""
-    return Path(pattern_image).stem if attack == "blended" and pattern_image else None
+    return Path(pattern_image).stem if attack in KEYED_ATTACKS and pattern_image else None
 
 
 def link_data(root: Path, data_dir: Path) -> Path:
