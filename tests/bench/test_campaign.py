@@ -137,3 +137,19 @@ def test_the_tiny_campaign_is_killed_resumes_and_brings_back_what_make_table_rea
     assert "| **average, all** |" in (out / "table.md").read_text()
     provenance = json.loads((out / "provenance.json").read_text())
     assert provenance["torch"] and provenance["commit"] and provenance["stages"]["records"]["status"] == "done"
+
+
+def test_the_retune_estimate_counts_the_builtins_models_and_qra(tmp_path) -> None:
+    """The retune stage retunes every model, the built-ins' among them when they run, then runs QRA on the purified
+    ones: its estimate counts both, from the measured figures it names."""
+    from bench_scripts.campaign import figures as fig
+
+    paths = Paths(tmp_path, tmp_path / "work", tmp_path / "out")
+    alone = build_plan(PROFILES["gpu"], paths, budget_s=540).stage("retune")
+    with_bb = build_plan(PROFILES["gpu"], paths, budget_s=540,
+                         backdoorbench=_fake_backdoorbench(tmp_path / "bb")).stage("retune")
+    retune = fig.FST_DEFENSE.seconds / 2
+    qra = retune * fig.QRA_ON_CPU.seconds / fig.RETUNE_ON_CPU.seconds
+    assert alone.seconds == pytest.approx(8 * retune + 8 * fig.QRA_SHARE * qra)
+    assert with_bb.seconds - alone.seconds == pytest.approx(len(BB_METHODS) * (retune + fig.QRA_SHARE * qra))
+    assert "12 built-ins" in with_bb.basis and "QRA" in with_bb.basis and fig.QRA_ON_CPU.source in with_bb.basis
