@@ -106,15 +106,19 @@ def test_a_job_past_its_limit_is_stopped_with_the_programs_it_started(tmp_path):
     assert time.time() - started < 30 and _gone(int(pid_file.read_text()))
 
 
-def test_workers_get_their_share_of_the_cores(monkeypatch):
+def test_workers_get_their_share_of_the_cores(monkeypatch, tmp_path):
     """Two torch processes of 2 threads each on 2 cores stall each other: 2 workers with 4 threads between them
-    get 2 each, and the programs they start are told so (OMP_NUM_THREADS)."""
+    get 2 each, and the programs they start are told so (OMP_NUM_THREADS: the campaign's commands and every
+    bench script's ``setup`` read it)."""
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
     assert share_of_cores(2) == 2 and share_of_cores(8) == 1 and share_of_cores(1) == 4
+    program = (sys.executable, "-c", "import os; print('threads', os.environ['OMP_NUM_THREADS'])")
     jobs = [Job(f"threads{i}", "probe", Threads()) for i in range(2)]
+    jobs.append(Job("program", "command", Command(program, tmp_path / "program.log")))
     with LocalExecutor(2) as executor:
         report = run_graph(Graph(jobs), executor)
-    assert [o.note for o in report.outcomes] == ["2 2", "2 2"]
+    assert [o.note for o in report.outcomes[:2]] == ["2 2", "2 2"]
+    assert (tmp_path / "program.log").read_text().splitlines()[-1] == "threads 2"
 
 
 def _children(pid: int) -> list[int]:
