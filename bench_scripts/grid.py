@@ -24,7 +24,7 @@ from pathlib import Path
 from bench_scripts.common import BenchRun, add_protocol_args, link_data, start
 from bench_scripts.defenses.run import builtin_jobs, defense_jobs
 from bench_scripts.evaluation.evaluate import WriteResults, eval_device
-from bench_scripts.evaluation.per_model import QraModel, RetuneModel
+from bench_scripts.evaluation.per_model import Probing, QraModel, RetuneModel
 from bench_scripts.jobs.cli import add_executor_arguments, run_jobs
 from bench_scripts.jobs.graph import Graph, Report
 from bench_scripts.jobs.job import Job, Resources
@@ -39,9 +39,9 @@ REFERENCE = ("badnets", 0.0)   # the clean reference record (rate 0) that retune
 def _probe_jobs(args: argparse.Namespace, run: BenchRun, records: list[MakeRecord], reference: MakeRecord,
                 variants: list[str], jobs: list[Job]) -> list[Job]:
     """The retuning attack on every model of every record (then QRA with --qra), each after its model's job."""
-    protocol, device = run.protocol, eval_device(run.protocol)
+    protocol = run.protocol
     made = {job.name for job in jobs}
-    data_root, ratio = run.root / "data", protocol.defense_ratio
+    probing = Probing(run.root / "data", eval_device(protocol), protocol.defense_ratio, run.results)
     out: list[Job] = []
     for record in records:
         for variant in [NO_DEFENSE, *variants, CLEAN_REFERENCE]:
@@ -49,11 +49,9 @@ def _probe_jobs(args: argparse.Namespace, run: BenchRun, records: list[MakeRecor
             needs = {NO_DEFENSE: (record.name,), CLEAN_REFERENCE: (record.name, reference.name)}.get(
                 variant, (model,) if model in made else (record.name,))
             ref = reference.record_dir if variant == CLEAN_REFERENCE else None
-            retune = RetuneModel(record.record_dir, variant, data_root, device, ratio, run.results, ref)
-            out.append(retune.job(protocol.resources, needs))
+            out.append(RetuneModel(record.record_dir, variant, probing, ref).job(protocol.resources, needs))
             if args.qra and variant != CLEAN_REFERENCE:
-                qra = QraModel(record.record_dir, variant, reference.record_dir, args.data, data_root, device, ratio,
-                               run.results, args.qra_max_asr)
+                qra = QraModel(record.record_dir, variant, probing, reference.record_dir, args.data, args.qra_max_asr)
                 out.append(qra.job(protocol.resources, (out[-1].name, reference.name)))
     return out
 

@@ -47,7 +47,7 @@ import pandas as pd
 from bench_scripts.common import add_protocol_args, link_data, load_defended, load_model, log_timing, start
 from bench_scripts.defenses.builtins import RUN_FILE, BuiltinRun
 from bench_scripts.evaluation.measures import TestSets
-from bench_scripts.evaluation.per_model import RetuneModel, attack_with_qra, cached_measure, model_metrics
+from bench_scripts.evaluation.per_model import Probing, RetuneModel, attack_with_qra, cached_measure, model_metrics
 from bench_scripts.protocols import GRID_VARIANTS, Protocol
 from fst_plugin.core import defense_effectiveness_rating
 from fst_plugin.errors import FSTError
@@ -138,7 +138,8 @@ class Retune:
             return empty
         path = DefenseLayout.of(record_dir, variant).retune_result
         if not path.is_file() and self.run_missing and (self.variants is None or variant in self.variants):
-            RetuneModel(record_dir, variant, self.dataset_path, self.device, self.ratio, self.results, reference)()
+            RetuneModel(record_dir, variant, Probing(self.dataset_path, self.device, self.ratio, self.results),
+                        reference)()
         if not path.is_file():
             return empty
         metrics = cached_measure(path, lambda: load_defended(path), sets, self.device)
@@ -165,8 +166,8 @@ class Qra:
         metrics = read_metrics(layout.qra_dir)
         if metrics is None and self.run_missing and wanted and layout.retune_result.is_file():
             try:
-                metrics = attack_with_qra(record_dir, variant, reference, self.dataset_path, self.device, self.ratio,
-                                          self.results)
+                metrics = attack_with_qra(record_dir, variant, reference,
+                                          Probing(self.dataset_path, self.device, self.ratio, self.results))
             except FSTError as error:  # e.g. fewer poisoned images than the script's 500: the columns stay empty
                 log.warning("qra %s %s not run: %s (run `fst-plugin qra` with other settings; evaluate reads "
                             "its result)", variant, record_dir.name, error)

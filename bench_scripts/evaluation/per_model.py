@@ -41,16 +41,29 @@ def cached_measure(path: Path, loader, sets: TestSets, device: str, cache: Path 
 
 
 @dataclass(frozen=True)
+class Probing:
+    """How every probe of a run is run: the data root (``<cache>/<protocol>/data``), the device, the clean fraction
+    drawn for a model without an index file (the defenses'), and where the timings go."""
+
+    data_root: Path
+    device: str
+    ratio: float
+    results: Path
+
+    def job(self, work: "RetuneModel | QraModel", kind: str, output: Path, inputs: tuple[Path, ...],
+            resources: Resources, needs: tuple[str, ...]) -> Job:
+        return Job(f"{work.record_dir.name}/{work.variant}/{kind}", kind, work, inputs=inputs, outputs=(output,),
+                   needs=needs, resources=resources)
+
+
+@dataclass(frozen=True)
 class RetuneModel:
     """The retuning attack on one model of one record (``variant``: a defense, ``none`` or the clean reference,
     which takes ``reference``), as a job's work: writes ``defense/<variant>/retune/retune_result.pt`` last."""
 
     record_dir: Path
     variant: str
-    data_root: Path
-    device: str
-    ratio: float
-    results: Path
+    probing: Probing
     reference: Optional[Path] = None
 
     def __call__(self) -> str:
@@ -60,27 +73,24 @@ class RetuneModel:
         bd_train = load_attack_record(self.record_dir, check_files=False).bd_train
         if bd_train is None or not bd_train.images:
             return "a clean record: nothing to retune with"
-        started = time.time()
+        started, how = time.time(), self.probing
         result = run_retune(RetuneConfig(record=self.record_dir, defense=self.variant, reference_record=self.reference,
-                                         dataset_path=self.data_root, device=self.device, ratio=self.ratio))
-        log_timing(self.results, f"retune {self.variant} {self.record_dir.name}", time.time() - started,
+                                         dataset_path=how.data_root, device=how.device, ratio=how.ratio))
+        log_timing(how.results, f"retune {self.variant} {self.record_dir.name}", time.time() - started,
                    retune_wall_s=round(result.wall_time_s, 1))
         return ""
 
     def job(self, resources: Resources, needs: tuple[str, ...] = ()) -> Job:
-        return Job(f"{self.record_dir.name}/{self.variant}/retune", "retune", self,
-                   inputs=(self.record_dir / "attack_result.pt",),
-                   outputs=(DefenseLayout.of(self.record_dir, self.variant).retune_result,), needs=needs,
-                   resources=resources)
+        return self.probing.job(self, "retune", DefenseLayout.of(self.record_dir, self.variant).retune_result,
+                                (self.record_dir / "attack_result.pt",), resources, needs)
 
 
-def attack_with_qra(record_dir: Path, variant: str, reference: Path, data_root: Path, device: str, ratio: float,
-                    results: Path) -> dict[str, Any]:
+def attack_with_qra(record_dir: Path, variant: str, reference: Path, how: Probing) -> dict[str, Any]:
     """QRA on one retuned model against the clean ``reference``; its metrics (``run_info.json`` written last)."""
     started = time.time()
     result = run_qra(QraConfig(record=record_dir, defense=variant, reference_record=reference,
-                               dataset_path=data_root, device=device, ratio=ratio))
-    log_timing(results, f"qra {variant} {record_dir.name}", time.time() - started,
+                               dataset_path=how.data_root, device=how.device, ratio=how.ratio))
+    log_timing(how.results, f"qra {variant} {record_dir.name}", time.time() - started,
                qra_wall_s=round(result.wall_time_s, 1))
     return result.metrics
 
@@ -88,36 +98,30 @@ def attack_with_qra(record_dir: Path, variant: str, reference: Path, data_root: 
 @dataclass(frozen=True)
 class QraModel:
     """QRA on one model of one record, as a job's work, after its retune; with ``max_asr``, only on a model its
-    defense purified to that ASR (measured as the results table measures it, on the full test sets)."""
+    defense purified to that ASR (measured as the results table measures it, on the full test sets of ``data_dir``)."""
 
     record_dir: Path
     variant: str
+    probing: Probing
     reference: Path
     data_dir: Path
-    data_root: Path
-    device: str
-    ratio: float
-    results: Path
     max_asr: Optional[float] = None
 
     def __call__(self) -> str:
-        layout = DefenseLayout.of(self.record_dir, self.variant)
-        if not layout.retune_result.is_file():
+        if not DefenseLayout.of(self.record_dir, self.variant).retune_result.is_file():
             return "no retuned model to attack"
         if self.max_asr is not None:
-            asr = model_metrics(self.record_dir, self.variant, TestSets(self.record_dir, self.data_dir),
-                                self.device)["test_asr"]
+            sets = TestSets(self.record_dir, self.data_dir)
+            asr = model_metrics(self.record_dir, self.variant, sets, self.probing.device)["test_asr"]
             if asr > self.max_asr:
                 return f"not purified: ASR {asr:.3f} > {self.max_asr:g}"
-        attack_with_qra(self.record_dir, self.variant, self.reference, self.data_root, self.device, self.ratio,
-                        self.results)
+        attack_with_qra(self.record_dir, self.variant, self.reference, self.probing)
         return ""
 
     def job(self, resources: Resources, needs: tuple[str, ...] = ()) -> Job:
-        return Job(f"{self.record_dir.name}/{self.variant}/qra", "qra", self,
-                   inputs=(self.record_dir / "attack_result.pt", self.reference / "attack_result.pt"),
-                   outputs=(DefenseLayout.of(self.record_dir, self.variant).qra_result,), needs=needs,
-                   resources=resources)
+        return self.probing.job(self, "qra", DefenseLayout.of(self.record_dir, self.variant).qra_result,
+                                (self.record_dir / "attack_result.pt", self.reference / "attack_result.pt"),
+                                resources, needs)
 
 
 def model_metrics(record_dir: Path, variant: str, sets: TestSets, device: str) -> dict[str, float]:
