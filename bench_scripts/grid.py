@@ -28,7 +28,7 @@ from bench_scripts.evaluation.per_model import Probing, QraModel, RetuneModel
 from bench_scripts.jobs.cli import add_executor_arguments, run_jobs
 from bench_scripts.jobs.graph import Graph, Report
 from bench_scripts.jobs.job import Job, Resources
-from bench_scripts.protocols import BB_METHODS, METHODS, PAM_VARIANTS, QRA_MAX_ASR
+from bench_scripts.protocols import ALPHA_VARIANTS, BB_METHODS, METHODS, PAM_VARIANTS, QRA_MAX_ASR
 from bench_scripts.records.make import MakeRecord, Resumable, parse_grid
 from bench_scripts.report.make_table import WriteTable
 from fst_plugin.probes.config import CLEAN_REFERENCE, NO_DEFENSE
@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> Report:
                         help="save each record's training state every EPOCHS epochs; a re-run (or a retry on another "
                              "node) resumes from it (0: never)")
     parser.add_argument("--methods", nargs="*", default=list(METHODS),
-                        help=f"ours: {' '.join(METHODS)}, and PAM's {' '.join(PAM_VARIANTS)}")
+                        help=f"ours: {' '.join(METHODS)}, PAM's {' '.join(PAM_VARIANTS)} and FST with alpha auto "
+                             f"({' '.join(ALPHA_VARIANTS)})")
     parser.add_argument("--backdoorbench", type=Path, help="a BackdoorBench checkout: also run its built-ins")
     parser.add_argument("--bb-defenses", nargs="*", default=list(BB_METHODS))
     parser.add_argument("--bb-args", default="", help="extra arguments for BackdoorBench's defense scripts")

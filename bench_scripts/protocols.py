@@ -76,7 +76,10 @@ BB_METHODS = tuple(BUILTIN)     # BackdoorBench's built-ins the grid runs from i
 # PAM (Min et al., NeurIPS 2024): the pam defense, and FST taking PAM's step and reversed samples ("fst-pam");
 # variant -> the mode it runs (settings: pam_run)
 PAM_VARIANTS = {"pam": "pam", "fst-pam": "fst"}
-GRID_VARIANTS = ("none", *METHODS, *PAM_VARIANTS, *BB_METHODS)  # the backdoored model ("none") and every defense
+# FST with its alpha chosen on held-out clean tuning data (alpha: auto, docs/modes.md); variant -> (mode, settings)
+ALPHA_VARIANTS = {"fst-auto": ("fst", {"alpha": "auto"})}
+GRID_VARIANTS = ("none", *METHODS, *PAM_VARIANTS, *ALPHA_VARIANTS, *BB_METHODS)  # the backdoored model ("none") and
+# every defense
 # QRA (evaluate --qra) asks whether a purified model can be reactivated: the grids run it on models whose ASR after
 # the defense is at most this (--qra-max-asr); a model left backdoored has nothing to reactivate
 QRA_MAX_ASR = 0.1

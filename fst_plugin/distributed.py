@@ -133,7 +133,7 @@ AUX_HEADS = ("aux1", "aux2", "AuxLogits")  # torchvision's GoogLeNet and Incepti
 def has_idle_parameters(model: nn.Module) -> bool:
     """Whether a trainable parameter of ``model`` can never get a gradient: torchvision's GoogLeNet and Inception-v3
     kept with their auxiliary classifiers but with ``aux_logits`` off (BackdoorBench's form, see
-    ``fst_plugin.models.factory.backdoorbench_form``) run those heads in training mode and drop their output."""
+    ``backdoorbench_form`` of the model factory) run those heads in training mode and drop their output."""
     for module in model.modules():
         if getattr(module, "aux_logits", None) is False:
             heads = [head for head in (getattr(module, name, None) for name in AUX_HEADS) if isinstance(head, nn.Module)]

@@ -71,10 +71,11 @@ class OptionSpec:
 
 
 def _base_type(annotation: Any) -> tuple[Any, bool]:
-    """``Optional[X]`` → (X, True); anything else → (it, False)."""
+    """``Optional[X]`` → (X, True); ``Union[X, str]`` → (X, False): a number that may also be a word, which the
+    option's ``parse`` reads (alpha's ``auto``); anything else → (it, False)."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) is typing.Union and len(args) == 1:
-        return args[0], True
+    if typing.get_origin(annotation) is typing.Union:
+        return args[0], len(args) < len(typing.get_args(annotation))
     return annotation, False
 
 

@@ -165,6 +165,23 @@ def copy_record(fixture: TinyBB, name: str, root: Path) -> Path:
     return target
 
 
+
+def record_on(fixture: TinyBB, dataset: str, root: Path) -> Path:
+    """A copy of the pristine record as if its attack ran on ``dataset`` (``clean_data``, ``num_classes`` and a
+    head of that size, as BackdoorBench writes them) at ``<root>/record/<dataset>_badnet``; for what depends on
+    the record's dataset alone (its shipped settings), not for a run: no ``<dataset>`` images exist."""
+    from fst_plugin.data import dataset_info
+    from fst_plugin.models import build_model
+    from fst_plugin.record import load_untrusted
+
+    record = copy_record(fixture, f"{dataset}_badnet", root)
+    payload = load_untrusted(record / "attack_result.pt", "attack record")
+    num_classes = dataset_info(dataset).num_classes
+    torch.manual_seed(SEED)
+    payload.update(clean_data=dataset, num_classes=num_classes, model=build_model(MODEL, num_classes).state_dict())
+    torch.save(payload, record / "attack_result.pt")
+    return record
+
 def backdoorbench_tree(root: Path) -> Path:
     """A BackdoorBench-shaped checkout at ``root``: the stand-in modules of ``tests/bb_standin`` (so
     ``defense/base.py`` exists), a ``models/`` folder, ``config/`` and BackdoorBench's own ``ft`` files (which

@@ -35,7 +35,16 @@ from bench_scripts.defenses.builtins import OK, RUN_FILE, link_into, run_builtin
 from bench_scripts.jobs.cli import add_executor_arguments, run_jobs
 from bench_scripts.jobs.graph import Graph
 from bench_scripts.jobs.job import Job
-from bench_scripts.protocols import BB_METHODS, BUILTIN, METHODS, PAM_VARIANTS, BuiltIn, Protocol, pam_run
+from bench_scripts.protocols import (
+    ALPHA_VARIANTS,
+    BB_METHODS,
+    BUILTIN,
+    METHODS,
+    PAM_VARIANTS,
+    BuiltIn,
+    Protocol,
+    pam_run,
+)
 from fst_plugin.record.layout import DefenseLayout
 
 log = logging.getLogger("bench.run_defenses")
@@ -52,8 +61,8 @@ def list_records(root: Path, names: list[str] | None) -> list[Path]:
 
 @dataclass(frozen=True)
 class RunDefense:
-    """One of our defenses on one record, as a job's work: a mode, a PAM variant (``protocols.pam_run``) or an
-    ablation's variant (``method`` runs, saved as ``variant``, with ``extra`` settings); its wall time goes to
+    """One of our defenses on one record, as a job's work: a mode, a PAM variant (``protocols.pam_run``), FST with
+    alpha auto (``protocols.ALPHA_VARIANTS``) or an ablation's variant (``method`` runs, saved as ``variant``, with ``extra`` settings); its wall time goes to
     ``results/timings.jsonl`` as ``<step> <variant> <record>``."""
 
     record_dir: Path
@@ -71,12 +80,13 @@ class RunDefense:
         started = time.time()
         if self.method is None and self.variant in PAM_VARIANTS:
             mode, settings = pam_run(self.variant, self.protocol)
-            result = run_defense(self.record_dir, mode, self.protocol, self.data_root, save_name=self.variant,
-                                 extra=settings, seed=self.seed)
+        elif self.method is None and self.variant in ALPHA_VARIANTS:
+            mode, settings = ALPHA_VARIANTS[self.variant]
         else:
-            result = run_defense(self.record_dir, self.method or self.variant, self.protocol, self.data_root,
-                                 save_name=self.variant if self.method else None, extra=self.extra, seed=self.seed,
-                                 eval_subset=self.eval_subset)
+            mode, settings = self.method or self.variant, self.extra
+        result = run_defense(self.record_dir, mode, self.protocol, self.data_root,
+                             save_name=None if mode == self.variant else self.variant, extra=settings, seed=self.seed,
+                             eval_subset=self.eval_subset)
         log_timing(self.results, f"{self.step} {self.variant} {self.record_dir.name}", time.time() - started,
                    defense_wall_s=round(result.wall_time_s, 1))
         return ""
@@ -148,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     add_protocol_args(parser)
     parser.add_argument("--records", nargs="*", help="record names (default: every record of the protocol)")
     parser.add_argument("--methods", nargs="*", default=list(METHODS),
-                        help=f"ours: {' '.join(METHODS)}, and PAM's {' '.join(PAM_VARIANTS)}")
+                        help=f"ours: {' '.join(METHODS)}, PAM's {' '.join(PAM_VARIANTS)} and FST with alpha auto "
+                             f"({' '.join(ALPHA_VARIANTS)})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backdoorbench", type=Path, help="a BackdoorBench checkout: also run its built-ins")
     parser.add_argument("--bb-defenses", nargs="*", default=list(BB_METHODS))

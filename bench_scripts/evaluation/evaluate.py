@@ -76,7 +76,9 @@ def variant_columns(defense_dir: Path) -> dict[str, Any]:
     index = cfg.get("index")
     n_clean = (sum(1 for _ in open(index)) if index and Path(index).is_file()
                else layout.index.read_text().count("\n") if layout.index.is_file() else None)
-    return {"method": info.get("method", defense_dir.name), "source": "fst_plugin", "alpha": cfg.get("alpha"),
+    # the alpha the tuning used (alpha auto: the one it chose; older runs: the config's)
+    return {"method": info.get("method", defense_dir.name), "source": "fst_plugin",
+            "alpha": info.get("alpha", cfg.get("alpha")),
             "n_clean": n_clean, "projection": {None: "auto", True: "on", False: "off"}.get(cfg.get("projection")),
             "projection_bound": cfg.get("projection_bound", "equal"),
             "epochs": cfg.get("epochs"), "defense_wall_s": round(float(info.get("wall_time_s", float("nan"))), 1),

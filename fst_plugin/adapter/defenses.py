@@ -4,7 +4,9 @@ Laid out as BackdoorBench's own ``defense/ft.py``: ``add_arguments(parser)``, ``
 with the command line, the command line wins), ``set_result(result_file)``, ``set_logger()``, ``mitigation()`` and
 ``defense(result_file)``; a subclass of BackdoorBench's ``defense.base.defense`` when imported inside a checkout
 (a stand-in with the same method names otherwise). The settings become a typed
-:class:`~fst_plugin.defense.config.DefenseConfig` once, in ``__init__``; the work is the runner's
+:class:`~fst_plugin.defense.config.DefenseConfig` once, in ``__init__``: without ``--yaml_path`` from the yaml this
+package ships for the method on the record's dataset (:func:`~fst_plugin.defense.shipped.resolve_settings`), so a
+run is never silently on the generic defaults; the work is the runner's
 (:mod:`fst_plugin.defense.runner`). All six share :class:`TuningDefense`; a subclass only names its tuning mode.
 """
 from __future__ import annotations
@@ -17,11 +19,12 @@ import sys
 import time
 from pathlib import Path
 from pprint import pformat
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Mapping, Optional
 
 from fst_plugin.defense.backend import backdoorbench_root
 from fst_plugin.defense.config import DefenseConfig, add_arguments, load_config, overrides_from
 from fst_plugin.defense.runner import DefenseResult, prepare, record_folder, run
+from fst_plugin.defense.shipped import Settings, resolve_settings
 from fst_plugin.distributed import world_from_env
 from fst_plugin.record import AttackRecord, load_attack_record
 
@@ -114,15 +117,34 @@ class TuningDefense(_defense_base()):  # type: ignore[misc]
         """BackdoorBench ft's arguments (same names) plus FST's, one per config key (see fst_plugin.defense.config)."""
         add_arguments(parser)
 
-    def __init__(self, args: argparse.Namespace | DefenseConfig) -> None:
-        """``args``: what BackdoorBench's parser read (with :meth:`add_arguments`), or a config built elsewhere
-        (the Python API). Either way the settings are a validated :class:`DefenseConfig` from here on."""
-        config = args if isinstance(args, DefenseConfig) else load_config(overrides_from(args))
-        self.config = dataclasses.replace(config, terminal_info=list(sys.argv))
+    def __init__(self, args: argparse.Namespace | Mapping[str, Any] | DefenseConfig) -> None:
+        """``args``: what BackdoorBench's parser read (with :meth:`add_arguments`), a mapping of config keys (the
+        Python API), or a config built elsewhere. The first two are overrides: on ``--yaml_path``, else on the
+        yaml shipped for this method on the record's dataset (the record is read here, once, to know it). Either
+        way the settings are a validated :class:`DefenseConfig` from here on."""
         self.result: Optional[AttackRecord] = None
         self.logs = BufferedLog()
+        if isinstance(args, DefenseConfig):
+            settings = Settings(args, f"settings: {args.yaml_path or 'the DefenseConfig defaults'} (a "
+                                      f"DefenseConfig built by the caller)")
+        else:
+            overrides = overrides_from(args) if isinstance(args, argparse.Namespace) else dict(args)
+            settings = resolve_settings(self.method, overrides, self._record_dataset(overrides))
+        self.config = dataclasses.replace(settings.config, terminal_info=list(sys.argv))
+        self.settings_origin = settings.origin
         if self.config.result_file or self.config.record:
             self.set_result(self.config.result_file)
+
+    def _record_dataset(self, overrides: Mapping[str, Any]) -> Optional[str]:
+        """The record's dataset when no yaml is given (its shipped yaml depends on it), else None; the record
+        read stays in ``self.result`` for the run."""
+        if overrides.get("yaml_path"):
+            return None
+        where = load_config({key: overrides.get(key) for key in ("record", "result_file", "trust_record")})
+        if not (where.record or where.result_file):
+            return None  # refused by resolve_settings: nothing names the record
+        self.result = load_attack_record(record_folder(where).resolve(), trust=where.trust_record)
+        return self.result.clean_data
 
     def set_result(self, result_file: Optional[str]) -> None:
         """Load and validate the attack record (writes nothing)."""
@@ -133,6 +155,7 @@ class TuningDefense(_defense_base()):  # type: ignore[misc]
     def set_logger(self) -> None:
         """BackdoorBench's log format on the console; the log file opens once outputs may be written."""
         self.logs.start()
+        log.info(self.settings_origin)
         log.info(pformat(self.config.to_dict()))
         if self.config.trust_record:
             log.warning("--trust-record is ON: records and checkpoints are fully unpickled and can run code")

@@ -2,6 +2,7 @@
 
 Nothing in this sub-package knows about BackdoorBench, records or files.
 """
+from fst_plugin.core.alpha import AlphaChoice, AlphaSearch, choose_alpha, split_held_out
 from fst_plugin.core.head import ClassifierHead, feature_shift_penalty, find_head, project_head_norm, reinit_head
 from fst_plugin.core.metrics import BackdoorMetrics, defense_effectiveness_rating, evaluate_backdoor
 from fst_plugin.core.modes import MODES, TuningMode, get_mode
@@ -13,6 +14,8 @@ from fst_plugin.core.tuning import (
 )
 
 __all__ = [
+    "AlphaChoice",
+    "AlphaSearch",
     "BackdoorMetrics",
     "ClassifierHead",
     "MODES",
@@ -20,6 +23,7 @@ __all__ = [
     "TuningMode",
     "TuningRun",
     "TuningState",
+    "choose_alpha",
     "defense_effectiveness_rating",
     "evaluate_backdoor",
     "feature_shift_penalty",
@@ -27,5 +31,6 @@ __all__ = [
     "get_mode",
     "project_head_norm",
     "reinit_head",
+    "split_held_out",
     "tune",
 ]

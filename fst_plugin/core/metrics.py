@@ -74,6 +74,28 @@ def _sharded_accuracy(model: nn.Module, shard: EvalShard, device: torch.device) 
     return batch_means.mean().item(), hits[0].item(), hits[1].item()
 
 
+@torch.no_grad()
+def predict(model: nn.Module, loader: Iterable, device: str | torch.device = "cpu"
+            ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Every item's prediction and label (item[1]) on the CPU, and the mean per-image cross-entropy, in eval
+    mode: what a paired comparison of several models on one set needs (FST's ``alpha: auto``)."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    preds, labels, loss_sum = [], [], 0.0
+    for batch in loader:
+        inputs, targets = batch[0].to(device), batch[1].to(device)
+        logits = model(inputs)
+        loss_sum += nn.functional.cross_entropy(logits.float(), targets, reduction="sum").item()
+        preds.append(logits.argmax(1).cpu())
+        labels.append(targets.cpu())
+    model.train(was_training)
+    if not preds:
+        return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), float("nan")
+    preds_all, labels_all = torch.cat(preds), torch.cat(labels)
+    return preds_all, labels_all, loss_sum / len(labels_all)
+
+
 def evaluate_backdoor(model: nn.Module, clean_loader: Iterable, bd_loader: Iterable,
                       device: str | torch.device = "cpu") -> BackdoorMetrics:
     """C-Acc on the clean test set; ASR and RA on the poisoned test set.

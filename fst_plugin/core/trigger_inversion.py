@@ -198,32 +198,36 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
             p.requires_grad_(flag)
 
 
-def _steps(count: int, loader: Iterable, device: str, desc: str, show: Optional[bool]) -> Iterator[tuple]:
-    """``count`` batches of ``loader`` (images, labels on ``device``), passing over it as often as needed, with the
-    phase's progress (a bar on a terminal, else a log line)."""
-    if count <= 0:
+def _steps(inversion: "Inversion", count: int, loader: Iterable, device: str, desc: str,
+           show: Optional[bool]) -> Iterator[tuple]:
+    """The batches (images, labels on ``device``) of the phase under way, from ``inversion.step`` to ``count``,
+    passing over ``loader`` as often as needed; ``inversion.step`` counts each step taken (the caller steps once per
+    batch) and ``inversion.saved`` is offered the state after it, so a long phase can be resumed. Progress: a bar on
+    a terminal, else log lines."""
+    if inversion.step >= count:
         return
-    done = 0
     with phase(desc, count, show) as bar:
-        while done < count:
+        bar.update(inversion.step)
+        while True:
             for images, labels, *_ in loader:
                 yield images.to(device), labels.to(device)
+                inversion.step += 1
                 bar.update(1)
-                done += 1
-                if done == count:
+                if inversion.step >= count:
                     return
+                inversion.offer()
 
 
 GeneratorLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _fit_generator(view: FeatureView, gen: TriggerGenerator, optimiser: torch.optim.Optimizer, loader: Iterable,
-                   steps: int, device: str, loss_of: GeneratorLoss, desc: str, show: Optional[bool],
-                   bf16: bool = False) -> None:
-    """``steps`` Adam steps on the generator: ``loss_of(images, made, clean features, made features)`` per batch."""
+def _fit_generator(view: FeatureView, inversion: "Inversion", optimiser: torch.optim.Optimizer, loader: Iterable,
+                   steps: int, device: str, loss_of: GeneratorLoss, desc: str, config: "InversionConfig") -> None:
+    """Adam steps on the generator up to ``steps``: ``loss_of(images, made, clean features, made features)``."""
+    gen = inversion.generator
     gen.train()
-    for images, _ in _steps(steps, loader, device, desc, show):
-        with autocast(device, bf16):
+    for images, _ in _steps(inversion, steps, loader, device, desc, config.show_progress):
+        with autocast(device, config.bf16):
             made = gen(images).float()
         with torch.no_grad():
             clean_features = view.features(images)
@@ -233,7 +237,7 @@ def _fit_generator(view: FeatureView, gen: TriggerGenerator, optimiser: torch.op
         optimiser.step()
 
 
-def pretrain(view: FeatureView, gen: TriggerGenerator, loader: Iterable, config: InversionConfig, device: str) -> None:
+def pretrain(view: FeatureView, inversion: "Inversion", loader: Iterable, config: InversionConfig, device: str) -> None:
     """Step 1: the generator learns to reproduce clean images (same features and predictions, little change), with
     its own Adam (the authors' pretrain.py). The prediction term is theirs: ``CrossEntropyLoss`` with the clean
     image's softmax as the input and the generated image's softmax as the soft target."""
@@ -242,21 +246,25 @@ def pretrain(view: FeatureView, gen: TriggerGenerator, loader: Iterable, config:
         loss_norm = F.mse_loss(made, images)
         return loss_pred + F.mse_loss(feats, clean) + (100 * loss_norm if loss_norm > 0.1 else 0.01 * loss_norm)
 
-    optimiser = torch.optim.Adam(gen.parameters(), lr=config.generator_lr)
-    _fit_generator(view, gen, optimiser, loader, config.pretrain_steps, device, loss_of, "inversion: pretraining",
-                   config.show_progress, config.bf16)
+    if inversion.pretrain_optimiser is None:
+        inversion.pretrain_optimiser = torch.optim.Adam(inversion.generator.parameters(), lr=config.generator_lr)
+    _fit_generator(view, inversion, inversion.pretrain_optimiser, loader, config.pretrain_steps, device, loss_of,
+                   "inversion: pretraining", config)
+    inversion.advance("mask")
 
 
-def decouple(view: FeatureView, loader: Iterable, config: InversionConfig, device: str,
+def decouple(view: FeatureView, inversion: "Inversion", loader: Iterable, config: InversionConfig, device: str,
              generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Step 2: the benign-feature mask m in [0, 1], of one feature map's shape (batch dimension 1), fitted in the
-    model's current mode (the authors': a copy in train mode)."""
-    images, _, *_ = next(iter(loader))
-    with torch.no_grad():
-        shape = view.features(images[:1].to(device)).shape
-    raw = torch.randn(shape, generator=generator).to(device).requires_grad_(True)
-    optimiser = torch.optim.Adam([raw], lr=config.mask_lr)
-    for images, labels in _steps(config.mask_steps, loader, device, "inversion: benign-feature mask",
+    model's current mode (the authors': a copy in train mode), from a fresh random start each round."""
+    if inversion.mask_raw is None:
+        images, _, *_ = next(iter(loader))
+        with torch.no_grad():
+            shape = view.features(images[:1].to(device)).shape
+        inversion.mask_raw = torch.randn(shape, generator=generator).to(device).requires_grad_(True)
+        inversion.mask_optimiser = torch.optim.Adam([inversion.mask_raw], lr=config.mask_lr)
+    raw, optimiser = inversion.mask_raw, inversion.mask_optimiser
+    for images, labels in _steps(inversion, config.mask_steps, loader, device, "inversion: benign-feature mask",
                                  config.show_progress):
         mask = torch.tanh(raw) / (2 + 1e-7) + 0.5
         with torch.no_grad():
@@ -266,12 +274,16 @@ def decouple(view: FeatureView, loader: Iterable, config: InversionConfig, devic
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-    return (torch.tanh(raw) / (2 + 1e-7) + 0.5).detach()
+    inversion.mask = (torch.tanh(raw) / (2 + 1e-7) + 0.5).detach()
+    inversion.advance("generator")
+    return inversion.mask
 
 
-def train_generator(view: FeatureView, gen: TriggerGenerator, optimiser: torch.optim.Optimizer, mask: torch.Tensor,
-                    loader: Iterable, config: InversionConfig, device: str, target: Optional[int] = None) -> None:
+def train_generator(view: FeatureView, inversion: "Inversion", loader: Iterable, config: InversionConfig, device: str,
+                    target: Optional[int] = None) -> None:
     """Step 3: generated images keep the benign features m·f and move the rest; towards ``target`` if given."""
+    mask = inversion.mask
+
     def loss_of(images, made, clean, feats):
         benign, backdoor = F.mse_loss(mask * clean, mask * feats), F.mse_loss((1 - mask) * clean, (1 - mask) * feats)
         loss_norm = F.mse_loss(made, images)
@@ -283,8 +295,9 @@ def train_generator(view: FeatureView, gen: TriggerGenerator, optimiser: torch.o
             loss = loss + F.cross_entropy(view.output(feats), torch.full((len(images),), target, device=device))
         return loss
 
-    _fit_generator(view, gen, optimiser, loader, config.generator_steps, device, loss_of,
-                   "inversion: trigger generator", config.show_progress, config.bf16)
+    _fit_generator(view, inversion, inversion.optimiser, loader, config.generator_steps, device, loss_of,
+                   "inversion: trigger generator", config)
+    inversion.advance("done")
 
 
 @torch.no_grad()
@@ -327,39 +340,98 @@ def mask_saturation(mask: torch.Tensor) -> float:
 
 @dataclass
 class Inversion:
-    """A trigger generator and what fits it across rounds: its Adam (one for every round, as the authors'), and
-    what the last round left (the mask and the feature split) for the run's diagnostics."""
+    """A trigger generator and everything that fits it, resumable at any step: its Adam (one for every round, as the
+    authors'), the pretraining's own Adam, the mask and its Adam while it is fitted, the phase under way
+    (``pretrain`` → ``mask`` → ``generator`` → ``done``; a new round starts again at ``mask``) and the steps taken in
+    it, and the feature split. ``saved``, when set, is offered the inversion after every step (it decides itself
+    whether to write, e.g. at most every few minutes) and after every phase."""
 
     generator: TriggerGenerator
     optimiser: torch.optim.Optimizer
+    phase: str = "pretrain"
+    step: int = 0
     mask: Optional[torch.Tensor] = None
     split: str = ""
+    pretrain_optimiser: Optional[torch.optim.Optimizer] = None
+    mask_raw: Optional[torch.Tensor] = None
+    mask_optimiser: Optional[torch.optim.Optimizer] = None
+    saved: Optional[Callable[["Inversion", bool], None]] = None
 
     @classmethod
     def new(cls, channels: int, config: InversionConfig, device: str) -> "Inversion":
         gen = TriggerGenerator(channels, config.base_filters, config.depth).to(device)
         return cls(gen, torch.optim.Adam(gen.parameters(), lr=config.generator_lr))
 
+    def offer(self, phase_ended: bool = False) -> None:
+        if self.saved is not None:
+            self.saved(self, phase_ended)
+
+    def advance(self, phase: str) -> None:
+        """The phase under way is finished: the next one starts at step 0 (what only that phase used is dropped)."""
+        if self.phase == "pretrain":
+            self.pretrain_optimiser = None
+        if self.phase == "mask":
+            self.mask_raw = self.mask_optimiser = None
+        self.phase, self.step = phase, 0
+        self.offer(phase_ended=True)
+
+    def next_round(self) -> None:
+        if self.phase == "done":
+            self.phase, self.step, self.mask = "mask", 0, None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but the generator's architecture settings (the caller's config has them), on the CPU."""
+        def cpu(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if t is None else t.detach().cpu().clone()
+
+        def opt(o: Optional[torch.optim.Optimizer]) -> Optional[dict[str, Any]]:
+            return None if o is None else copy.deepcopy(o.state_dict())
+
+        return {"generator": {k: v.detach().cpu().clone() for k, v in self.generator.state_dict().items()},
+                "optimiser": opt(self.optimiser), "phase": self.phase, "step": self.step, "mask": cpu(self.mask),
+                "split": self.split, "pretrain_optimiser": opt(self.pretrain_optimiser), "mask_raw": cpu(self.mask_raw),
+                "mask_optimiser": opt(self.mask_optimiser)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], channels: int, config: InversionConfig, device: str) -> "Inversion":
+        inversion = cls.new(channels, config, device)
+        inversion.generator.load_state_dict(state["generator"])
+        inversion.optimiser.load_state_dict(state["optimiser"])
+        inversion.phase, inversion.step, inversion.split = state["phase"], state["step"], state["split"]
+        inversion.mask = None if state["mask"] is None else state["mask"].to(device)
+        if state["pretrain_optimiser"] is not None:
+            inversion.pretrain_optimiser = torch.optim.Adam(inversion.generator.parameters(), lr=config.generator_lr)
+            inversion.pretrain_optimiser.load_state_dict(state["pretrain_optimiser"])
+        if state["mask_raw"] is not None:
+            inversion.mask_raw = state["mask_raw"].to(device).requires_grad_(True)
+            inversion.mask_optimiser = torch.optim.Adam([inversion.mask_raw], lr=config.mask_lr)
+            inversion.mask_optimiser.load_state_dict(state["mask_optimiser"])
+        return inversion
+
 
 def invert(model: nn.Module, head: ClassifierHead, loader: Iterable, config: InversionConfig, device: str,
            inversion: Optional[Inversion] = None, target: Optional[int] = None,
            generator: Optional[torch.Generator] = None) -> Inversion:
-    """One inversion round on a copy of ``model`` (pretraining first when ``inversion`` is None): the mask with the
-    copy in train mode, then the generator with it in eval mode. ``model`` itself is not touched."""
+    """One inversion round on a copy of ``model``: pretraining first when ``inversion`` is None (or still in it),
+    then the mask with the copy in train mode, then the generator with it in eval mode. A finished ``inversion``
+    starts a new round; one stopped mid-round (restored from its state) continues where it stopped. ``model``
+    itself is not touched."""
     probe, *_ = next(iter(loader))
     probe = probe.to(device)
-    fresh = inversion is None
     if inversion is None:
         inversion = Inversion.new(probe.shape[1], config, device)
+    inversion.next_round()
     copied = copy.deepcopy(model).requires_grad_(False)
     view = FeatureView(copied.eval(), head_of_copy(model, copied, head), probe)
     inversion.split = view.split
-    if fresh:
-        pretrain(view, inversion.generator, loader, config, device)
-    copied.train()
-    inversion.mask = decouple(view, loader, config, device, generator)
-    copied.eval()
-    train_generator(view, inversion.generator, inversion.optimiser, inversion.mask, loader, config, device, target)
+    if inversion.phase == "pretrain":
+        pretrain(view, inversion, loader, config, device)
+    if inversion.phase == "mask":
+        copied.train()
+        decouple(view, inversion, loader, config, device, generator)
+        copied.eval()
+    if inversion.phase == "generator":
+        train_generator(view, inversion, loader, config, device, target)
     inversion.generator.eval()
     return inversion
 

@@ -9,11 +9,10 @@ authors' ``btidbfu.py``: pretrain once, then per round decouple, train the gener
 """
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -53,12 +52,19 @@ class ReversedSamples:
     the share of generated images the model gives it); whether the detected class is the attack's target is for
     the evaluator to say, which knows the record."""
 
-    def __init__(self, config: UnlearningConfig, loader: Iterable, num_classes: int, device: str, seed: int) -> None:
+    def __init__(self, config: UnlearningConfig, loader: Iterable, num_classes: int, device: str, seed: int,
+                 checkpoint: Optional[Callable[[dict[str, Any]], None]] = None, checkpoint_every_s: float = 300.0) -> None:
+        """``checkpoint(state)``, when given, receives the round under way (:meth:`resume_round` takes it back) at
+        most every ``checkpoint_every_s`` seconds and at the end of every phase: an inversion runs for hours on a
+        CPU, and an epoch checkpoint only comes after it."""
         self.config, self.loader, self.num_classes, self.device = config, loader, num_classes, device
         self.rng = torch.Generator().manual_seed(seed)  # its own: the tuning's shuffling is not shifted
         self.inversion: Optional[Inversion] = None
         self.target: Optional[int] = None
         self.rounds: list[dict[str, Any]] = []
+        self.checkpoint, self.checkpoint_every_s = checkpoint, checkpoint_every_s
+        self.last_checkpoint = time.monotonic()
+        self.pending: Optional[dict[str, Any]] = None  # a round stopped part-way, to continue (resume_round)
 
     @property
     def generator(self) -> Optional[TriggerGenerator]:
@@ -74,6 +80,11 @@ class ReversedSamples:
         log.info("trigger inversion round %d of %d%s", self.rounds_done + 1, self.config.rounds,
                  "" if self.target is None else f" (towards class {self.target})")
         started = time.perf_counter()
+        self._continue_pending()
+        if self.inversion is None:
+            channels = next(iter(self.loader))[0].shape[1]
+            self.inversion = Inversion.new(channels, self.config.inversion, self.device)
+        self.inversion.saved = self._offer_checkpoint
         self.inversion = invert(model, head, self.loader, self.config.inversion, self.device, inversion=self.inversion,
                                 target=self.target, generator=self.rng)
         counts = class_counts(model, self.inversion.generator, self.loader, self.device, self.num_classes)
@@ -89,6 +100,32 @@ class ReversedSamples:
         log.info("inversion round %d: features split at %s; mask saturation %.3f; %.1f%% of reversed samples go to "
                  "class %d (%.0f s)", row["round"], row["feature_split"], row["mask_saturation"],
                  100 * row["share_to_detected"], self.target, row["seconds"])
+
+    def resume_round(self, state: dict[str, Any]) -> None:
+        """Continue the round a ``checkpoint`` call saved when that round comes (round 1 before tuning, a later one
+        at its epoch), instead of starting it afresh. The generator, its optimisers, the mask, the phase and its
+        step and this object's random generator come back; the loader's order after the step does not, so a
+        resumed round is not bit-identical to an uninterrupted one."""
+        self.pending = state
+
+    def _continue_pending(self) -> None:
+        state, self.pending = self.pending, None
+        if state is None or state["round"] != self.rounds_done + 1:
+            return
+        channels = next(iter(self.loader))[0].shape[1]
+        self.inversion = Inversion.from_state(state["inversion"], channels, self.config.inversion, self.device)
+        self.rng.set_state(state["rng"])
+        self.target = state["target"]
+        log.info("trigger inversion round %d continues at its %s phase, step %d", state["round"],
+                 self.inversion.phase, self.inversion.step)
+
+    def _offer_checkpoint(self, inversion: Inversion, phase_ended: bool) -> None:
+        now = time.monotonic()
+        if self.checkpoint is None or not (phase_ended or now - self.last_checkpoint >= self.checkpoint_every_s):
+            return
+        self.last_checkpoint = now
+        self.checkpoint({"round": self.rounds_done + 1, "inversion": inversion.state_dict(), "rng": self.rng.get_state(),
+                         "target": self.target})
 
     def start_epoch(self, model: nn.Module, head: ClassifierHead, epoch: int, epochs: int) -> None:
         """Fit the next round when ``epoch`` starts one (the first round is fitted before tuning begins)."""
@@ -109,17 +146,14 @@ class ReversedSamples:
                 "depth": inversion.depth, "target": self.target, "rounds": list(self.rounds)}
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed run needs: the generator, its Adam (it carries across rounds), the rounds, the RNG."""
-        optimiser = None if self.inversion is None else copy.deepcopy(self.inversion.optimiser.state_dict())
-        return {**self.generator_state(), "generator_optimiser": optimiser, "rng": self.rng.get_state()}
+        """Everything a resumed run needs: the generator with its Adam (it carries across rounds), the rounds, the
+        RNG."""
+        return {**self.generator_state(), "inversion": None if self.inversion is None else self.inversion.state_dict(),
+                "rng": self.rng.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["generator"] is None:
-            self.inversion = None
-        else:
-            gen = generator_from_state(state).to(self.device)
-            self.inversion = Inversion(gen, torch.optim.Adam(gen.parameters(), lr=self.config.inversion.generator_lr))
-            self.inversion.optimiser.load_state_dict(state["generator_optimiser"])
+        self.inversion = None if state["inversion"] is None else Inversion.from_state(
+            state["inversion"], state["channels"], self.config.inversion, self.device)
         self.target, self.rounds = state["target"], list(state["rounds"])
         self.rng.set_state(state["rng"])
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
 import yaml
 
+from fst_plugin.core.alpha import AlphaSearch
 from fst_plugin.core.trigger_inversion import InversionConfig
 from fst_plugin.core.tuning import PROJECTION_BOUNDS, TuningConfig
 from fst_plugin.core.unlearning import UnlearningConfig
@@ -47,6 +49,27 @@ def parse_projection(value: Any) -> Optional[bool]:
 
 def parse_pam(value: Any) -> Optional[bool]:
     return _auto_on_off(value, "pam")
+
+
+def parse_alpha(value: Any) -> Union[float, str]:
+    """A number (the paper's way: 0.2 on CIFAR-10) or ``auto`` (chosen on held-out clean tuning data by
+    :func:`choose_alpha`)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (ValueError, OverflowError):
+            number = math.nan
+        if math.isfinite(number):
+            return number
+    raise ConfigError(f"config key 'alpha' is {value!r}", "set alpha to a number >= 0 (the paper's 0.2 on "
+                      "CIFAR-10) or to auto (chosen on held-out clean tuning data)")
+
+
+def alpha_search(settings: Any) -> AlphaSearch:
+    """``alpha: auto``'s search from a :class:`DefenseConfig` (or the exported script's args: same names)."""
+    return AlphaSearch(budget=settings.alpha_budget, held_out=settings.alpha_held_out)
 
 
 def lr_schedule_of(lr_scheduler: str) -> str:
@@ -109,8 +132,15 @@ class DefenseConfig:
                           check=("in (0, 1]", lambda v: 0 < v <= 1))
     index: Optional[str] = option(None, "file of clean training indices (overrides --ratio)")
     # ours
-    alpha: float = option(TuningConfig.alpha, "weight of the feature-shift penalty alpha*<W, W0>",
-                          check=(">= 0", _not_negative))
+    alpha: Union[float, str] = option(TuningConfig.alpha, "weight of the feature-shift penalty alpha*<W, W0>, or auto: "
+                                      "chosen on a held-out part of the clean tuning set (docs/modes.md)",
+                                      parse=parse_alpha,
+                                      check=(">= 0 or auto", lambda v: v == "auto" or v >= 0))
+    alpha_budget: float = option(AlphaSearch.budget, "alpha auto: held-out accuracy (a fraction) the chosen alpha may "
+                                 "cost against the same tuning without the penalty", check=("in [0, 1)",
+                                                                                           lambda v: 0 <= v < 1))
+    alpha_held_out: float = option(AlphaSearch.held_out, "alpha auto: share of the clean tuning set held out to score "
+                                   "the candidates", check=("in (0, 1)", lambda v: 0 < v < 1))
     head: Optional[str] = option(None, "dotted name of the classifier layer (default: found)")
     projection: Optional[bool] = option(None, "rescale the head to ||W0|| after every step (auto: the mode's "
                                               "default, on)", choices=tuple(_SWITCH_WORDS), parse=parse_projection)

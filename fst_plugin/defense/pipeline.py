@@ -9,7 +9,7 @@ test images, with ``eval_subset`` the same seeded subset.
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
@@ -34,6 +34,25 @@ def build_loaders(config: DefenseConfig, backend: Any, device: str, record: Atta
                                                              len(poisoned)):
         return _tensor_data(config, device, train_raw, test_raw, poisoned, indices, eval_rng)
     return _per_image_data(config, backend, device, train_raw, test_raw, poisoned, indices, eval_rng)
+
+
+def held_out_loaders(config: DefenseConfig, backend: Any, device: str, train_raw: Dataset, fit: np.ndarray,
+                     held_out: np.ndarray, tensor_path: bool) -> tuple[Iterable, Iterable]:
+    """``alpha: auto``'s data, both parts of the tuning set on the run's own path: the fit part as the tuning
+    loader takes it (shuffled, augmented) and the held-out part as the test loaders take theirs."""
+    if tensor_path:
+        on_cuda = torch.device(device).type == "cuda"
+        eval_batch = max(config.batch_size, TENSOR_EVAL_BATCH["cuda" if on_cuda else "cpu"])
+        return (TensorBatches(decode(train_raw, config.dataset, fit), config.dataset, config.batch_size, shuffle=True,
+                              augment=True, device=device, channels_last=on_cuda),
+                TensorBatches(decode(train_raw, config.dataset, held_out), config.dataset, eval_batch, device=device,
+                              channels_last=on_cuda))
+    loader_args = dict(batch_size=config.batch_size, num_workers=config.num_workers,
+                       pin_memory=config.pin_memory and device.startswith("cuda"))
+    return (DataLoader(TransformedDataset(train_raw, backend.transform(config.dataset, train=True), fit), shuffle=True,
+                       **loader_args),
+            DataLoader(TransformedDataset(train_raw, backend.transform(config.dataset, train=False), held_out),
+                       shuffle=False, **loader_args))
 
 
 def _tensor_path_ok(config: DefenseConfig, backend: Any, n_train: int, n_test: int, n_poisoned: int) -> bool:

@@ -6,15 +6,20 @@ writes, read nothing else), so the shipped files stay complete; but only :data:`
 :data:`PAPER_VALUES` below are written by hand: every other value, and every comment, comes from the fields.
 ``python -m fst_plugin.defense.shipped`` rewrites the files; a test fails when they differ from what this module
 generates, so a default changed on the dataclass cannot leave a stale copy in 20 yamls.
+
+:func:`resolve_settings` is the one rule by which a run without ``--yaml_path`` (``fst-plugin run``, BackdoorBench's
+launchers, :func:`fst_plugin.api.run_defense`) gets its settings: the yaml shipped for its method on the record's
+dataset, the command line on top; a dataset with no shipped yaml is refused rather than run with another's values.
 """
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Optional
 
 from fst_plugin.core.modes import MODES
-from fst_plugin.defense.config import SPECS, YAML_KEYS
+from fst_plugin.defense.config import SPECS, YAML_KEYS, DefenseConfig, load_config
 from fst_plugin.errors import ConfigError
 from fst_plugin.io_utils import atomic_write_text
 from fst_plugin.options import as_text
@@ -55,16 +60,48 @@ def shipped_configs_dir() -> Path:
                       "reinstall backdoorbench-fst")
 
 
-def shipped_config(method: str, dataset: str) -> Path:
-    """Path of the yaml shipped for ``method`` on ``dataset`` (``config`` and unknown datasets: cifar10's)."""
+def shipped_config(method: str, dataset: str, whose: str = "dataset") -> Path:
+    """Path of the yaml shipped for ``method`` on ``dataset`` (``config``, BackdoorBench's default name, is
+    cifar10's). A dataset this package ships no yaml for is refused: another dataset's values would run silently.
+    ``whose`` names the dataset in that refusal (e.g. "the record's dataset")."""
     folder = shipped_configs_dir() / method
-    source = folder / f"{'cifar10' if dataset == 'config' else dataset}.yaml"
-    if not source.is_file():
-        source = folder / "cifar10.yaml"
-    if not source.is_file():
+    if not folder.is_dir():
         raise ConfigError(f"no shipped config for defense {method!r}",
                           "pass --yaml_path with a yaml of your own (this package ships configs only for its own defenses)")
+    name = "cifar10" if dataset == "config" else dataset
+    source = folder / f"{name}.yaml"
+    if name not in DATASETS or not source.is_file():
+        raise ConfigError(f"defense {method!r} ships no settings for {whose} {dataset!r} (it ships "
+                          f"{', '.join(DATASETS)})", f"pass --yaml_path with a yaml for {dataset} (e.g. a copy of "
+                          f"defense_configs/{method}/cifar10.yaml with dataset: {dataset} and your values)")
     return source
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A run's validated config and where its values came from (the run's first log line says so)."""
+
+    config: DefenseConfig
+    origin: str  # "settings: <yaml> (<why that yaml>), command line on top"
+
+
+def resolve_settings(method: str, overrides: Mapping[str, Any], dataset: Optional[str]) -> Settings:
+    """The config of a run of ``method``: ``overrides['yaml_path']`` when given, else the yaml shipped for
+    ``method`` on ``dataset`` (the record's ``clean_data``), with every override that is not None on top.
+
+    ``yaml_path`` is set to the file taken, so the logged config and run_info.json name it. Without a yaml the
+    record's dataset decides, not ``overrides['dataset']``: a ``--dataset`` that disagrees with the record is
+    refused later (by the runner's check), never used to pick another dataset's values."""
+    if overrides.get("yaml_path"):
+        config = load_config(overrides)
+        return Settings(config, f"settings: {config.yaml_path} (--yaml_path), command line on top")
+    if dataset is None:
+        raise ConfigError("no attack record given, so no dataset to choose the shipped settings by",
+                          "pass --result_file NAME (record/NAME) or --record DIR, or --yaml_path")
+    path = shipped_config(method, dataset, whose="the record's dataset")
+    config = load_config({**overrides, "yaml_path": str(path)})
+    return Settings(config, f"settings: {path} (shipped for {method} on {dataset}, the record's dataset; no "
+                            f"--yaml_path), command line on top")
 
 
 def shipped_values(method: str, dataset: str) -> dict[str, Any]:

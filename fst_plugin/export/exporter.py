@@ -20,10 +20,11 @@ from string import Template
 from typing import Any, Optional
 
 from fst_plugin import __version__
-from fst_plugin.core import TuningConfig, TuningMode, find_head, tune
+from fst_plugin.core import TuningConfig, TuningMode, choose_alpha, find_head, split_held_out, tune
 from fst_plugin.core.modes import MODES
 from fst_plugin.core.unlearning import ReversedSamples
-from fst_plugin.defense.config import DefenseConfig, lr_schedule_of, parse_pam, parse_projection, unlearning_config
+from fst_plugin.defense.config import (DefenseConfig, alpha_search, lr_schedule_of, parse_alpha, parse_pam,
+                                       parse_projection, unlearning_config)
 from fst_plugin.errors import InstallError
 from fst_plugin.export.core_source import check_script, paste
 from fst_plugin.export.installer import (CONFIG_NAMES, InstallPlan, check_backdoorbench, default_config,
@@ -32,10 +33,10 @@ from fst_plugin.options import option_specs
 
 DEFAULT_METHODS = ("fst", "fe-tuning", "ft-init")
 # What the exported script calls; paste() adds everything of the package these reach (TuningRun, the head's
-# re-initialisation, penalty and projection, PAM's step and reversed samples, the errors, the runtime and
-# distributed helpers).
-CORE = (find_head, TuningMode, TuningConfig, tune, parse_projection, parse_pam, lr_schedule_of, unlearning_config,
-        ReversedSamples)
+# re-initialisation, penalty and projection, PAM's step and reversed samples, alpha auto's choice, the errors, the
+# runtime and distributed helpers).
+CORE = (find_head, TuningMode, TuningConfig, tune, parse_projection, parse_pam, parse_alpha, lr_schedule_of,
+        unlearning_config, ReversedSamples, alpha_search, split_held_out, choose_alpha)
 # DefenseConfig settings the exported script does not read: the plugin's own machinery (a variant's folder, the
 # evaluation subset, the tensor input pipeline, resuming, record trust and location).
 PLUGIN_ONLY_KEYS = ("save_name", "eval_subset", "input_pipeline", "trust_record", "resume", "record")
@@ -63,7 +64,7 @@ def exported_arguments() -> list[ExportedArgument]:
     for spec in option_specs(DefenseConfig):
         if spec.name in PLUGIN_ONLY_KEYS:
             continue
-        kind = "str" if spec.choices else spec.type.__name__  # words (auto/on/off) are read as text
+        kind = "str" if spec.choices or spec.parse else spec.type.__name__  # words (auto/on/off) are read as text
         if kind not in ARGUMENT_TYPES:
             raise TypeError(f"DefenseConfig.{spec.name} is a {kind}, which the exported argparse cannot read")
         flags = (*[flag for flag in spec.flags if not flag.startswith("--")], f"--{spec.name}",

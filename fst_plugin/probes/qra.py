@@ -80,7 +80,7 @@ from fst_plugin.probes.perturbation import Perturbation, ReactivationAE, pixel_t
 from fst_plugin.record import AttackRecord, PoisonedImage, load_attack_record
 from fst_plugin.record.layout import QRA_RESULT_NAME, RUN_INFO_NAME, DefenseLayout
 from fst_plugin.record.poison_pool import PoisonPool, poisoned_pool
-from fst_plugin.runtime import progress, resolve_device, seed_everything
+from fst_plugin.runtime import phase, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ def train_generator(plan: QraPlan, perturb: Perturbation) -> list[dict[str, Any]
     optimizer = torch.optim.SGD(perturb.ae.parameters(), lr=cfg.lr, momentum=0.9)
     perturb.train()
     history = []
-    for epoch in progress(range(cfg.epochs), cfg.show_progress, "qra epochs"):
+    for epoch in phase("qra generator epochs", range(cfg.epochs), cfg.show_progress, log):
         sums, correct, seen, batches = np.zeros(3), 0, 0, 0
         for pixels, teacher_logits, labels, true_labels in loader:
             pixels, teacher_logits = pixels.to(device), teacher_logits.to(device)

@@ -17,6 +17,7 @@ RESULT_NAME = "defense_result.pt"
 RUN_INFO_NAME = "run_info.json"
 GENERATOR_NAME = "trigger_generator.pt"  # PAM's reversed-sample generator, saved with the result
 CHECKPOINT_FOLDER, CHECKPOINT_NAME = "checkpoint", "last.pt"
+INVERSION_CHECKPOINT_NAME = "inversion.pt"  # PAM's trigger inversion part-way (beside last.pt)
 LOG_FOLDER, INDEX_NAME = "log", "index.txt"
 RETUNE_FOLDER, RETUNE_RESULT_NAME = "retune", "retune_result.pt"
 QRA_FOLDER, QRA_RESULT_NAME = "qra", "qra_result.pt"  # inside RETUNE_FOLDER: QRA reads the retuned model
@@ -113,6 +114,12 @@ class DefenseLayout:
 def checkpoint_file(checkpoint_dir: Path) -> Path:
     """The resumable state in a checkpoint folder (the default one, or ``--checkpoint_save``)."""
     return Path(checkpoint_dir) / CHECKPOINT_NAME
+
+
+def inversion_checkpoint_file(checkpoint: Path) -> Path:
+    """PAM's trigger-inversion round under way, beside the epoch checkpoint ``checkpoint`` (hours on a CPU, so it is
+    saved within the round, not only at epoch ends)."""
+    return Path(checkpoint).parent / INVERSION_CHECKPOINT_NAME
 
 
 def index_file(log_dir: Path) -> Path:

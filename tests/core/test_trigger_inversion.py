@@ -39,6 +39,10 @@ def _loader(n: int = 32) -> DataLoader:
     return DataLoader(TensorDataset(smooth, torch.randint(0, 10, (n,))), batch_size=16)
 
 
+def _fresh() -> Inversion:
+    return Inversion.new(3, InversionConfig(base_filters=4, depth=2), "cpu")
+
+
 def _setup(pool: str = "avg"):
     torch.manual_seed(0)
     model = _Pooled(pool).eval()
@@ -79,7 +83,7 @@ def test_the_generator_is_the_authors_unet_and_pretraining_teaches_it_to_reprodu
     images = next(iter(loader))[0]
     assert small(images).shape == images.shape
     before = F.mse_loss(small(images), images).item()
-    pretrain(FeatureView(model, head, images), small, loader,
+    pretrain(FeatureView(model, head, images), Inversion(small, torch.optim.Adam(small.parameters())), loader,
              InversionConfig(pretrain_steps=40, generator_lr=1e-2, base_filters=4), "cpu")
     assert F.mse_loss(small(images), images).item() < 0.5 * before
 
@@ -97,7 +101,8 @@ def test_budgets_are_optimiser_steps_whatever_the_loaders_length(caplog):
     calls = []
     handle = model.register_forward_hook(lambda *_: calls.append(1))
     with caplog.at_level(logging.INFO):
-        decouple(view, loader, InversionConfig(mask_steps=5, show_progress=False), "cpu", torch.Generator().manual_seed(0))
+        decouple(view, _fresh(), loader, InversionConfig(mask_steps=5, show_progress=False), "cpu",
+                 torch.Generator().manual_seed(0))
     handle.remove()
     assert len(calls) == 1 + 5  # the shape probe, then one forward per step: 2.5 passes over the loader
     assert any("benign-feature mask: done, 5/5 steps in" in r.getMessage() for r in caplog.records)
@@ -106,7 +111,7 @@ def test_budgets_are_optimiser_steps_whatever_the_loaders_length(caplog):
 def test_the_mask_has_the_feature_maps_shape_and_lies_in_zero_one():
     model, head, loader = _setup()
     view = FeatureView(model, head, next(iter(loader))[0])
-    mask = decouple(view, loader, InversionConfig(mask_steps=2), "cpu", torch.Generator().manual_seed(0))
+    mask = decouple(view, _fresh(), loader, InversionConfig(mask_steps=2), "cpu", torch.Generator().manual_seed(0))
     assert mask.shape == (1, 8, 16, 16) and float(mask.min()) >= 0 and float(mask.max()) <= 1
     assert mask_saturation(torch.full((4,), 0.5)) == 0.0 and mask_saturation(torch.tensor([0.0, 1.0])) == 1.0
 
@@ -157,3 +162,35 @@ def test_the_unlearning_batch_swaps_exactly_int_02n_plus_1_images_and_detection_
     assert int(changed.sum()) == int(0.2 * len(images) + 1)
     assert 0 <= detect_target(model, gen, loader, "cpu", 10) < 10
     assert not model.training
+
+
+def test_an_inversion_stopped_mid_phase_continues_from_its_state_at_that_phase_and_step():
+    model, head, loader = _setup()
+    config = InversionConfig(pretrain_steps=3, mask_steps=4, generator_steps=3, base_filters=4, depth=2,
+                             show_progress=False)
+    saved: list[dict] = []
+
+    class Stop(Exception):
+        pass
+
+    def save_then_stop(inversion: Inversion, phase_ended: bool) -> None:
+        saved.append(inversion.state_dict())
+        if inversion.phase == "mask" and inversion.step == 2:
+            raise Stop  # the process dies two steps into the mask
+
+    first = Inversion.new(3, config, "cpu")
+    first.saved = save_then_stop
+    with pytest.raises(Stop):
+        invert(model, head, loader, config, "cpu", inversion=first, generator=torch.Generator().manual_seed(0))
+    state = saved[-1]
+    assert (state["phase"], state["step"]) == ("mask", 2) and state["mask_raw"] is not None
+    assert state["pretrain_optimiser"] is None  # the pretraining was finished and is not redone
+    steps = []
+    resumed = Inversion.from_state(state, 3, config, "cpu")
+    resumed.saved = lambda inversion, ended: steps.append((inversion.phase, inversion.step, ended))
+    assert torch.equal(resumed.generator.state_dict()["out.weight"], first.generator.state_dict()["out.weight"])
+    done = invert(model, head, loader, config, "cpu", inversion=resumed, generator=torch.Generator().manual_seed(0))
+    assert done.phase == "done" and done.mask.shape == (1, 8, 16, 16)
+    # the mask's remaining 2 steps (one offered mid-phase), then the generator's 3 (two offered mid-phase)
+    assert steps == [("mask", 3, False), ("generator", 0, True), ("generator", 1, False), ("generator", 2, False),
+                     ("done", 0, True)]

@@ -1,10 +1,12 @@
 """``fst-plugin`` as a user runs it (subprocesses)."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+from fst_plugin.defense.shipped import shipped_config
 from tests.builders import TinyBB
 
 
@@ -29,12 +31,23 @@ def test_help_texts() -> None:
     assert run.returncode == 0 and "--alpha" in run.stdout and "--result_file" in run.stdout and "--trust-record" in run.stdout
 
 
-def test_run_standalone_on_a_record_folder(fresh_bb: TinyBB) -> None:
+def test_run_standalone_on_a_record_folder_takes_the_shipped_yaml_and_its_first_log_line_says_so(
+        fresh_bb: TinyBB) -> None:
     ws = fresh_bb
     proc = cli("run", "ft-init", "--record", str(ws.record), "--dataset_path", str(ws.data),
                "--device", "cpu", "--num_workers", "0", "--epochs", "1", "--ratio", "0.25")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (ws.record / "defense" / "ft-init" / "defense_result.pt").is_file()
+    folder = ws.record / "defense" / "ft-init"
+    assert (folder / "defense_result.pt").is_file()
+    shipped = shipped_config("ft-init", "cifar10")
+    (log_file,) = (folder / "log").glob("*.log")
+    first = log_file.read_text().splitlines()[0]
+    assert first.endswith(f"settings: {shipped} (shipped for ft-init on cifar10, the record's dataset; no "
+                          f"--yaml_path), command line on top"), first
+    config = json.loads((folder / "run_info.json").read_text())["config"]
+    assert config["yaml_path"] == str(shipped)
+    # the shipped yaml's values where the command line is silent, the command line's where it is not
+    assert (config["pin_memory"], config["epochs"], config["ratio"], config["num_workers"]) == (True, 1, 0.25, 0)
 
 
 def test_unknown_defense_is_a_one_line_error() -> None:

@@ -91,7 +91,7 @@ def test_nonstandard_transform_accepts_the_standard_ones_and_names_a_changed_ste
 
 def test_a_full_run_on_the_tensor_path_writes_the_usual_outputs(fresh_bb: TinyBB) -> None:
     args = defense_args(FST, "--record", str(fresh_bb.record), "--dataset_path",
-                        str(fresh_bb.data), "--device", "cpu", "--epochs", "2", "--ratio", "0.2")
+                        str(fresh_bb.data), "--device", "cpu", "--num_workers", "0", "--epochs", "2", "--ratio", "0.2")
     result = FST(args).defense()
     assert [row["epoch"] for row in result.history] == [0, 1]
     assert (Path(result.save_path) / "defense_result.pt").is_file()

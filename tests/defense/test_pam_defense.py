@@ -2,6 +2,7 @@
 mode (FST + PAM), the saved trigger generator, resume, and bad PAM settings refused in one line."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -85,6 +86,39 @@ def test_a_resumed_pam_run_ends_where_an_uninterrupted_one_does(fresh_bb: TinyBB
     assert states == [1, 2] and [row["epoch"] for row in resumed.history] == [0, 1, 2]
     for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name  # exact on the CPU, the generator and its random draws included
+
+
+def test_a_pam_run_stopped_inside_its_inversion_resumes_the_round_where_it_stopped(fresh_bb: TinyBB, tmp_path,
+                                                                                    monkeypatch, caplog) -> None:
+    """The inversion runs for hours on a CPU before the first epoch checkpoint: it is saved within the round (at the
+    end of each phase and every few minutes) and --resume continues it instead of starting again."""
+    import fst_plugin.core.trigger_inversion as inversion_module
+
+    class Stop(Exception):
+        pass
+
+    real_train_generator = inversion_module.train_generator
+
+    def die(*args, **kwargs):
+        raise Stop  # the process dies when round 1's generator phase begins (pretraining and mask saved)
+
+    checkpoint = tmp_path / "ck" / "last.pt"
+    config = _config(fresh_bb, save_name="inv", checkpoint_save=str(checkpoint.parent),
+                     inversion_pretrain_steps=2, inversion_mask_steps=2, inversion_generator_steps=2)
+    monkeypatch.setattr(inversion_module, "train_generator", die)
+    with pytest.raises(Stop):
+        run(prepare(config, load_attack_record(fresh_bb.record), "pam"))
+    saved = torch.load(layout_file := checkpoint.parent / "inversion.pt", weights_only=False)
+    assert saved["state"]["round"] == 1 and saved["state"]["inversion"]["phase"] == "generator"
+    assert not checkpoint.is_file()  # no epoch had ended: only the inversion's state existed to resume from
+    monkeypatch.setattr(inversion_module, "train_generator", real_train_generator)
+    calls = []
+    monkeypatch.setattr(inversion_module, "pretrain", lambda *a, **k: calls.append("pretrain"))
+    with caplog.at_level("INFO"):
+        resumed = run(prepare(dataclasses.replace(config, resume=True), load_attack_record(fresh_bb.record), "pam"))
+    assert calls == []  # the pretraining was not redone
+    assert any("round 1 continues at its generator phase, step 0" in r.getMessage() for r in caplog.records)
+    assert [row["epoch"] for row in resumed.history] == [0, 1, 2] and not layout_file.exists()
 
 
 @pytest.mark.parametrize("key, value, words", [

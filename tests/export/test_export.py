@@ -113,10 +113,11 @@ def test_the_exported_arguments_and_defaults_are_the_configs_option_declarations
     for name, (flags, kind, choices, text) in rows.items():
         spec = specs[name]
         assert set(flags) == {f"--{name}", *spec.flags}
-        assert kind == ("str" if spec.choices else spec.type.__name__)
+        assert kind == ("str" if spec.choices or spec.parse else spec.type.__name__)  # words are read as text
         assert choices == spec.choices and text == EXPORTED_HELP.get(name, spec.help)
         assert constants["DEFAULTS"][name] == spec.default
     assert rows["projection"][1:3] == ("str", ("auto", "on", "off")) and rows["epochs"][1] == "int"
+    assert rows["alpha"][1] == "str"  # a number or auto, read by the pasted parse_alpha
 
 
 # Parses one value for every argument of the exported script with the script's own parser (its BackdoorBench imports
@@ -279,9 +280,10 @@ SMALL_PAM = ["--unlearn_rounds", "2", "--inversion_pretrain_steps", "1", "--inve
              "--inversion_generator_steps", "1", "--generator_filters", "4"]
 
 
-@pytest.mark.parametrize("method", ["fst", "fe-tuning", "pam"])
+@pytest.mark.parametrize("method, extra", [("fst", []), ("fst", ["--alpha", "auto"]), ("fe-tuning", []),
+                                           ("pam", SMALL_PAM)], ids=["fst", "fst-alpha-auto", "fe-tuning", "pam"])
 def test_the_exported_defense_runs_without_this_package_and_ends_with_the_plugins_weights(
-        method: str, bb_tree: Path, bb: TinyBB, tmp_path: Path) -> None:
+        method: str, extra: list[str], bb_tree: Path, bb: TinyBB, tmp_path: Path) -> None:
     shutil.copytree(bb.data, bb_tree / "data")
     name = bb.record.name  # the record's image paths name its folder
     shutil.copytree(bb.record, bb_tree / "record" / name)
@@ -290,7 +292,7 @@ def test_the_exported_defense_runs_without_this_package_and_ends_with_the_plugin
     runner.write_text(HIDING_RUNNER)
     args = ["--result_file", name, "--yaml_path", f"./config/defense/{method}/cifar10.yaml", "--dataset", "cifar10",
             "--device", "cpu", "--num_workers", "0", "--epochs", "2", "--ratio", "0.5", "--random_seed", "3",
-            "--projection", "on", *(SMALL_PAM if method == "pam" else [])]
+            "--projection", "on", *extra]
     exported = subprocess.run([sys.executable, "-I", str(runner), f"defense/{method}.py", *args],
                               cwd=bb_tree, capture_output=True, text=True, timeout=600)
     assert exported.returncode == 0, exported.stderr[-3000:]
@@ -299,6 +301,7 @@ def test_the_exported_defense_runs_without_this_package_and_ends_with_the_plugin
             "acc_like_metric_plots.png"} <= {p.name for p in out.iterdir()}
     assert (out / "log" / "index.txt").is_file() and list((out / "log").glob("*.log"))
     assert (out / "trigger_generator.pt").is_file() == (method == "pam")
+    assert (out / "alpha_choice.json").is_file() == ("auto" in extra)
     assert not (out / "checkpoint").exists()  # BackdoorBench's checkpoint_save is named, never made: no empty folder
     out = out.rename(out.with_name(f"{method}_exported"))
 
@@ -327,6 +330,11 @@ def test_the_exported_defense_runs_without_this_package_and_ends_with_the_plugin
     summary = pd.read_csv(out / f"{method}_df_summary.csv", index_col=0)
     assert list(summary.index) == ["last", "valid_max", "exist_nan_value"]
     assert (out / "log" / "index.txt").read_text() == (ours / "log" / "index.txt").read_text()
+    if "auto" in extra:  # the same choice, from the same held-out images
+        theirs_choice = json.loads((out / "alpha_choice.json").read_text())
+        ours_choice = json.loads((ours / "run_info.json").read_text())["alpha_choice"]
+        assert theirs_choice["alpha"] == ours_choice["alpha"] and len(theirs_choice["trials"]) >= 1
+        assert [t["held_out_acc"] for t in theirs_choice["trials"]] == [t["held_out_acc"] for t in ours_choice["trials"]]
     if method == "pam":  # the same reversed-sample generator on both sides
         theirs_gen = torch.load(out / "trigger_generator.pt", weights_only=False)
         ours_gen = torch.load(ours / "trigger_generator.pt", weights_only=False)

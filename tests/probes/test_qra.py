@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import pandas as pd
 import pytest
 import torch
 
+from fst_plugin import runtime
 from fst_plugin.cli import main as cli_main
 from fst_plugin.data import TransformedDataset, load_clean_split, materialise
 from fst_plugin.models import build_model
@@ -93,6 +96,15 @@ def test_a_fixed_seed_gives_the_same_generator_and_numbers_and_another_seed_othe
     assert (again.save_dir / "qra_df.csv").read_text() == (shared / "qra_df.csv").read_text()
     other = prepare_qra(small(ws, random_seed=1))
     assert [p.original_index for p in other.training.poisoned] != info["poisoned_train_indices"]
+
+
+def test_off_a_terminal_the_generator_training_logs_its_epochs_and_seconds(ws, caplog, monkeypatch):
+    monkeypatch.setattr(runtime, "on_terminal", lambda: False)  # pytest's stderr may be a terminal or not
+    shutil.rmtree(DefenseLayout.of(ws.attacked, "fst").qra_dir)
+    with caplog.at_level(logging.INFO):
+        run_qra(small(ws, epochs=2))
+    (line,) = [m for m in caplog.messages if m.startswith("qra generator epochs: ")]
+    assert re.fullmatch(r"qra generator epochs: done, 2/2 steps in \d+\.\d s", line), line
 
 
 def test_with_eps_zero_the_perturbed_numbers_equal_the_unperturbed_ones_exactly(ws, capsys):

@@ -183,6 +183,12 @@ def record_other_dataset(c: Ctx) -> list[str]:
     return c.argv()
 
 
+def record_dataset_unshipped(c: Ctx) -> list[str]:
+    """No --yaml_path, and no yaml shipped for the record's dataset: refused, not run on another's settings."""
+    record = h.record_on(c.bb, "mnist", c.tmp)
+    return ["run", "pam", "--record", str(record), "--dataset_path", str(c.bb.data)]
+
+
 def poisoned_png_missing(c: Ctx) -> list[str]:
     payload = c.payload()
     rel = c.first_entry(payload)["path"]
@@ -450,6 +456,8 @@ CASES = [
     Case("num-classes-not-head-size", num_classes_not_head_size, ("does not fit", "linear")),
     Case("num-classes-not-dataset", num_classes_not_dataset, ("num_classes=100", "cifar10")),
     Case("record-other-dataset", record_other_dataset, ("gtsrb", "--dataset")),
+    Case("record-dataset-unshipped", record_dataset_unshipped, ("'pam'", "the record's dataset 'mnist'",
+                                                                "--yaml_path")),
     Case("poisoned-png-missing", poisoned_png_missing, ("poisoned image", "missing")),
     Case("poisoned-path-escape", poisoned_path_escape, ("outside the record folder",)),
     Case("poisoned-path-absolute", poisoned_path_absolute, ("/etc/passwd", "outside the record folder")),

@@ -255,8 +255,9 @@ def _check_config(config: DefenseConfig) -> None:
     for key, (_, ok) in {name: spec.check for name, spec in SPECS.items() if spec.check}.items():
         value = getattr(config, key)
         assert value is None or ok(value), (key, value)
-    for key in ("lr", "alpha", "ratio", "sgd_momentum", "wd"):
-        assert math.isfinite(getattr(config, key)), key
+    for key in ("lr", "alpha", "ratio", "sgd_momentum", "wd", "alpha_budget", "alpha_held_out"):
+        value = getattr(config, key)
+        assert (key == "alpha" and value == "auto") or math.isfinite(value), key
     assert isinstance(config.epochs, int) and not isinstance(config.epochs, bool)
     assert config.projection in (None, True, False)
 
