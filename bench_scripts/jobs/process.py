@@ -120,6 +120,8 @@ def time_limit(seconds: Optional[float]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _logging_to(path: Optional[Path]) -> Iterator[None]:
+    """While a job runs: its log records (INFO and up, whatever the process's own logging says: a fresh Ray worker
+    keeps Python's WARNING) go to ``path`` too."""
     if path is None:
         yield
         return
@@ -127,11 +129,14 @@ def _logging_to(path: Optional[Path]) -> Iterator[None]:
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s", "%H:%M:%S"))
     root = logging.getLogger()
+    level = root.level
+    root.setLevel(min(level or logging.WARNING, logging.INFO))
     root.addHandler(handler)
     try:
         yield
     finally:
         root.removeHandler(handler)
+        root.setLevel(level)
         handler.close()
 
 

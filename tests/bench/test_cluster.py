@@ -100,14 +100,16 @@ def test_the_tiny_grid_gives_the_same_results_on_ray_and_a_bad_record_fails_alon
     assert f"| {BAD}/fst | not run |" in report and "| badnets_0.1_s0/fst | done | 127.0.0.1/" in report
     nodes = {line.split(" | ")[2] for line in report.splitlines() if " | done | 127.0.0.1/" in line}
     assert len(nodes) == 2, "both nodes ran jobs"
+    logs = list((grid_folder(tmp_path / "cache" / "tiny") / "logs").glob("*.log"))
+    assert len(logs) == 9 and all(f"started on {node}" in "".join(log.read_text() for log in logs) for node in nodes)
 
 
-def _kill_second_node_when_busy(cluster: Cluster, logs: Path, killed: list[str]) -> None:
-    """Waits for a job to start on the second node, then kills that node (no graceful shutdown)."""
+def _kill_second_node_when_busy(cluster: Cluster, logs: Path, killed: list[str], ended: threading.Event) -> None:
+    """Waits for a job to start on the second node (its log's first line says where), then kills that node (no
+    graceful shutdown); gives up when the grid has ended."""
     second = next(iter(cluster.worker_nodes))
     mark = f"started on 127.0.0.1/{second.node_id[:8]}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
+    while not ended.is_set():
         for path in logs.glob("*.log") if logs.is_dir() else ():
             text = path.read_text()
             if mark in text and " after " not in text.split(mark, 1)[1]:
@@ -122,12 +124,14 @@ def test_killing_the_second_node_mid_grid_loses_no_work_and_ends_with_the_same_r
     if not cluster.worker_nodes:
         cluster.add_node(**NODE)
     killed: list[str] = []
+    ended = threading.Event()
     killer = threading.Thread(target=_kill_second_node_when_busy,
-                              args=(cluster, grid_folder(tmp_path / "cache" / "tiny") / "logs", killed))
+                              args=(cluster, grid_folder(tmp_path / "cache" / "tiny") / "logs", killed, ended))
     killer.start()
     try:
         code, errors, results = _grid(data, tmp_path, capsys, *_ray(cluster))
     finally:
+        ended.set()
         killer.join()
     assert killed, "the second node never ran a job"
     assert code == 2 and [e.split(":")[1].strip() for e in errors] == [BAD]   # only the bad record failed
