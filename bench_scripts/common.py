@@ -1,6 +1,6 @@
 """What every benchmark script shares: its command line (protocol, cache, results), triggers by name, the cache
 layout, timings, running one of the package's defenses (with the optional per-epoch test subset) and loading a
-result as a model. Measuring models is bench_scripts/measures.py.
+result as a model. Measuring models is bench_scripts/evaluation/measures.py.
 
 Cache layout (outside git): ``<cache>/<protocol>/record/<attack>[-<key>]_<rate>_s<seed>/`` are BackdoorBench records
 (``attack_result.pt`` + PNGs, ``defense/<name>/defense_result.pt`` after the defenses), and
@@ -13,13 +13,11 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 from torch import nn
 
 from fst_plugin.attacks import (
@@ -32,9 +30,11 @@ from fst_plugin.attacks import (
 )
 from fst_plugin import api
 from fst_plugin.defense.runner import DefenseResult
+from fst_plugin.errors import FSTError
 from fst_plugin.record import AttackRecord
 from fst_plugin.record.result_model import load_result_model, model_from_state
 
+from bench_scripts.jobs.process import COMMAND_ENV, command_line, share_of_cores, use_threads
 from bench_scripts.protocols import Protocol, get_protocol
 
 log = logging.getLogger("bench")
@@ -42,14 +42,15 @@ DATASET = "cifar10"
 TARGET = 0
 ATTACKS = ("badnets", "blended", "sig", "wanet")
 CLEAN_LABEL = {"sig"}                       # poison target-class images and keep their labels
+KEYED_ATTACKS = {"blended"}                 # a key image (--blend-pattern) or, without one, seeded noise
 REPO = Path(__file__).resolve().parent.parent
 
 
 def setup(threads: Optional[int] = None) -> None:
-    """Logging, and torch threads = the machine's cores (2 here) unless told otherwise (``threads``, else
-    OMP_NUM_THREADS: two 2-thread processes on 2 cores stall each other's parallel regions, ~10x slower)."""
+    """Logging, and torch threads: ``threads``, else this process's share of the cores (jobs.process owns the
+    rule: OMP_NUM_THREADS where set, else every core this process may use)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
-    torch.set_num_threads(threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1)
+    use_threads(threads or share_of_cores())
 
 
 def add_protocol_args(parser: argparse.ArgumentParser, data: bool = True, results: bool = True) -> None:
@@ -114,7 +115,7 @@ def record_name(attack: str, rate: float, seed: int, key: Optional[str] = None) 
 
 def trigger_key(attack: str, pattern_image: Optional[str]) -> Optional[str]:
     """The name of Blended's key image when one is given (its file stem), else None (seeded noise / no key)."""
-    return Path(pattern_image).stem if attack == "blended" and pattern_image else None
+    return Path(pattern_image).stem if attack in KEYED_ATTACKS and pattern_image else None
 
 
 def link_data(root: Path, data_dir: Path) -> Path:
@@ -139,7 +140,7 @@ def make_trigger(attack: str, seed: int, pattern_image: Optional[str] = None, bl
         return sig_trigger(40.0, 6.0)
     if attack == "wanet":
         return wanet_trigger(32, 32, k=4, strength=0.5, seed=seed)
-    raise SystemExit(f"unknown attack {attack!r}; use one of {', '.join(ATTACKS)}")
+    raise FSTError(f"unknown attack {attack!r}", f"use one of {', '.join(ATTACKS)}")
 
 
 def bench_info(record: AttackRecord) -> dict[str, Any]:
@@ -148,10 +149,11 @@ def bench_info(record: AttackRecord) -> dict[str, Any]:
 
 
 def log_timing(results_dir: Path, step: str, wall_s: float, **details: Any) -> None:
-    """Append one line to ``results_dir/timings.jsonl``: the step, its wall time and the exact command."""
+    """Append one line to ``results_dir/timings.jsonl``: the step, its wall time and the exact command (the
+    grid's, where a job of it runs in a worker)."""
     results_dir.mkdir(parents=True, exist_ok=True)
     row = {"step": step, "wall_s": round(wall_s, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-           "command": " ".join(["python -m bench_scripts." + Path(sys.argv[0]).stem] + sys.argv[1:]), **details}
+           "command": os.environ.get(COMMAND_ENV) or command_line(), **details}
     with open(results_dir / "timings.jsonl", "a") as fh:
         fh.write(json.dumps(row, default=str) + "\n")
 

@@ -19,6 +19,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+from bench_scripts.jobs.job import Resources
 from fst_plugin.defense.config import DefenseConfig
 
 # the package's five tuning modes
@@ -134,10 +135,19 @@ class Protocol:
     # and one wall-clock cap for each run (None: each built-in's cpu_cap_min)
     bb_epochs: Optional[int] = None
     bb_cap_s: Optional[int] = None
+    # what one job of the grid holds (a record, a defense, a retune): its torch threads and GPUs (Ray's num_cpus /
+    # num_gpus; bench_scripts/jobs)
+    job_cpus: int = 1
+    job_gpus: float = 0.0
     notes: str = ""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def resources(self) -> Resources:
+        """A job's share of a node (no GPU where the protocol is run on the CPU: ``--set device=cpu``)."""
+        return Resources(self.job_cpus, 0.0 if self.device == "cpu" else self.job_gpus)
 
 
 # the authors' PAM optimiser (fine_tune/BTIDBF/btidbfu.py: SGD lr 0.01, momentum 0.1, no schedule); fst-pam keeps FST's
@@ -155,15 +165,15 @@ PROTOCOLS: dict[str, Protocol] = {
                     # trimmed to what fits a shared 2-core machine in one session; the gpu protocol runs all
                     # (alpha 0 is FT-init with projection, i.e. the grid's ft-init run: not repeated)
                     alphas=(0.05, 0.2, 0.5, 1.0), size_methods=("fst",), pam_settings=CPU_PAM,
-                    projection_methods=REINIT_METHODS, bb_epochs=10,
+                    projection_methods=REINIT_METHODS, bb_epochs=10, job_cpus=2,
                     notes="2-core CPU; per-epoch curves on 2000+2000 seeded test images"),
     "gpu": Protocol("gpu", model="preactresnet18", device="cuda", epochs=100, batch_size=128, lr=0.01,
                     momentum=0.9, nesterov=False, schedule="cosine", weight_decay=5e-4,
-                    amp=True, num_workers=4, eval_subset=None, grid=GPU_GRID,
+                    amp=True, num_workers=4, eval_subset=None, grid=GPU_GRID, job_cpus=4, job_gpus=1.0,
                     notes="paper scale; BackdoorBench's attack schedule"),
     "gpu-fast": Protocol("gpu-fast", model="preactresnet18", device="cuda", epochs=30, batch_size=128, lr=0.05,
                          momentum=0.9, nesterov=True, schedule="onecycle", weight_decay=5e-4,
-                         amp=True, num_workers=4, eval_subset=None, grid=GPU_GRID,
+                         amp=True, num_workers=4, eval_subset=None, grid=GPU_GRID, job_cpus=4, job_gpus=1.0,
                          notes="paper-scale model, attack shortened to 30 epochs one-cycle lr 0.05 "
                                "(the 2026-11-25 H100 run); not BackdoorBench's schedule"),
     "tiny": Protocol("tiny", model="preactresnet_small", device="cpu", epochs=1, batch_size=64, lr=0.05,

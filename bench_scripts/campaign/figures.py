@@ -34,6 +34,13 @@ FST_EPOCH_IN_DEFENSE = Figure(3.2, f"{H100} README: FST 31.7 s inside the defens
 COMPUTE_LIMIT_10_EPOCHS = Figure(2.69, f"{H100} README: compute limit 0.86 s fwd+bwd + 1.82 s eval for 10 epochs")
 EVALUATE_PER_MODEL = Figure(0.91, f"{H100} timings.jsonl: evaluate wall_s 27.3 for 30 models")
 
+# --- the CPU grid of issue 21 (ours and 6 built-ins on 6 records, then retune and QRA), 2-core CPU: QRA's cost
+# against a retune's and the share of models it attacks (those purified to ASR <= 0.1); QRA never ran on a GPU
+CPU_GRID = "bench_results/cpu/builtins/timings.jsonl"
+RETUNE_ON_CPU = Figure(38.7, f"{CPU_GRID}: retune wall_s, mean of its 83 retunes")
+QRA_ON_CPU = Figure(173.6, f"{CPU_GRID}: qra wall_s, mean of its 11 QRA runs")
+QRA_SHARE = 11 / 83   # of the retuned models, those QRA attacked (the same file's runs)
+
 # --- the tiny campaign on the shared 2-core CPU (load average about 12), 2026-12-04: stage walls --------------
 TINY = "tiny campaign, 2-core CPU at load 12, 2026-12-04 (state.json wall_s)"
 TINY_SMOKE = Figure(47.7, f"{TINY}: smoke 47.7 s")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from bench_scripts.campaign.profiles import CLEAN_REFERENCE, HELLO_KITTY, RECORDS, Profile, RecordSpec
+from bench_scripts.campaign.profiles import CLEAN_REFERENCE, HELLO_KITTY, RECORDS, Estimate, Profile, RecordSpec
 from bench_scripts.protocols import BB_METHODS, PAM_VARIANTS, QRA_MAX_ASR
 
 STOP_AFTER = "{stop_after_s}"
@@ -25,9 +25,9 @@ ANY_RECORD = "*"
 
 
 @dataclass(frozen=True)
-class Job:
-    """One command; ``needs`` names a record that must be finished for it to run (``ANY_RECORD``: any record),
-    ``makes`` the record it makes."""
+class Step:
+    """One command of a stage; ``needs`` names a record that must be finished for it to run (``ANY_RECORD``: any
+    record), ``makes`` the record it makes. The runner runs it as a job of the grid (bench_scripts/jobs)."""
 
     argv: tuple[str, ...]
     needs: Optional[str] = None
@@ -45,9 +45,9 @@ class Stage:
     what: str
     seconds: float
     basis: str
-    jobs: tuple[Job, ...] = ()
+    steps: tuple[Step, ...] = ()
     min_s: float = 0.0                # the least time worth starting it with
-    parallel: int = 1                 # jobs at once
+    parallel: int = 1                 # steps at once
     skip: Optional[str] = None        # why the stage does not run
     must_pass: bool = False           # a failure stops the campaign (the smoke)
 
@@ -100,9 +100,9 @@ def registered_defenses() -> set[str]:
     return {line.split()[0] for line in out.stdout.splitlines() if line.strip()}
 
 
-def _records_stage(p: Profile, paths: Paths, common: tuple[str, ...], bb: Optional[Path],
+def _records_stage(p: Profile, estimates: dict[str, Estimate], paths: Paths, common: tuple[str, ...], bb: Optional[Path],
                    specs: tuple[RecordSpec, ...], name: str, issue: int, what: str) -> Stage:
-    jobs, missing_key = [], False
+    steps, missing_key = [], False
     for spec in specs:
         key: tuple[str, ...] = ()
         if spec.hello_kitty:
@@ -110,19 +110,20 @@ def _records_stage(p: Profile, paths: Paths, common: tuple[str, ...], bb: Option
                 missing_key = True
                 continue
             key = ("--blend-pattern", str(bb / HELLO_KITTY))
-        jobs.append(Job(bench("make_records", *common, "--attacks", spec.item, *key, "--epochs", str(p.epochs),
+        steps.append(Step(bench("records", *common, "--attacks", spec.item, *key, "--epochs", str(p.epochs),
                               "--checkpoint-every", str(p.checkpoint_every), "--stop-after-s", STOP_AFTER,
                               *(("--compile",) if p.compile else ())), makes=spec.name()))
-    stage = _stage(p, name, issue, what, jobs, parallel=p.jobs)
+    stage = _stage(estimates, name, issue, what, steps, parallel=p.jobs)
     if missing_key:
         stage = dataclasses.replace(stage, basis=stage.basis + "; the Hello-Kitty record needs --backdoorbench")
     return stage
 
 
-def _stage(p: Profile, name: str, issue: int, what: str, jobs: Iterable[Job] = (), **kwargs: Any) -> Stage:
+def _stage(estimates: dict[str, Estimate], name: str, issue: int, what: str, steps: Iterable[Step] = (),
+           **kwargs: Any) -> Stage:
     """A stage with the profile's estimate for ``name`` (seconds, basis, least starting time)."""
-    est = p.estimates(p)[name]
-    return Stage(name, issue, what, est.seconds, est.basis, tuple(jobs),
+    est = estimates[name]
+    return Stage(name, issue, what, est.seconds, est.basis, tuple(steps),
                  min_s=est.seconds if est.min_s is None else est.min_s, **kwargs)
 
 
@@ -141,60 +142,61 @@ def build_plan(p: Profile, paths: Paths, budget_s: float, backdoorbench: Optiona
                   "--device", p.device)
     names = [s.name() for s in RECORDS if not s.hello_kitty or backdoorbench is not None]
     registered = registered_defenses()
+    estimates = p.estimates(p, backdoorbench is not None)   # the built-ins' models are retuned too when they run
 
-    smoke = _stage(p, "smoke", 20, "every mode 1 epoch on a tiny record, tensor and per-image path, AMP; retune and qra "
+    smoke = _stage(estimates, "smoke", 20, "every mode 1 epoch on a tiny record, tensor and per-image path, AMP; retune and qra "
                    f"one step; torchrun --nproc_per_node 1 ({'nccl' if p.device == 'cuda' else 'gloo'})", (
-                      Job(bench("make_records", *smoke_common, *data, "--attacks", "badnets:0.1", "badnets:0",
+                      Step(bench("records", *smoke_common, *data, "--attacks", "badnets:0.1", "badnets:0",
                                 "--set", *p.smoke_set)),
-                      Job((sys.executable, "-m", "bench_scripts.campaign.smoke", *smoke_args,
+                      Step((sys.executable, "-m", "bench_scripts.campaign.smoke", *smoke_args,
                            *(("--compile-check",) if p.compile else ()))),
-                      Job((sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                      Step((sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
                            "-m", "bench_scripts.campaign.smoke", *smoke_args, "--distributed"))),
                   must_pass=True)
     speed_record = speed_cache / p.protocol / "record" / SPEED_RECORD
-    speed = _stage(p, "speed", 20, "bench_scripts.speed: the compute limit, FST on the tensor and the per-image path, "
+    speed = _stage(estimates, "speed", 20, "bench_scripts.speed: the compute limit, FST on the tensor and the per-image path, "
                    "one attack epoch", (
-                      Job(bench("make_records", "--protocol", p.protocol, "--cache", str(speed_cache), "--results",
+                      Step(bench("records", "--protocol", p.protocol, "--cache", str(speed_cache), "--results",
                                 str(paths.work / "speed_results"), *data, "--attacks", "badnets:0.01",
                                 "--set", *p.speed_set)),
-                      Job(bench("speed", "--record", str(speed_record), "--dataset_path",
+                      Step(bench("speed", "--record", str(speed_record), "--dataset_path",
                                 str(speed_cache / p.protocol / "data"), "--device", p.device, *p.speed_args,
                                 "--out", str(paths.results), "--csv-name", "speed.csv"))))
-    records = _records_stage(p, paths, common, backdoorbench, RECORDS, "records", 20,
+    records = _records_stage(p, estimates, paths, common, backdoorbench, RECORDS, "records", 20,
                              f"{', '.join(s.label for s in RECORDS)}: {p.epochs} epochs of the {p.protocol} protocol's "
                              f"schedule, side by side, a checkpoint every {p.checkpoint_every} epochs")
-    defenses = _stage(p, "defenses", 20, "the five modes (run_defenses) and FST at lr 0.05 (ablations --only lr)",
+    defenses = _stage(estimates, "defenses", 20, "the five modes (run_defenses) and FST at lr 0.05 (ablations --only lr)",
                      tuple(job for n in names for job in (
-                         Job(bench("run_defenses", *common, "--records", n), needs=n),
-                         Job(bench("ablations", *common, "--record", n, "--only", "lr"), needs=n))),
+                         Step(bench("defenses", *common, "--records", n), needs=n),
+                         Step(bench("defenses.ablations", *common, "--record", n, "--only", "lr"), needs=n))),
                      parallel=p.jobs)
     # BackdoorBench's built-ins (protocols.BUILTINS) through run_defenses' runner, each under the profile's cap
     builtin_common = ("--protocol", p.protocol, "--set", *p.record_set, f"bb_cap_s={p.builtin_cap_s}", "--cache",
                       str(paths.cache), "--results", str(paths.results), *data)
-    builtins = _stage(p, "builtins", 21, f"BackdoorBench's {', '.join(BB_METHODS)} (run_defenses --backdoorbench), "
+    builtins = _stage(estimates, "builtins", 21, f"BackdoorBench's {', '.join(BB_METHODS)} (run_defenses --backdoorbench), "
                      f"their cifar10.yaml, each capped at {p.builtin_cap_s} s",
-                     tuple(Job(bench("run_defenses", *builtin_common, "--records", n, "--methods", "--backdoorbench",
+                     tuple(Step(bench("defenses", *builtin_common, "--records", n, "--methods", "--backdoorbench",
                                      str(backdoorbench or "BACKDOORBENCH"), "--bb-defenses", d), needs=n)
                            for n in names for d in BB_METHODS), parallel=p.jobs,
                      skip=None if backdoorbench is not None else "no BackdoorBench checkout (--backdoorbench)")
-    reference = _records_stage(p, paths, common, backdoorbench, (CLEAN_REFERENCE,), "reference", 21,
+    reference = _records_stage(p, estimates, paths, common, backdoorbench, (CLEAN_REFERENCE,), "reference", 21,
                                "the clean reference (rate 0) that retune and QRA compare against")
-    retune = _stage(p, "retune", 21, "evaluate --retune --qra: the retuning attack on every model, ours and the "
+    retune = _stage(estimates, "retune", 21, "evaluate --retune --qra: the retuning attack on every model, ours and the "
                    f"built-ins, with the clean reference; QRA on those purified to ASR <= {QRA_MAX_ASR:g}",
-                   tuple(Job(bench("evaluate", *protocol, *data, "--records", n, "--retune", "--qra",
+                   tuple(Step(bench("evaluation", *protocol, *data, "--records", n, "--retune", "--qra",
                                    "--qra-max-asr", f"{QRA_MAX_ASR:g}", "--out", str(paths.work / "retune" / f"{n}.csv")),
                              needs=n) for n in names), parallel=p.jobs)
-    pam = _stage(p, "pam", 22, f"PAM and FST + PAM ({', '.join(PAM_VARIANTS)}) on every record, before the retune",
-                tuple(Job(bench("run_defenses", *common, "--records", n, "--methods", *PAM_VARIANTS), needs=n)
+    pam = _stage(estimates, "pam", 22, f"PAM and FST + PAM ({', '.join(PAM_VARIANTS)}) on every record, before the retune",
+                tuple(Step(bench("defenses", *common, "--records", n, "--methods", *PAM_VARIANTS), needs=n)
                       for n in names),
                 parallel=p.jobs, skip=None if "pam" in registered else "pam not registered (fst-plugin list)")
-    evaluate = _stage(p, "evaluate", 20, "the one evaluator on every model -> results.csv",
-                      (Job(bench("evaluate", *protocol, *data, "--out",
+    evaluate = _stage(estimates, "evaluate", 20, "the one evaluator on every model -> results.csv",
+                      (Step(bench("evaluation", *protocol, *data, "--out",
                                  str(paths.results / "results.csv")), needs=ANY_RECORD),))
-    table = _stage(p, "table", 20, "make_table -> table.md",
-                  (Job(bench("make_table", *protocol, "--results",
+    table = _stage(estimates, "table", 20, "make_table -> table.md",
+                  (Step(bench("report", *protocol, "--results",
                              str(paths.results)), needs=ANY_RECORD),))
-    collect = _stage(p, "collect", 20, f"at most 8 files of at most 16 MB into {paths.out}")
+    collect = _stage(estimates, "collect", 20, f"at most 8 files of at most 16 MB into {paths.out}")
     notes = (f"commit {commit or 'unknown'}; records trained side by side as {p.jobs} processes sharing the device",)
     return Plan(p, paths, budget_s, (smoke, speed, records, defenses, builtins, reference, pam, retune, evaluate,
                                      table, collect), backdoorbench, notes)
@@ -226,7 +228,7 @@ def format_plan(plan: Plan, progress: Optional[dict[str, str]] = None) -> str:
         lines.append(f"{stage.name:9s} (issue {stage.issue}) est {stage.seconds / 60:5.1f} min  {state}{done}")
         lines.append(f"          {stage.what}")
         lines.append(f"          estimate rests on: {stage.basis}")
-        lines += [f"          $ {job.shell()}" for job in stage.jobs]
+        lines += [f"          $ {step.shell()}" for step in stage.steps]
     main = sum(s.seconds for s in plan.stages if s.issue == 20 and not s.skip)
     lines.append(f"\nissue 20's stages: {main / 60:.1f} min in all at the measured rates; a call that runs out of budget "
                  "stops cleanly (records pause at an epoch's end with a checkpoint) and the next call continues")

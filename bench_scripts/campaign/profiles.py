@@ -61,7 +61,7 @@ class Profile:
     compile: bool                      # torch.compile (CUDA graphs) in attack training, if the smoke shows it works
     builtin_cap_s: int                 # time cap of one BackdoorBench built-in run
     budget_s: int                      # default --budget-s
-    estimates: Callable[["Profile"], dict[str, Estimate]]
+    estimates: Callable[["Profile", bool], dict[str, Estimate]]   # (profile, whether the built-ins run)
 
 
 def _interpolate_side_by_side(jobs: int) -> float:
@@ -74,10 +74,14 @@ def _interpolate_side_by_side(jobs: int) -> float:
     return points[-1][1] * jobs / points[-1][0]
 
 
-def _gpu_estimates(p: Profile) -> dict[str, Estimate]:
+def _gpu_estimates(p: Profile, builtins: bool = False) -> dict[str, Estimate]:
+    """``builtins``: BackdoorBench's built-ins run (a checkout was given), so their models are retuned too."""
     epoch = _interpolate_side_by_side(min(p.jobs, len(RECORDS)))
     models = len(RECORDS) * 9  # none, five modes, FST at lr 0.05, PAM, FST + PAM
     half_defense = fig.FST_DEFENSE.seconds / 2
+    retuned = 8 + (len(BB_METHODS) if builtins else 0)   # per record: none, five modes, PAM, FST + PAM, built-ins
+    qra_runs = retuned * fig.QRA_SHARE
+    qra_each = half_defense * fig.QRA_ON_CPU.seconds / fig.RETUNE_ON_CPU.seconds
     pam_epochs = get_protocol(p.protocol).pam_epochs
     return {
         "smoke": Estimate(2 * fig.RECORD_OVERHEAD.seconds + 12 * fig.FST_EPOCH_IN_DEFENSE.seconds + 15,
@@ -104,10 +108,13 @@ def _gpu_estimates(p: Profile) -> dict[str, Estimate]:
         "reference": Estimate(p.epochs * fig.ATTACK_EPOCH_ALONE.seconds + fig.RECORD_OVERHEAD.seconds,
                               min_s=3 * fig.ATTACK_EPOCH_ALONE.seconds + 30, basis=
                               f"{p.epochs} epochs x {fig.ATTACK_EPOCH_ALONE.seconds} s [{fig.ATTACK_EPOCH_ALONE.source}]"),
-        "retune": Estimate(8 * half_defense, min_s=half_defense, basis=
-                           f"8 models per record (none, five modes, PAM, FST + PAM), records side by side, each a "
-                           f"5-epoch retune = "
-                           f"half a 10-epoch defense, {half_defense:.1f} s [{fig.FST_DEFENSE.source}]"),
+        "retune": Estimate(retuned * half_defense + qra_runs * qra_each, min_s=half_defense, basis=
+                           f"{retuned} models per record (none, five modes, PAM, FST + PAM"
+                           f"{f', {len(BB_METHODS)} built-ins' if builtins else ''}), records side by side, each a "
+                           f"5-epoch retune = half a 10-epoch defense, {half_defense:.1f} s [{fig.FST_DEFENSE.source}]; "
+                           f"then QRA on the purified share {fig.QRA_SHARE:.2f} of them ({qra_runs:.1f}), each "
+                           f"{fig.QRA_ON_CPU.seconds / fig.RETUNE_ON_CPU.seconds:.1f} retunes = {qra_each:.0f} s as "
+                           f"on the CPU [{fig.QRA_ON_CPU.source}; {fig.RETUNE_ON_CPU.source}]"),
         "pam": Estimate((pam_epochs / 10 + 1) * fig.FST_DEFENSE.seconds, min_s=fig.FST_DEFENSE.seconds, basis=
                         f"pam's {pam_epochs} epochs and FST + PAM's 10 as 10-epoch FST defenses [{fig.FST_DEFENSE.source}]; "
                         "the trigger inversion never measured on a GPU, so a lower bound"),
@@ -118,8 +125,9 @@ def _gpu_estimates(p: Profile) -> dict[str, Estimate]:
     }
 
 
-def _tiny_estimates(p: Profile) -> dict[str, Estimate]:
-    """The tiny campaign's stages as measured (stage walls of one run on the shared CPU)."""
+def _tiny_estimates(p: Profile, builtins: bool = False) -> dict[str, Estimate]:
+    """The tiny campaign's stages as measured (stage walls of one run on the shared CPU; its built-ins are skipped:
+    BackdoorBench cannot build the tiny model)."""
     measured = {"smoke": fig.TINY_SMOKE, "speed": fig.TINY_SPEED, "records": fig.TINY_RECORDS,
                 "defenses": fig.TINY_DEFENSES, "reference": fig.TINY_REFERENCE, "retune": fig.TINY_RETUNE,
                 "pam": fig.TINY_DEFENSES, "evaluate": fig.TINY_EVALUATE, "table": fig.TINY_TABLE}

@@ -1,7 +1,8 @@
 """Running the plan inside a time budget, so that a second call continues where the first stopped.
 
 * A stage starts only when the budget, less the time reserved for evaluate, table and collect, leaves it at
-  least its ``min_s``; its commands run with a timeout of what is left (their process groups are killed then).
+  least its ``min_s``; its commands run as jobs of the grid (bench_scripts/jobs: ``parallel`` worker processes, each
+  with its share of the cores) until what is left is spent (their process groups are killed then).
 * Records get ``--stop-after-s`` = what is left less the time to write a record, so they pause at an epoch's end
   with a checkpoint; a later call resumes them (``make_records --checkpoint-every``).
 * ``<work>/state.json`` keeps each stage's status; a done stage is not run again, a partial one is (the scripts
@@ -12,19 +13,20 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
-import subprocess
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from bench_scripts.campaign.plan import ANY_RECORD, FINISH, STOP_AFTER, Job, Plan, Stage
+from bench_scripts.campaign.plan import ANY_RECORD, FINISH, STOP_AFTER, Plan, Stage, Step
+from bench_scripts.jobs.graph import Graph, run_graph
+from bench_scripts.jobs.job import FAILED, NOT_RUN, TIMED_OUT, Job
+from bench_scripts.jobs.local import LocalExecutor
+from bench_scripts.jobs.process import CommandFailed, JobTimeout, run_command, stopping_on_signals
 
 log = logging.getLogger("bench.campaign")
 RECORD_WRITE_S = {"cuda": 30.0, "cpu": 8.0}  # evaluation + writing a record's PNGs after its last epoch
-_RUNNING: set[subprocess.Popen] = set()
 
 
 @dataclass
@@ -53,52 +55,29 @@ class State:
         tmp.replace(self.path)
 
 
-def _stop_children(signum: int, _frame: object) -> None:
-    """SIGTERM/SIGINT: kill the running commands' process groups, then exit (checkpoints stay)."""
-    for proc in list(_RUNNING):
-        _kill(proc)
-    raise SystemExit(128 + signum)
+@dataclass(frozen=True)
+class StageCommand:
+    """A stage's step as a job's work: its argv is filled in when it starts (``--stop-after-s`` = what the budget
+    leaves then, less the time to write a record; no ``--compile`` where the smoke found it broken), and it runs
+    until the stage's ``deadline`` (``jobs.process.run_command`` kills its process group then, or on a signal)."""
 
+    argv: tuple[str, ...]
+    log: Path
+    deadline: float                  # Unix time: killed then
+    pause_at: float                  # Unix time: a record pauses (checkpoint saved) before then
+    compile_ok: bool = True
 
-def _kill(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def run_jobs(jobs: list[Job], parallel: int, timeout_s: float, log_path: Path,
-             fill: Callable[[Job], list[str]]) -> list[Optional[int]]:
-    """Run ``jobs``, ``parallel`` at once, each in its own process group, output appended to ``log_path``;
-    their exit codes (None: killed at the timeout)."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    deadline = time.time() + timeout_s
-    codes: list[Optional[int]] = [None] * len(jobs)
-    pending = list(enumerate(jobs))
-    running: dict[int, subprocess.Popen] = {}
-    with open(log_path, "a") as out:
-        while pending or running:
-            while pending and len(running) < parallel:
-                index, job = pending.pop(0)
-                argv = fill(job)
-                out.write(f"\n$ {' '.join(argv)}\n")
-                out.flush()
-                proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-                running[index] = proc
-                _RUNNING.add(proc)
-            for index, proc in list(running.items()):
-                if proc.poll() is not None:
-                    codes[index] = proc.returncode
-                elif time.time() > deadline:
-                    _kill(proc)
-                    proc.wait()
-                    out.write(f"[campaign] killed at the time limit: {' '.join(proc.args)}\n")
-                else:
-                    continue
-                _RUNNING.discard(proc)
-                del running[index]
-            time.sleep(0.2)
-    return codes
+    def __call__(self) -> str:
+        now = time.time()
+        argv = [str(max(1, int(self.pause_at - now))) if a == STOP_AFTER else a for a in self.argv]
+        if not self.compile_ok and "--compile" in argv:
+            argv.remove("--compile")
+        code = run_command(argv, self.log, timeout_s=max(self.deadline - now, 1), append=True)
+        if code is None:
+            raise JobTimeout("killed at the time limit")
+        if code:
+            raise CommandFailed(f"exit {code}: {shlex.join(argv)}")
+        return ""
 
 
 class Runner:
@@ -130,33 +109,33 @@ class Runner:
             return Outcome("not started", f"{max(left, 0):.0f} s left of the budget, it needs {stage.min_s:.0f} s")
         return None
 
-    def fill(self, job: Job) -> list[str]:
-        """The job's argv at run time: the records' pause time, and no --compile if the smoke found it broken."""
-        left = self.left() - RECORD_WRITE_S.get(self.plan.profile.device, 8.0)
-        argv = [str(max(1, int(left))) if a == STOP_AFTER else a for a in job.argv]
-        compile_check = self.plan.paths.work / "smoke" / self.plan.profile.protocol / "compile_check.json"
-        if "--compile" in argv and compile_check.is_file() and not json.loads(compile_check.read_text())["ok"]:
-            argv.remove("--compile")
-        return argv
+    def compile_ok(self) -> bool:
+        """Whether torch.compile may be used: no smoke found it broken."""
+        check = self.plan.paths.work / "smoke" / self.plan.profile.protocol / "compile_check.json"
+        return not check.is_file() or json.loads(check.read_text())["ok"]
+
+    def jobs(self, stage: Stage, steps: list[Step], deadline: float) -> list[Job]:
+        """The steps as jobs of the grid; a must-pass stage's in a chain, so the first failure leaves the rest."""
+        pause_at = time.time() + self.left() - RECORD_WRITE_S.get(self.plan.profile.device, 8.0)
+        log_path = self.plan.paths.logs / f"{stage.name}.log"
+        jobs: list[Job] = []
+        for i, step in enumerate(steps):
+            work = StageCommand(step.argv, log_path, deadline, pause_at, self.compile_ok())
+            needs = (jobs[-1].name,) if stage.must_pass and jobs else ()
+            jobs.append(Job(f"{stage.name} {i + 1}: {step.shell()}", "command", work, needs=needs))
+        return jobs
 
     def run_stage(self, stage: Stage) -> Outcome:
         started = self.clock()
-        ready = [job for job in stage.jobs if job.needs is None or self.record_done(job.needs)]
-        waiting = len(stage.jobs) - len(ready)
-        left = self.left(reserve=stage.name not in FINISH)
-        log_path = self.plan.paths.logs / f"{stage.name}.log"
-        if stage.must_pass:  # one at a time, stopping at the first failure
-            codes: list[Optional[int]] = []
-            for job in ready:
-                codes += run_jobs([job], 1, max(self.left(), 1), log_path, self.fill)
-                if codes[-1] != 0:
-                    break
-            ready = ready[:len(codes)]
-        else:
-            codes = run_jobs(ready, stage.parallel, max(left, 1), log_path, self.fill) if ready else []
+        ready = [step for step in stage.steps if step.needs is None or self.record_done(step.needs)]
+        waiting = len(stage.steps) - len(ready)
+        deadline = time.time() + max(self.left(reserve=stage.name not in FINISH), 1)
+        with LocalExecutor(stage.parallel) as executor:
+            report = run_graph(Graph(self.jobs(stage, ready, deadline)), executor)
         wall = self.clock() - started
-        failed = [job.shell() for job, code in zip(ready, codes) if code not in (0, None)]
-        killed = sum(code is None for code in codes)
+        ran = [(step, o) for step, o in zip(ready, report.outcomes) if o.status != NOT_RUN]
+        failed = [step.shell() for step, o in ran if o.status == FAILED]
+        killed = sum(o.status == TIMED_OUT for _, o in ran)
         unfinished = self.unfinished_records(stage)
         if stage.must_pass and (failed or killed):
             return Outcome("failed", f"{'killed at the time limit' if killed else 'exit != 0'}: "
@@ -173,7 +152,7 @@ class Runner:
         if stage.name not in ("records", "reference"):
             return []
         out = []
-        for name in (job.makes for job in stage.jobs if job.makes and not self.record_done(job.makes)):
+        for name in (step.makes for step in stage.steps if step.makes and not self.record_done(step.makes)):
             sidecar = self.plan.paths.cache / self.plan.profile.protocol / "attack_checkpoint" / f"{name}.pt.json"
             progress = json.loads(sidecar.read_text()) if sidecar.is_file() else None
             out.append(f"{name} {progress['epochs_done']}/{progress['epochs']} epochs" if progress else
@@ -181,10 +160,9 @@ class Runner:
         return out
 
     def run(self, collect: Callable[[Plan, State], list[Path]]) -> int:
-        """Every stage in order, then the finishing ones; the exit status (1 when the smoke failed)."""
-        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _stop_children),
-                    signal.SIGINT: signal.signal(signal.SIGINT, _stop_children)}
-        try:
+        """Every stage in order, then the finishing ones; the exit status (1 when the smoke failed). SIGTERM /
+        SIGINT stop the running commands (jobs.process) and exit 128 + signal; checkpoints stay."""
+        with stopping_on_signals(lambda: None):
             for stage in self.plan.stages:
                 outcome = self.decide(stage)
                 if outcome is None:
@@ -201,6 +179,3 @@ class Runner:
                     log.error("the smoke failed, so the campaign stops: %s", outcome.note)
                     return 1
             return 0
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)

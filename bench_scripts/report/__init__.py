@@ -5,5 +5,5 @@
 * ``targets`` — each protocol's targets, checked one by one;
 * ``probes``  — the retuning attack and QRA section, the fresh-head and per-stage probe tables.
 
-``bench_scripts/make_table.py`` puts them together.
+``make_table`` puts them together (``python -m bench_scripts.report``).
 """

@@ -10,7 +10,7 @@ import pandas as pd
 
 from fst_plugin.record.layout import DefenseLayout
 
-from bench_scripts.ablations import LONGER_VARIANT
+from bench_scripts.defenses.ablations import LONGER_VARIANT
 from bench_scripts.protocols import METHODS, REINIT_METHODS
 from bench_scripts.report.tables import LABELS, alpha_sweep
 

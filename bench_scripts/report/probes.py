@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from bench_scripts.evaluate import QRA_COLUMNS, RETUNE_COLUMNS, RETUNE_VARIANTS
+from bench_scripts.evaluation.evaluate import QRA_COLUMNS, RETUNE_COLUMNS, RETUNE_VARIANTS
 from bench_scripts.protocols import BB_METHODS
 from bench_scripts.report.figures import pyplot, save
 from bench_scripts.report.tables import LABELS, PERCENT, pct, per_record_lines

@@ -67,7 +67,7 @@ def leaders(df: pd.DataFrame) -> list[dict]:
     baseline = low[low["variant"] == "none"].drop_duplicates("record").set_index("record")["test_acc"]
     keys = _column(low, "trigger_key")
     groups = [("every low-rate record", sorted(low["record"].unique()))]
-    groups += [(attack_label(attack, key), sorted(part["record"].unique()))
+    groups += [(attack_label(attack, key, noise_key=True), sorted(part["record"].unique()))
                for (attack, key), part in low.assign(key=keys.fillna("")).groupby(["attack", "key"], sort=True)]
     rows = []
     for name, records in groups:

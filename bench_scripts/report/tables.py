@@ -10,7 +10,8 @@ from typing import Callable, Optional
 import numpy as np
 import pandas as pd
 
-from bench_scripts.ablations import LONGER_VARIANT, SIZE_VARIANT
+from bench_scripts.common import KEYED_ATTACKS
+from bench_scripts.defenses.ablations import LONGER_VARIANT, SIZE_VARIANT
 from bench_scripts.protocols import BB_METHODS, METHODS, PAM_VARIANTS, REINIT_METHODS
 
 LABELS = {"none": "No defense", "lp": "LP", "vanilla-ft": "Vanilla FT", "fe-tuning": "FE-tuning",
@@ -25,9 +26,12 @@ def pct(x: float) -> str:
     return "–" if pd.isna(x) else f"{100 * x:.2f}"
 
 
-def attack_label(attack: str, key: Optional[str] = None) -> str:
-    """``blended``, or ``blended (flower key)`` for a Blended record keyed by an image file."""
-    return f"{attack}{f' ({key} key)' if isinstance(key, str) and key else ''}"
+def attack_label(attack: str, key: Optional[str] = None, noise_key: bool = False) -> str:
+    """``blended``, or ``blended (flower key)`` for a Blended record keyed by an image file; with ``noise_key`` a
+    Blended record without an image key is ``blended (noise key)`` (where the two kinds are told apart)."""
+    if isinstance(key, str) and key:
+        return f"{attack} ({key} key)"
+    return f"{attack} (noise key)" if noise_key and attack in KEYED_ATTACKS else attack
 
 
 def row_label(attack: str, rate: float, key: Optional[str] = None) -> str:

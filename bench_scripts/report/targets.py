@@ -78,12 +78,15 @@ def targets(df: pd.DataFrame, root: Path, spec: Targets = CPU_TARGETS) -> str:
     lines.append(f"- FST with 50 clean images brings BadNets-1% ASR ≤ 5%{bound}: " + verdict)
     rec = next(iter(sorted(df[df["record"].str.startswith("badnets_0.01_")]["record"].unique())), None)
     curve = epoch_curves(root / "record" / rec, "fst") if rec else None
-    if curve is not None:
-        at3 = curve[curve["epoch"] == 3]["test_asr"]
+    at3 = curve[curve["epoch"] == 3]["test_asr"] if curve is not None else None
+    if at3 is not None and len(at3):
         first = curve[(curve["epoch"] > 0) & (curve["test_asr"] <= 0.02)]["epoch"]
         lines.append(f"- FST ASR ≤ 2% by epoch 3 of 10 on BadNets 1% (per-epoch subset): epoch-3 ASR {pct(at3.iloc[0])}%, "
                      f"first epoch ≤ 2%: {int(first.iloc[0]) if len(first) else 'never'} → "
-                     f"{'MET' if len(at3) and at3.iloc[0] <= 0.02 else 'MISSED'}")
+                     f"{'MET' if at3.iloc[0] <= 0.02 else 'MISSED'}")
+    elif curve is not None:   # a run shorter than the target's 3 epochs
+        lines.append(f"- FST ASR ≤ 2% by epoch 3 on BadNets 1%: not measured (FST ran {int(curve['epoch'].max())} "
+                     "epochs)")
     else:
         lines.append("- FST ASR ≤ 2% by epoch 3 on BadNets 1%: not measured")
     return "\n".join(lines)

@@ -1,5 +1,5 @@
 """Backdoor a model and write it as a BackdoorBench attack record: the one implementation behind the demo's
-workspace (``fst_plugin.demo``), the test fixtures and the benchmark's records (``bench_scripts/make_records``).
+workspace (``fst_plugin.demo``), the test fixtures and the benchmark's records (``bench_scripts/records``).
 
 The caller chooses the data, the trigger and the poisoned indices (so its random stream stays its own); this
 module poisons, trains with :func:`fst_plugin.attacks.training.train_classifier`, measures C-Acc / ASR and writes

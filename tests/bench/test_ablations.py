@@ -1,10 +1,10 @@
-"""The ablation variants (bench_scripts.ablations.variants): every one is a valid config override, so no variant
+"""The ablation variants (bench_scripts.defenses.ablations.variants): every one is a valid config override, so no variant
 fails only when its turn comes in a long benchmark run (the lr variant once passed argv strings)."""
 from pathlib import Path
 
 import pytest
 
-from bench_scripts.ablations import variants
+from bench_scripts.defenses.ablations import variants
 from bench_scripts.protocols import PROTOCOLS
 from fst_plugin.defense.config import build_config, read_yaml
 from fst_plugin.defense.shipped import shipped_config

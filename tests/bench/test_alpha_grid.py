@@ -1,4 +1,4 @@
-"""FST with alpha auto on the benchmark grid (tiny protocol): ``run_defenses --methods fst-auto`` runs FST with its
+"""FST with alpha auto on the benchmark grid (tiny protocol): ``python -m bench_scripts.defenses --methods fst-auto`` runs FST with its
 alpha chosen on held-out clean tuning data in its own folder, and ``evaluate`` reports the alpha it used. Proves the
 plumbing; measures nothing about the choice."""
 from __future__ import annotations
@@ -7,7 +7,9 @@ import json
 
 import numpy as np
 
-from bench_scripts import evaluate, make_records, run_defenses
+from bench_scripts.defenses import run as run_defenses
+from bench_scripts.evaluation import evaluate
+from bench_scripts.records import make as make_records
 from bench_scripts.protocols import ALPHA_VARIANTS, GRID_VARIANTS
 from fst_plugin.demo import synthetic_images, write_image_folders
 from fst_plugin.record.layout import DefenseLayout

@@ -74,17 +74,17 @@ def test_the_builtins_stage_runs_every_builtin_of_the_one_list_through_run_defen
                       backdoorbench=_fake_backdoorbench(tmp_path / "bb"))
     stage = plan.stage("builtins")
     assert stage.skip is None
-    ran = {(job.needs, job.argv[job.argv.index("--bb-defenses") + 1]) for job in stage.jobs}
-    assert {d for _, d in ran} == set(BB_METHODS) and len(ran) == len(stage.jobs)
-    for job in stage.jobs:
-        assert job.argv[1:3] == ("-m", "bench_scripts.run_defenses")
-        settings = job.argv[job.argv.index("--set") + 1:job.argv.index("--cache")]
+    ran = {(step.needs, step.argv[step.argv.index("--bb-defenses") + 1]) for step in stage.steps}
+    assert {d for _, d in ran} == set(BB_METHODS) and len(ran) == len(stage.steps)
+    for step in stage.steps:
+        assert step.argv[1:3] == ("-m", "bench_scripts.defenses")
+        settings = step.argv[step.argv.index("--set") + 1:step.argv.index("--cache")]
         assert f"bb_cap_s={PROFILES['gpu'].builtin_cap_s}" in settings
     retune = plan.stage("retune")    # then every model of every record, built-ins included, is retuned and QRA'd
-    assert {job.needs for job in retune.jobs} == {n for n, _ in ran}
-    for job in retune.jobs:
-        argv = list(job.argv)
-        assert argv[1:3] == ["-m", "bench_scripts.evaluate"] and "--retune" in argv and "--qra" in argv
+    assert {step.needs for step in retune.steps} == {n for n, _ in ran}
+    for step in retune.steps:
+        argv = list(step.argv)
+        assert argv[1:3] == ["-m", "bench_scripts.evaluation"] and "--retune" in argv and "--qra" in argv
         assert "--retune-variants" not in argv  # the default: every variant, the built-ins among them
         assert float(argv[argv.index("--qra-max-asr") + 1]) == QRA_MAX_ASR
 
@@ -137,3 +137,19 @@ def test_the_tiny_campaign_is_killed_resumes_and_brings_back_what_make_table_rea
     assert "| **average, all** |" in (out / "table.md").read_text()
     provenance = json.loads((out / "provenance.json").read_text())
     assert provenance["torch"] and provenance["commit"] and provenance["stages"]["records"]["status"] == "done"
+
+
+def test_the_retune_estimate_counts_the_builtins_models_and_qra(tmp_path) -> None:
+    """The retune stage retunes every model, the built-ins' among them when they run, then runs QRA on the purified
+    ones: its estimate counts both, from the measured figures it names."""
+    from bench_scripts.campaign import figures as fig
+
+    paths = Paths(tmp_path, tmp_path / "work", tmp_path / "out")
+    alone = build_plan(PROFILES["gpu"], paths, budget_s=540).stage("retune")
+    with_bb = build_plan(PROFILES["gpu"], paths, budget_s=540,
+                         backdoorbench=_fake_backdoorbench(tmp_path / "bb")).stage("retune")
+    retune = fig.FST_DEFENSE.seconds / 2
+    qra = retune * fig.QRA_ON_CPU.seconds / fig.RETUNE_ON_CPU.seconds
+    assert alone.seconds == pytest.approx(8 * retune + 8 * fig.QRA_SHARE * qra)
+    assert with_bb.seconds - alone.seconds == pytest.approx(len(BB_METHODS) * (retune + fig.QRA_SHARE * qra))
+    assert "12 built-ins" in with_bb.basis and "QRA" in with_bb.basis and fig.QRA_ON_CPU.source in with_bb.basis

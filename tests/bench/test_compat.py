@@ -1,4 +1,4 @@
-"""bench_scripts/compat.py's pure parts on fake trees: no real BackdoorBench, no training.
+"""bench_scripts/compat/'s pure parts on fake trees: no real BackdoorBench, no training.
 
 The subset writer, the one-line cell reasons (ours vs BackdoorBench's own), the WaNet pool check, the
 CSV round trip and the README; and the runner on a fake BackdoorBench whose attack scripts are stand-ins.
@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench_scripts import compat
-from bench_scripts.compat_matrix import (
+from bench_scripts.compat import run as compat
+from bench_scripts.compat.matrix import (
     BB_OWN, CELLS, OK, Cell, Row, check_pool, failure_reason, read_csv, render_readme, write_cifar10_subset,
     write_csv,
 )

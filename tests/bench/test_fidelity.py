@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench_scripts import make_records
+from bench_scripts.records import make as make_records
 from bench_scripts.protocols import get_protocol
 from fst_plugin.attacks import record_writer
 from fst_plugin.attacks import blended_trigger, sig_trigger

@@ -1,4 +1,4 @@
-"""The benchmark's feature-shift numbers (bench_scripts.measures.feature_shift_measures) on features whose answer is
+"""The benchmark's feature-shift numbers (bench_scripts.evaluation.measures.feature_shift_measures) on features whose answer is
 known: poisoned features inside the target cluster, then moved to their own classes."""
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("sklearn")
 
-from bench_scripts.measures import feature_shift_measures
+from bench_scripts.evaluation.measures import feature_shift_measures
 
 
 def _clusters(seed: int = 0, classes: int = 4, per_class: int = 50, dim: int = 16):
@@ -41,7 +41,7 @@ def test_the_retune_table_shows_the_qra_columns_only_where_a_qra_result_exists()
     """make_table's retune section: QRA columns (in %) appear once one model has them, NaN for the others."""
     import pandas as pd
 
-    from bench_scripts.evaluate import QRA_COLUMNS
+    from bench_scripts.evaluation.evaluate import QRA_COLUMNS
     from bench_scripts.report.probes import QRA_LABELS, retune_section
 
     assert tuple(QRA_LABELS) == QRA_COLUMNS  # one owner of the CSV columns (evaluate), the table labels follow
@@ -63,7 +63,7 @@ def test_measure_with_features_is_the_core_evaluator_plus_the_heads_input_in_ord
     several batches."""
     import torch
 
-    from bench_scripts import measures
+    from bench_scripts.evaluation import measures
     from fst_plugin.attacks import to_tensor_batch
     from fst_plugin.core import find_head
     from fst_plugin.models import build_model

@@ -8,7 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from bench_scripts import evaluate, make_records, run_defenses
+from bench_scripts.defenses import run as run_defenses
+from bench_scripts.evaluation import evaluate
+from bench_scripts.records import make as make_records
 from bench_scripts.protocols import PAM_OPTIMISER, get_protocol, pam_run
 from fst_plugin.demo import synthetic_images, write_image_folders
 from fst_plugin.record.layout import DefenseLayout

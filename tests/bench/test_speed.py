@@ -1,10 +1,10 @@
-"""bench_scripts/speed.py end to end on the tiny bb record (what it writes, not how fast it is)."""
+"""bench_scripts/speed/ end to end on the tiny bb record (what it writes, not how fast it is)."""
 from __future__ import annotations
 
 import csv
 from pathlib import Path
 
-from bench_scripts import speed
+from bench_scripts.speed import run as speed
 from tests.builders import TinyBB
 
 

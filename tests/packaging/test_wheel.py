@@ -69,24 +69,38 @@ def test_the_wheel_holds_the_package_every_shipped_yaml_and_the_entry_points(whe
     assert f"Version: {__version__}" in metadata and "Provides-Extra: test" in metadata
 
 
+def _own_environment(**more: str) -> dict[str, str]:
+    """This process's environment without PYTHONPATH and VIRTUAL_ENV: a PYTHONPATH that points at a checkout would
+    put the checkout's package beside the throwaway environment's (pip then takes the wheel as installed already and
+    installs nothing, so the venv gets no ``fst-plugin``)."""
+    return {**{k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}, **more}
+
+
+def test_the_throwaway_environment_ignores_a_pythonpath_that_points_at_a_checkout(monkeypatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    monkeypatch.setenv("VIRTUAL_ENV", "/elsewhere")
+    env = _own_environment(VIRTUAL_ENV="/throwaway")
+    assert "PYTHONPATH" not in env and env["VIRTUAL_ENV"] == "/throwaway" and env["PATH"] == os.environ["PATH"]
+
+
 @pytest.fixture(scope="module")
 def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A throwaway virtual environment with the wheel installed non-editably; its dependencies come from this
     environment's site-packages through a .pth line (a path line adds the folder, and runs none of its .pth
-    files, so this environment's editable install stays out)."""
+    files, so this environment's editable install stays out). No command here sees this process's PYTHONPATH."""
     venv = tmp_path_factory.mktemp("venv") / "env"
     if shutil.which("uv"):
-        _run(["uv", "venv", "-q", "--python", sys.executable, str(venv)], cwd=REPO)
+        _run(["uv", "venv", "-q", "--python", sys.executable, str(venv)], cwd=REPO, env=_own_environment())
         python = venv / "bin" / "python"
         install = ["uv", "pip", "install", "-q", "--no-deps", "--python", str(python), str(wheel)]
     else:
-        _run([sys.executable, "-m", "venv", str(venv)], cwd=REPO)
+        _run([sys.executable, "-m", "venv", str(venv)], cwd=REPO, env=_own_environment())
         python = venv / "bin" / "python"
         install = [str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)]
     site = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                     cwd=REPO).stdout.strip())
+                     cwd=REPO, env=_own_environment()).stdout.strip())
     (site / "outer_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    _run(install, cwd=REPO, env={**os.environ, "VIRTUAL_ENV": str(venv)})
+    _run(install, cwd=REPO, env=_own_environment(VIRTUAL_ENV=str(venv)))
     return venv
 
 
@@ -121,8 +135,8 @@ def _installed_run(installed: Path, cwd: Path, tmp_path: Path, *argv: str, timeo
     (probe / "sitecustomize.py").write_text(WHICH_PACKAGE)
     report = tmp_path / "imported_from.txt"
     report.unlink(missing_ok=True)  # no answer left over from an earlier command
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env.update(PYTHONPATH=str(probe), FST_PLUGIN_IMPORTED_FROM=str(report), OMP_NUM_THREADS=str(CLI_THREADS))
+    env = _own_environment(PYTHONPATH=str(probe), FST_PLUGIN_IMPORTED_FROM=str(report),
+                           OMP_NUM_THREADS=str(CLI_THREADS))
     out = _run([str(installed / "bin" / argv[0]), *argv[1:]], cwd=cwd, env=env, timeout=timeout)
     return out.stdout, Path(report.read_text())
 

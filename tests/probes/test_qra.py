@@ -166,7 +166,7 @@ def test_the_benchmark_leaves_the_qra_columns_empty_with_a_warning_when_the_pool
     """``evaluate --qra`` runs the script's defaults (500 poisoned images); a record with fewer (this one has 20,
     a 0.5% CIFAR-10 record 250) must not stop the whole evaluation: one warning naming the fix, empty columns,
     nothing written."""
-    from bench_scripts.evaluate import QRA_COLUMNS, Qra
+    from bench_scripts.evaluation.evaluate import QRA_COLUMNS, Qra
 
     shutil.rmtree(DefenseLayout.of(ws.attacked, "fst").qra_dir)  # the fixture's run
     qra = Qra(run_missing=True, dataset_path=ws.root / "data", device="cpu", results=ws.root / "results", ratio=0.25)
@@ -180,7 +180,7 @@ def test_the_benchmark_leaves_the_qra_columns_empty_with_a_warning_when_the_pool
 def test_the_benchmark_attacks_only_models_purified_below_qra_max_asr(ws, caplog):
     """``evaluate --qra --qra-max-asr 0.1``: a model the defense left at 50% ASR has nothing to reactivate; QRA is
     not started on it (no warning, nothing written), while at 5% it is (and fails here on the small pool)."""
-    from bench_scripts.evaluate import Qra
+    from bench_scripts.evaluation.evaluate import Qra
 
     shutil.rmtree(DefenseLayout.of(ws.attacked, "fst").qra_dir, ignore_errors=True)
     qra = Qra(run_missing=True, dataset_path=ws.root / "data", device="cpu", results=ws.root / "results",

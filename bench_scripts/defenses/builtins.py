@@ -4,7 +4,7 @@ For each record and built-in (protocols.BUILTINS): the record is linked as ``<BB
 paths are relative to BackdoorBench's root) and ``<BB>/data/cifar10`` to the data, then ``python
 ./defense/<d>.py --result_file <name> --yaml_path ./config/defense/<d>/cifar10.yaml --model <record's model>
 --ratio <protocol's> [--epochs N ...]`` runs in its own process group from BackdoorBench's root, killed past
-its wall-clock cap. ``bb_hook/sitecustomize.py`` is first on that process's PYTHONPATH (then this repository,
+its wall-clock cap (``jobs.process.run_command``, which kills every job's programs the same way). ``bb_hook/sitecustomize.py`` is first on that process's PYTHONPATH (then this repository,
 so it imports fst_plugin): it lets BackdoorBench build the package's CPU models (``resnet9_cpu``). A built-in
 tied to other architectures, or to CUDA on a CPU run, is not started. Every outcome lands in
 ``defense/<d>/builtin_run.json`` (status, one-line reason, wall time, cap, command), which evaluate.py turns
@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
-import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +24,8 @@ from typing import Optional, Sequence
 import yaml
 
 from bench_scripts.common import DATASET, REPO
-from bench_scripts.compat_matrix import failure_reason
+from bench_scripts.compat.matrix import failure_reason
+from bench_scripts.jobs.process import run_command
 from bench_scripts.protocols import BuiltIn, Protocol
 from fst_plugin.models.factory import OWN_CPU_MODELS
 from fst_plugin.record import load_attack_record
@@ -70,8 +69,11 @@ def link_into(bb_root: Path, record_dir: Path, data_dir: Path) -> None:
     for link, target in ((bb_root / "record" / record_dir.name, record_dir), (bb_root / "data" / DATASET, data_dir)):
         link.parent.mkdir(exist_ok=True)
         if not link.exists() and not link.is_symlink():
-            link.symlink_to(target.resolve(), target_is_directory=True)
-        elif link.resolve() != target.resolve():
+            try:
+                link.symlink_to(target.resolve(), target_is_directory=True)
+            except FileExistsError:   # another job of the grid linked it first
+                pass
+        if link.resolve() != target.resolve():
             raise SystemExit(f"{link} exists and is not {target}; move it away or use another BackdoorBench checkout")
 
 
@@ -103,23 +105,6 @@ def hook_environment() -> dict[str, str]:
             "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}  # its torch.load predates torch 2.6's weights_only default
 
 
-def run_capped(argv: list[str], cwd: Path, env: dict[str, str], cap_s: float, log_path: Path) -> Optional[int]:
-    """Run ``argv`` in its own process group, output to ``log_path``; past ``cap_s`` the whole group is killed
-    (None is returned), else the exit code."""
-    with open(log_path, "w") as out:
-        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            return proc.wait(timeout=cap_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            return None
-
-
 def run_builtin(builtin: BuiltIn, record_dir: Path, protocol: Protocol, bb_root: Path, python: str,
                 device: str, extra: Sequence[str] = ()) -> BuiltinRun:
     """One built-in on one record; its outcome is written to ``defense/<d>/builtin_run.json`` and returned."""
@@ -141,7 +126,7 @@ def run_builtin(builtin: BuiltIn, record_dir: Path, protocol: Protocol, bb_root:
     folder.mkdir(parents=True, exist_ok=True)
     log.info("BackdoorBench %s on %s (cap %.0f s): %s", builtin.name, record_dir.name, cap, shown)
     started = time.time()
-    code = run_capped(argv, bb_root, hook_environment(), cap, folder / LOG_FILE)
+    code = run_command(argv, folder / LOG_FILE, bb_root, hook_environment(), timeout_s=cap)
     wall = round(time.time() - started, 1)
     produced = DefenseLayout.of(record_dir, builtin.name).finished
     if code is None:

@@ -39,9 +39,9 @@ from typing import Optional
 
 import torch
 
-from bench_scripts.speed_measures import (Setup, measure_attack, measure_bb_ft, measure_defense, measure_limit,
+from bench_scripts.speed.measures import (Setup, measure_attack, measure_bb_ft, measure_defense, measure_limit,
                                           mirror_record)
-from bench_scripts.speed_report import Row, device_name, load_average, ratio_table, read_csv, write_csv
+from bench_scripts.speed.report import Row, device_name, load_average, ratio_table, read_csv, write_csv
 from fst_plugin.core.modes import MODES
 from fst_plugin.defense.config import INPUT_PIPELINES
 from fst_plugin.record import load_attack_record
@@ -82,7 +82,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for noisy in ("fst_plugin", "fst_plugin.core.tuning"):
         logging.getLogger(noisy).setLevel(logging.INFO)
 
-    command = "python " + " ".join(shlex.quote(a) for a in ["bench_scripts/speed.py", *argv])
+    command = "python " + " ".join(shlex.quote(a) for a in ["bench_scripts/speed/run.py", *argv])
     device = resolve_device(args.device)
     record = args.record.resolve()
     dataset_path = args.dataset_path.resolve()

@@ -1,4 +1,4 @@
-"""What ``bench_scripts/speed.py`` records and prints: one :class:`Row` per measurement, the CSV, the ratio table,
+"""What ``bench_scripts/speed/run.py`` records and prints: one :class:`Row` per measurement, the CSV, the ratio table,
 and the peak-memory and device helpers its measurements share."""
 from __future__ import annotations
 

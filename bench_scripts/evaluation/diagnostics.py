@@ -1,7 +1,7 @@
 """Feature-shift diagnostics (the paper's Figure 3): t-SNE of penultimate features of target-class clean test
 images vs poisoned test images, for the backdoored model and after each defense.
 
-    python -m bench_scripts.diagnostics --protocol cpu --data data/cifar10 --record badnets_0.01_s0
+    python -m bench_scripts.evaluation.diagnostics --protocol cpu --data data/cifar10 --record badnets_0.01_s0
 
 Writes bench_results/<protocol>/figures/tsne_<record>.png. Each panel's title gives the model's ASR on the
 plotted poisoned images and the share of them whose feature is nearest to the target class's clean-feature
@@ -36,7 +36,7 @@ from bench_scripts.common import (
     make_trigger,
     start,
 )
-from bench_scripts.measures import (
+from bench_scripts.evaluation.measures import (
     TestSets,
     feature_shift_measures,
     features_of,

@@ -1,6 +1,6 @@
 """The one evaluator: every model of every record, measured the same way on the same test sets.
 
-    python -m bench_scripts.evaluate --protocol cpu --data data/cifar10 [--records NAME ...] [--out results.csv]
+    python -m bench_scripts.evaluation --protocol cpu --data data/cifar10 [--records NAME ...] [--out results.csv]
         [--retune [--reference NAME]] [--qra]
 
 For each record: the backdoored model ("none") and every ``defense/<name>/defense_result.pt`` (ours, the
@@ -9,7 +9,7 @@ evaluated on the record's clean test images (the whole CIFAR-10 test split unles
 and the record's poisoned test images (its bd_test PNGs: every non-target test image with the trigger):
 C-Acc, ASR, RA, DER against "none", and where the poisoned images' penultimate features sit: the share nearest
 to the target class's clean-feature centroid (a head-free feature-level ASR), the share nearest to their own
-class's, and the silhouette of target-class clean vs poisoned features (bench_scripts/measures.py: C-Acc, ASR
+class's, and the silhouette of target-class clean vs poisoned features (bench_scripts/evaluation/measures.py: C-Acc, ASR
 and RA through fst_plugin.core.metrics, the package's one evaluator). The defense wall time comes from the
 defense's run_info.json (a BackdoorBench built-in's from the runner's builtin_run.json, whose status and one-line
 reason fill ``bb_status`` / ``bb_reason``; a built-in that left no model gets a row with its reason and no
@@ -37,49 +37,32 @@ import argparse
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from bench_scripts.builtins import RUN_FILE, BuiltinRun
 from bench_scripts.common import add_protocol_args, link_data, load_defended, load_model, log_timing, start
-from bench_scripts.measures import TestSets, measure
-from bench_scripts.protocols import GRID_VARIANTS
+from bench_scripts.defenses.builtins import RUN_FILE, BuiltinRun
+from bench_scripts.evaluation.measures import TestSets
+from bench_scripts.evaluation.per_model import Probing, RetuneModel, attack_with_qra, cached_measure, model_metrics
+from bench_scripts.protocols import GRID_VARIANTS, Protocol
 from fst_plugin.core import defense_effectiveness_rating
 from fst_plugin.errors import FSTError
-from fst_plugin.probes.config import CLEAN_REFERENCE, QraConfig, RetuneConfig
-from fst_plugin.probes.qra import read_metrics, run_qra
-from fst_plugin.probes.retune import run_retune
+from fst_plugin.probes.config import CLEAN_REFERENCE, NO_DEFENSE
+from fst_plugin.probes.qra import read_metrics
 from fst_plugin.record import load_attack_record
 from fst_plugin.record.layout import DefenseLayout, defense_results, defenses_dir
 from fst_plugin.runtime import resolve_device
 
 log = logging.getLogger("bench.evaluate")
-EVAL_VERSION = 2
 RETUNE_VARIANTS = (*GRID_VARIANTS, CLEAN_REFERENCE)
 QRA_VARIANTS = tuple(v for v in RETUNE_VARIANTS if v != CLEAN_REFERENCE)  # QRA attacks a model against the reference
 # the result columns each probe owns (filled by Retune.columns / Qra.columns, rounded by main)
 RETUNE_COLUMNS = ("retune_acc", "retune_asr", "retune_ra")
 QRA_COLUMNS = ("qra_asr", "qra_clean_target", "qra_ref_asr")
-
-
-def cached_measure(path: Path, loader, sets: TestSets, device: str, cache: Path | None = None) -> dict[str, float]:
-    """``measure`` with the result kept in ``bench_eval.json`` next to ``path`` (or in ``cache``; invalidated
-    when ``path`` changes)."""
-    cache = cache or path.parent / "bench_eval.json"
-    stat = path.stat()
-    key = {"size": stat.st_size, "mtime": stat.st_mtime, "version": EVAL_VERSION, "n_clean": len(sets.clean_y),
-           "n_bd": len(sets.bd_label)}
-    if cache.is_file():
-        data = json.loads(cache.read_text())
-        if data.get("key") == key:
-            return data["metrics"]
-    metrics = measure(loader(), sets, device)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({"key": key, "metrics": metrics}, indent=1))
-    return metrics
 
 
 def variant_columns(defense_dir: Path) -> dict[str, Any]:
@@ -157,12 +140,8 @@ class Retune:
             return empty
         path = DefenseLayout.of(record_dir, variant).retune_result
         if not path.is_file() and self.run_missing and (self.variants is None or variant in self.variants):
-            started = time.time()
-            result = run_retune(RetuneConfig(record=record_dir, defense=variant, reference_record=reference,
-                                             dataset_path=self.dataset_path, device=self.device,
-                                             ratio=self.ratio))
-            log_timing(self.results, f"retune {variant} {record_dir.name}", time.time() - started,
-                       retune_wall_s=round(result.wall_time_s, 1))
+            RetuneModel(record_dir, variant, Probing(self.dataset_path, self.device, self.ratio, self.results),
+                        reference)()
         if not path.is_file():
             return empty
         metrics = cached_measure(path, lambda: load_defended(path), sets, self.device)
@@ -188,17 +167,13 @@ class Qra:
         wanted = (self.variants is None or variant in self.variants) and (self.max_asr is None or asr <= self.max_asr)
         metrics = read_metrics(layout.qra_dir)
         if metrics is None and self.run_missing and wanted and layout.retune_result.is_file():
-            started = time.time()
             try:
-                result = run_qra(QraConfig(record=record_dir, defense=variant, reference_record=reference,
-                                           dataset_path=self.dataset_path, device=self.device, ratio=self.ratio))
+                metrics = attack_with_qra(record_dir, variant, reference,
+                                          Probing(self.dataset_path, self.device, self.ratio, self.results))
             except FSTError as error:  # e.g. fewer poisoned images than the script's 500: the columns stay empty
                 log.warning("qra %s %s not run: %s (run `fst-plugin qra` with other settings; evaluate reads "
                             "its result)", variant, record_dir.name, error)
                 return empty
-            log_timing(self.results, f"qra {variant} {record_dir.name}", time.time() - started,
-                       qra_wall_s=round(result.wall_time_s, 1))
-            metrics = result.metrics
         if metrics is None:
             return empty
         model, ref = metrics["purified"], metrics["clean_reference"]
@@ -211,12 +186,11 @@ def evaluate_record(record_dir: Path, data_dir: Path, device: str, retune: Retun
     rec, info = sets.record, sets.info
     base = {"record": record_dir.name, "attack": info.get("attack"), "trigger_key": info.get("trigger_key"),
             "rate": info.get("rate"), "seed": info.get("seed"), "model": rec.model_name}
-    before = cached_measure(record_dir / "attack_result.pt",
-                            lambda: load_model(rec.model_name, rec.num_classes, rec.state_dict), sets, device)
+    before = model_metrics(record_dir, NO_DEFENSE, sets, device)
     rows = [{**base, "variant": "none", "method": "none", "source": "attack", **before, "der": float("nan"),
              "defense_wall_s": 0.0, "attack_train_s": info.get("train_s")}]
     for path in defense_results(record_dir):
-        metrics = cached_measure(path, lambda p=path: load_defended(p), sets, device)
+        metrics = model_metrics(record_dir, path.parent.name, sets, device)
         der = defense_effectiveness_rating(before["test_acc"], before["test_asr"], metrics["test_acc"], metrics["test_asr"])
         row = {**base, "variant": path.parent.name, **variant_columns(path.parent), **metrics, "der": der}
         if "pam_detected_class" in row:  # the defense cannot know the target; the evaluator, holding the record, can
@@ -254,6 +228,59 @@ def retune_rows(record_dir: Path, rows: list[dict[str, Any]], sets: TestSets, be
     return [row]
 
 
+def eval_device(protocol: Protocol) -> str:
+    """The device the evaluator measures on: the protocol's, or the CPU where a cuda protocol finds no GPU."""
+    return resolve_device(protocol.device if protocol.device != "cuda" else "auto")
+
+
+def finished_records(root: Path) -> list[str]:
+    """Every record of the protocol's cache with its ``attack_result.pt``."""
+    return sorted(p.name for p in (root / "record").glob("*") if (p / "attack_result.pt").is_file())
+
+
+def write_results(protocol: Protocol, root: Path, data_dir: Path, out: Path, names: list[str],
+                  retune: Retune | None = None, qra: Qra | None = None) -> pd.DataFrame:
+    """Every model of the records ``names`` measured the same way -> ``out`` (results.csv); the table."""
+    started = time.time()
+    device = eval_device(protocol)
+    rows = [row for name in names for row in evaluate_record(root / "record" / name, data_dir, device, retune, qra)]
+    df = pd.DataFrame(rows)
+    for col in ("alpha", "n_clean", "projection", "projection_bound", "epochs", "bb_status", "bb_reason"):
+        if col not in df:
+            df[col] = np.nan
+    df.insert(0, "protocol", protocol.name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for col in ("test_acc", "test_asr", "test_ra", "der", "feat_target_share", "feat_true_share", "sep_silhouette",
+                *RETUNE_COLUMNS, *QRA_COLUMNS):
+        df[col] = df[col].astype(float).round(5)
+    df.to_csv(out, index=False)
+    log_timing(out.parent, "evaluate", time.time() - started, models=len(df))
+    log.info("wrote %s (%d rows)", out, len(df))
+    return df
+
+
+@dataclass(frozen=True)
+class WriteResults:
+    """results.csv of the grid's records, as a job's work: it runs no probe, it reads the retune and QRA results
+    that exist (their own jobs ran them)."""
+
+    protocol: Protocol
+    root: Path
+    data_dir: Path
+    out: Path
+    names: tuple[str, ...]
+
+    def __call__(self) -> str:
+        device = eval_device(self.protocol)
+        ratio = self.protocol.defense_ratio
+        names = [n for n in self.names if (self.root / "record" / n / "attack_result.pt").is_file()]
+        write_results(self.protocol, self.root, self.data_dir, self.out, names,
+                      Retune(False, self.root / "data", device, None, self.out.parent, ratio),
+                      Qra(False, self.root / "data", device, self.out.parent, ratio))
+        missing = len(self.names) - len(names)
+        return f"{len(names)} records" + (f" ({missing} missing: their record failed)" if missing else "")
+
+
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_protocol_args(parser, results=False)
@@ -275,9 +302,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                              "and the clean reference; 'all' adds the ablation variants)")
     run = start(parser, argv)
     args, protocol, root = run.args, run.protocol, run.root
-    names = args.records or sorted(p.name for p in (root / "record").glob("*") if (p / "attack_result.pt").is_file())
-    device = resolve_device(protocol.device if protocol.device != "cuda" else "auto")
-    started = time.time()
+    device = eval_device(protocol)
     out = args.out or run.results / "results.csv"
     data_root = link_data(root, args.data) if args.retune or args.qra else root / "data"
     retune = Retune(args.retune, data_root, device, args.reference,
@@ -285,20 +310,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                     None if "all" in args.retune_variants else set(args.retune_variants))
     qra = Qra(args.qra, data_root, device, out.parent, protocol.defense_ratio,
               None if "all" in args.qra_variants else set(args.qra_variants), args.qra_max_asr)
-    rows = [row for name in names for row in evaluate_record(run.record_dir(name), args.data, device, retune, qra)]
-    df = pd.DataFrame(rows)
-    for col in ("alpha", "n_clean", "projection", "projection_bound", "epochs", "bb_status", "bb_reason"):
-        if col not in df:
-            df[col] = np.nan
-    df.insert(0, "protocol", protocol.name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for col in ("test_acc", "test_asr", "test_ra", "der", "feat_target_share", "feat_true_share", "sep_silhouette",
-                *RETUNE_COLUMNS, *QRA_COLUMNS):
-        df[col] = df[col].astype(float).round(5)
-    df.to_csv(out, index=False)
-    log_timing(out.parent, "evaluate", time.time() - started, models=len(df))
-    log.info("wrote %s (%d rows)", out, len(df))
-    return df
+    return write_results(protocol, root, args.data, out, args.records or finished_records(root), retune, qra)
 
 
 if __name__ == "__main__":

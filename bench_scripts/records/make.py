@@ -1,31 +1,29 @@
 """Train backdoored CIFAR-10 models and write them as BackdoorBench attack records (no BackdoorBench needed).
 
-    python -m bench_scripts.make_records --protocol cpu --data data/cifar10 --attacks badnets:0.01 blended:0.01
+    python -m bench_scripts.records --protocol cpu --data data/cifar10 --attacks badnets:0.01 blended:0.01
 
 Attacks: badnets (3×3 white patch, bottom-right), blended (alpha 0.2, a seeded noise key or --blend-pattern
 IMAGE), sig (clean-label sinusoid, delta 40, f 6), wanet (a fixed warp, k 4, s 0.5, static poisoning);
 all-to-one, target label 0; the rate is the fraction of the whole training set that is poisoned. Everything is
 seeded by --seed (poisoned indices, trigger keys, training order). A record whose ``attack_result.pt`` exists
-is reused (the cache), unless --force. ``--jobs N`` trains N records side by side in separate processes.
+is reused (the cache), unless --force. ``--jobs N`` trains N records side by side in separate processes, each
+with its share of the cores.
 ``--checkpoint-every E`` saves each record's training state every E epochs under ``<cache>/<protocol>/
 attack_checkpoint/`` and a re-run resumes from it; ``--stop-after-s S`` pauses training (checkpoint saved) when
 the next epoch would end S seconds after the start, and ``--compile`` adds torch.compile (CUDA graphs on CUDA). A
 record whose training fails (a NaN/inf loss: ``TrainingDiverged``) is not written; the others still finish, and
-the script exits with status 2 and one line per failed record.
+the script exits with status 2 and one line per failed record. Each record is a job of the grid
+(bench_scripts/jobs): ``--executor ray --address HOST:PORT`` trains them on a Ray cluster (docs/cluster.md).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import multiprocessing
-import os
-import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -39,10 +37,12 @@ from bench_scripts.common import (
     log_timing,
     make_trigger,
     record_name,
-    setup,
     start,
     trigger_key,
 )
+from bench_scripts.jobs.cli import add_executor_arguments, run_jobs
+from bench_scripts.jobs.graph import Graph
+from bench_scripts.jobs.job import Job
 from fst_plugin.attacks import (
     Attack,
     BackdooredModel,
@@ -54,7 +54,6 @@ from fst_plugin.attacks import (
     poison_indices,
 )
 from fst_plugin.data.arrays import load_split_arrays
-from fst_plugin.errors import FSTError
 from fst_plugin.runtime import resolve_device
 
 log = logging.getLogger("bench.make_records")
@@ -149,8 +148,12 @@ def make_record(protocol, data_dir: Path, root: Path, attack: str, rate: float, 
 
 
 @dataclass(frozen=True)
-class RecordJob:
-    """One record to make: the arguments of ``make_record``, picklable for a worker process."""
+class MakeRecord:
+    """One record to make, as a job's work: the arguments of ``make_record``, picklable for any worker.
+
+    torch is seeded first, so the model's initialisation depends on the seed alone, not on which records this
+    process made before (a record made in a worker equals one made alone). A record whose training fails is not
+    written: the record is written after training."""
 
     protocol: Any
     data_dir: Path
@@ -167,45 +170,22 @@ class RecordJob:
     def name(self) -> str:
         return record_name(self.attack, self.rate, self.seed, trigger_key(self.attack, self.blend_pattern))
 
+    @property
+    def record_dir(self) -> Path:
+        return self.root / "record" / self.name
 
-def run_job(job: RecordJob) -> tuple[Optional[Path], Optional[str]]:
-    """Make one record; return (its folder, None), or (None, the one-line reason it failed).
+    def __call__(self) -> str:
+        torch.manual_seed(self.seed)
+        make_record(self.protocol, self.data_dir, self.root, self.attack, self.rate, self.seed, self.blend_pattern,
+                    self.force, self.results_dir, self.resumable)
+        return ""
 
-    A user-facing problem (``FSTError``, e.g. ``TrainingDiverged``) is its own line; anything else is a bug, so
-    its traceback goes to the log. Nothing of a failed record is written: the record is written after training.
-    torch is seeded first, so the model's initialisation depends on the seed alone, not on which records this
-    process made before (a record made in a worker equals one made alone)."""
-    torch.manual_seed(job.seed)
-    try:
-        return make_record(job.protocol, job.data_dir, job.root, job.attack, job.rate, job.seed,
-                           job.blend_pattern, job.force, job.results_dir, job.resumable), None
-    except FSTError as exc:
-        return None, str(exc)
-    except Exception as exc:  # noqa: BLE001 - a job's failure must not stop the other jobs
-        log.exception("%s failed", job.name)
-        return None, f"{type(exc).__name__}: {exc}"
-
-
-def run_jobs(jobs: list, workers: int, work: Callable = run_job) -> list:
-    """``work`` on each job (by default: make its record), ``workers`` at a time in separate processes (they share
-    the GPU, or split the CPU cores). A SIGTERM to this process terminates the workers too: spawned workers are
-    not in its process group, so without this a killed run left them training and writing records."""
-    if workers <= 1 or len(jobs) <= 1:
-        return [work(job) for job in jobs]
-    workers = min(workers, len(jobs))
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    log.info("making %d records, %d at a time (%d torch threads each)", len(jobs), workers, threads)
-    context = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked processes
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    try:
-        with context.Pool(workers, initializer=setup, initargs=(threads,)) as pool:  # leaving it terminates them
-            return pool.map(work, jobs, chunksize=1)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _exit_on_sigterm(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
+    def job(self) -> Job:
+        """The record as a job of the grid: finished when its ``attack_result.pt`` exists (written last)."""
+        keyed = trigger_key(self.attack, self.blend_pattern) is not None   # only Blended reads the key image
+        inputs = (self.data_dir, *((Path(self.blend_pattern),) if keyed else ()))
+        return Job(self.name, "record", self, inputs=inputs, outputs=(self.record_dir / "attack_result.pt",),
+                   resources=self.protocol.resources)
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
@@ -217,8 +197,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--blend-pattern", help="image file used as Blended's key (default: seeded noise)")
     parser.add_argument("--epochs", type=int, help="override the protocol's attack epochs")
     parser.add_argument("--force", action="store_true", help="retrain even when the record is cached")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="records trained side by side, each in its own process (on a GPU they share it)")
+    add_executor_arguments(parser, "records trained side by side, each in its own process with its share of the "
+                                   "cores (on one GPU they share it; with several, one GPU each)")
     parser.add_argument("--checkpoint-every", type=int, default=0, metavar="EPOCHS",
                         help="save the training state every EPOCHS epochs and resume from it (0: never)")
     parser.add_argument("--stop-after-s", type=float, metavar="S",
@@ -234,16 +214,11 @@ def main(argv: list[str] | None = None) -> list[Path]:
     resumable = Resumable(args.checkpoint_every,
                           None if args.stop_after_s is None else time.time() + args.stop_after_s, args.compile)
     link_data(root, args.data)
-    jobs = [RecordJob(protocol, args.data, root, attack, rate, args.seed, args.blend_pattern, args.force, results,
-                      resumable)
-            for attack, rate in dict.fromkeys(parse_grid(args.attacks, protocol.grid))]
-    outcomes = run_jobs(jobs, args.jobs)
-    failures = [(job, reason) for job, (_, reason) in zip(jobs, outcomes) if reason is not None]
-    for job, reason in failures:
-        print(f"error: {job.name}: {reason}", file=sys.stderr)
-    if failures:
-        raise SystemExit(2)
-    return [folder for folder, _ in outcomes]
+    records = [MakeRecord(protocol, args.data, root, attack, rate, args.seed, args.blend_pattern, args.force, results,
+                          resumable)
+               for attack, rate in dict.fromkeys(parse_grid(args.attacks, protocol.grid))]
+    run_jobs(Graph(r.job() for r in records), args, root, force=args.force)
+    return [r.record_dir for r in records]
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The measurements of ``bench_scripts/speed.py`` (see its docstring): the compute limit, the defense on each input
+"""The measurements of ``bench_scripts/speed/run.py`` (see its docstring): the compute limit, the defense on each input
 pipeline (through the public runner), the attack trainer against its limit, and BackdoorBench's own ``ft``."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench_scripts.speed_report import Row, load_average, peak_memory, synchronize
+from bench_scripts.speed.report import Row, load_average, peak_memory, synchronize
 from fst_plugin.attacks import TrainConfig, train_classifier
 from fst_plugin.core import get_mode
 from fst_plugin.data import load_clean_split

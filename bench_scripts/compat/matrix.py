@@ -1,5 +1,5 @@
 """The compatibility matrix's pure parts: the class-balanced CIFAR-10 subset, one-line cell reasons read off a
-failed command, the WaNet pool check, and the CSV / README writers of ``bench_scripts/compat.py``.
+failed command, the WaNet pool check, and the CSV / README writers of ``bench_scripts/compat/run.py``.
 
 Nothing here runs BackdoorBench or the plugin, so tests/bench/test_compat.py checks all of it on fake trees.
 """
@@ -225,7 +225,7 @@ def render_readme(rows: Sequence[Row], helpers: Mapping[str, Cell], meta: Mappin
 # Compatibility matrix: the plugin on records written by BackdoorBench's own attack scripts
 
 BackdoorBench: SCLBD/BackdoorBench at `{meta['commit']}`, a checkout outside this repository (none of its code
-is here). Made {meta['date']} by `bench_scripts/compat.py` on the CPU. Each attack script ran for **one epoch**
+is here). Made {meta['date']} by `bench_scripts/compat/run.py` on the CPU. Each attack script ran for **one epoch**
 (preactresnet18, batch 128, seed 0) on a class-balanced CIFAR-10 subset, the first {meta['train_per_class']}
 training and {meta['test_per_class']} test images of each class, written in torchvision's pickle layout to
 `BB/data/compat/cifar10`; every defense ran 1 epoch on 10% of it (`--ratio 0.1`). The models are weak by

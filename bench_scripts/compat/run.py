@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from bench_scripts.compat_matrix import (
+from bench_scripts.compat.matrix import (
     EXPORTED, MODES, OK, Cell, Row, check_pool, failure_reason, render_readme, write_cifar10_subset, write_csv,
 )
 

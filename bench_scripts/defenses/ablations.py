@@ -1,6 +1,6 @@
 """The paper's ablations on one record, run as extra defense variants (evaluated later by evaluate.py).
 
-    python -m bench_scripts.ablations --protocol cpu --data data/cifar10 --record badnets_0.01_s0
+    python -m bench_scripts.defenses.ablations --protocol cpu --data data/cifar10 --record badnets_0.01_s0
         [--only alpha size projection]
 
 * alpha sweep: FST with alpha in the protocol's list (defense/fst_alpha<a>/);
@@ -23,13 +23,14 @@ from __future__ import annotations
 import argparse
 import logging
 import random
-import time
 from pathlib import Path
 
-from bench_scripts.common import DATASET, add_protocol_args, link_data, log_timing, run_defense, start
+from bench_scripts.common import DATASET, add_protocol_args, link_data, start
+from bench_scripts.defenses.run import RunDefense
+from bench_scripts.jobs.cli import add_executor_arguments, run_jobs
+from bench_scripts.jobs.graph import Graph
 from fst_plugin.core import get_mode
 from fst_plugin.data import load_clean_split
-from fst_plugin.record.layout import DefenseLayout
 
 log = logging.getLogger("bench.ablations")
 # the save names of the size and longer-tuning variants, as the report finds them in results.csv
@@ -78,18 +79,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="*", default=["alpha", "size", "projection"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true")
+    add_executor_arguments(parser, "variants side by side, each in its own process with its share of the cores")
     run = start(parser, argv)
     args, protocol, results = run.args, run.protocol, run.results
     data_root = link_data(run.root, args.data)
     record_dir = run.record_dir(args.record)
-    for method, name, extra in variants(record_dir, args.data, protocol, args.only, args.seed):
-        if DefenseLayout.of(record_dir, name, method).finished and not args.force:
-            continue
-        started = time.time()
-        result = run_defense(record_dir, method, protocol, data_root, save_name=name, extra=extra, seed=args.seed,
-                             eval_subset=protocol.ablation_eval_subset)
-        log_timing(results, f"ablation {name} {record_dir.name}", time.time() - started,
-                   defense_wall_s=round(result.wall_time_s, 1))
+    jobs = [RunDefense(record_dir, name, protocol, data_root, results, args.seed, method, extra,
+                       protocol.ablation_eval_subset, step="ablation").job()
+            for method, name, extra in variants(record_dir, args.data, protocol, args.only, args.seed)]
+    run_jobs(Graph(jobs), args, run.root, force=args.force)
 
 
 if __name__ == "__main__":
