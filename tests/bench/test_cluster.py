@@ -18,14 +18,13 @@ import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from bench_scripts import grid  # noqa: E402
 from bench_scripts.jobs.cli import grid_folder  # noqa: E402
-from fst_plugin.demo import synthetic_images, write_image_folders  # noqa: E402
+from tests.bench.conftest import write_tiny_data  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 NODE = {"num_cpus": 1, "object_store_memory": 80 * 1024 ** 2, "node_ip_address": "127.0.0.1"}
@@ -40,9 +39,7 @@ BAD = "blended-broken_0.1_s0"
 def data(tmp_path_factory) -> Path:
     """Synthetic images in CIFAR-10's folder layout, and a Blended key "image" that is not an image."""
     root = tmp_path_factory.mktemp("cluster_data")
-    rng = np.random.default_rng(0)
-    write_image_folders(root / "data", "train", *synthetic_images(40, rng))
-    write_image_folders(root / "data", "test", *synthetic_images(10, rng))
+    write_tiny_data(root / "data")
     (root / "broken.png").write_text("not an image")
     return root
 

@@ -3,20 +3,15 @@ retuned after its own defense, the clean reference record is made for it, result
 a second run finds every job done."""
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 
 from bench_scripts import grid
 from bench_scripts.jobs.job import DONE, DONE_EARLIER
-from fst_plugin.demo import synthetic_images, write_image_folders
 from fst_plugin.probes.config import CLEAN_REFERENCE
 
 
-def test_the_grid_retunes_every_model_after_its_defense_and_a_second_run_finds_it_done(tmp_path):
-    rng = np.random.default_rng(0)
-    write_image_folders(tmp_path / "data", "train", *synthetic_images(40, rng))
-    write_image_folders(tmp_path / "data", "test", *synthetic_images(10, rng))
-    argv = ["--protocol", "tiny", "--data", str(tmp_path / "data"), "--cache", str(tmp_path / "cache"), "--results",
+def test_the_grid_retunes_every_model_after_its_defense_and_a_second_run_finds_it_done(tiny_data, tmp_path):
+    argv = ["--protocol", "tiny", "--data", str(tiny_data), "--cache", str(tmp_path / "cache"), "--results",
             str(tmp_path / "results"), "--attacks", "badnets:0.1", "--methods", "fst", "--retune"]
     first = {o.job: o for o in grid.main(argv).outcomes}
     assert list(first) == ["badnets_0.1_s0", "badnets_0_s0", "badnets_0.1_s0/fst", "badnets_0.1_s0/none/retune",

@@ -5,15 +5,11 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
-import pytest
-
 from bench_scripts.defenses import run as run_defenses
 from bench_scripts.evaluation import evaluate
-from bench_scripts.records import make as make_records
 from bench_scripts.protocols import PAM_OPTIMISER, get_protocol, pam_run
-from fst_plugin.demo import synthetic_images, write_image_folders
 from fst_plugin.record.layout import DefenseLayout
+from tests.bench.conftest import TINY_RECORD, TinyGrid
 
 
 def test_pam_variants_take_their_settings_from_the_protocol():
@@ -28,15 +24,9 @@ def test_pam_variants_take_their_settings_from_the_protocol():
     assert cpu.pam_epochs == 90
 
 
-def test_run_defenses_and_evaluate_cover_both_pam_variants(tmp_path):
-    rng = np.random.default_rng(0)
-    data = tmp_path / "data"
-    write_image_folders(data, "train", *synthetic_images(40, rng))
-    write_image_folders(data, "test", *synthetic_images(10, rng))
-    common = ["--protocol", "tiny", "--cache", str(tmp_path / "cache"), "--results", str(tmp_path / "results")]
-    make_records.main(common + ["--data", str(data), "--attacks", "badnets:0.1"])
-    run_defenses.main(common + ["--data", str(data), "--methods", "pam", "fst-pam"])
-    record = tmp_path / "cache" / "tiny" / "record" / "badnets_0.1_s0"
+def test_run_defenses_and_evaluate_cover_both_pam_variants(tiny_grid: TinyGrid, tmp_path):
+    run_defenses.main(tiny_grid.args("--methods", "pam", "fst-pam"))
+    record = tiny_grid.record()
     tiny = get_protocol("tiny")
     for variant, method in (("pam", "pam"), ("fst-pam", "fst")):
         layout = DefenseLayout.of(record, variant)
@@ -44,8 +34,8 @@ def test_run_defenses_and_evaluate_cover_both_pam_variants(tmp_path):
         assert info["method"] == method and info["pam"] is True and layout.trigger_generator.is_file()
         assert info["config"]["generator_filters"] == tiny.pam_settings["generator_filters"]
     assert json.loads(DefenseLayout.of(record, "pam").run_info.read_text())["config"]["sgd_momentum"] == 0.1
-    df = evaluate.main(["--protocol", "tiny", "--cache", str(tmp_path / "cache"), "--data", str(data),
-                        "--records", "badnets_0.1_s0", "--retune", "--retune-variants", "pam", "fst-pam",
+    df = evaluate.main(["--protocol", "tiny", "--cache", str(tiny_grid.cache), "--data", str(tiny_grid.data),
+                        "--records", TINY_RECORD, "--retune", "--retune-variants", "pam", "fst-pam",
                         "--out", str(tmp_path / "results.csv")])
     for variant in ("pam", "fst-pam"):
         row = df[df.variant == variant].iloc[0]

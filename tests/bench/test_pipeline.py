@@ -22,17 +22,14 @@ from bench_scripts.common import make_trigger
 from bench_scripts.protocols import METHODS
 from bench_scripts.report.tables import row_label
 from fst_plugin.data import materialise
-from fst_plugin.demo import synthetic_images, write_image_folders
+from tests.bench.conftest import write_tiny_data
 from fst_plugin.record import load_attack_record
 
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
-    rng = np.random.default_rng(0)
-    data = root / "mydata"              # deliberately not called cifar10: the scripts must not care
-    write_image_folders(data, "train", *synthetic_images(40, rng))
-    write_image_folders(data, "test", *synthetic_images(10, rng))
+    data = write_tiny_data(root / "mydata")   # deliberately not called cifar10: the scripts must not care
     common = ["--protocol", "tiny", "--cache", str(root / "cache"), "--results", str(root / "results")]
     make_records.main(common + ["--data", str(data), "--attacks", "badnets:0.1", "sig:0.05"])
     run_defenses.main(common + ["--data", str(data)])
@@ -188,15 +185,6 @@ def test_backdoorbench_builtins_run_from_its_root_on_our_records(bench, tmp_path
     for name in ("ft", "ft-sam"):   # the fake "defense" returns the attacked model unchanged
         row = df[df.variant == name].iloc[0]
         assert row.source == "backdoorbench" and row.test_asr == pytest.approx(none.test_asr)
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    data = tmp_path_factory.mktemp("jobs_data")
-    rng = np.random.default_rng(0)
-    write_image_folders(data, "train", *synthetic_images(40, rng))
-    write_image_folders(data, "test", *synthetic_images(10, rng))
-    return data
 
 
 def _error_lines(capsys) -> list[str]:
