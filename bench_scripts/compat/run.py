@@ -22,7 +22,6 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +33,7 @@ import torch
 from bench_scripts.compat.matrix import (
     EXPORTED, MODES, OK, Cell, Row, check_pool, failure_reason, render_readme, write_cifar10_subset, write_csv,
 )
+from bench_scripts.jobs.process import run_command
 
 log = logging.getLogger("compat")
 
@@ -98,13 +98,12 @@ class Runner:
         if self.report_only:
             return self.read_back(logfile, shown, produces)
         log.info("%s: %s", label, shown)
-        try:
-            proc = subprocess.run(full, cwd=self.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True, timeout=self.timeout)
-            output, code = proc.stdout, proc.returncode
-        except subprocess.TimeoutExpired as exc:   # its output is bytes whatever text= says
-            output, code = (exc.output or b"").decode(errors="replace"), 124
-        logfile.write_text(f"$ {shown}\n{output}\n[exit {code}]\n")
+        # its own process group, killed whole at the time limit or on Ctrl-C (jobs/process.py owns both)
+        code = run_command(full, logfile, cwd=self.root, timeout_s=self.timeout, shown=shown)
+        code = 124 if code is None else code
+        output = logfile.read_text(errors="replace")
+        with open(logfile, "a") as out:
+            out.write(f"\n[exit {code}]\n")
         status = self.status(output, code, produces)
         log.info("%s: %s", label, status)
         return Cell(status, shown)

@@ -212,13 +212,13 @@ def exit_on_signals() -> None:
 
 def run_command(argv: Sequence[str], log_path: Path, cwd: Optional[Path] = None,
                 env: Optional[dict[str, str]] = None, timeout_s: Optional[float] = None,
-                append: bool = False) -> Optional[int]:
-    """Run ``argv`` in its own process group, its output to ``log_path``; its exit status, or None when it ran past
-    ``timeout_s`` (the whole group is killed then, and whenever this call is left early: a job's time limit,
-    Ctrl-C, SIGTERM)."""
+                append: bool = False, shown: Optional[str] = None) -> Optional[int]:
+    """Run ``argv`` in its own process group, its output to ``log_path`` under a ``$ command`` line (``shown``, or
+    ``argv`` itself); its exit status, or None when it ran past ``timeout_s`` (the whole group is killed then, and
+    whenever this call is left early: a job's time limit, Ctrl-C, SIGTERM)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a" if append else "w") as out:
-        out.write(f"$ {shlex.join(str(a) for a in argv)}\n")
+        out.write(f"$ {shown or shlex.join(str(a) for a in argv)}\n")
         out.flush()
         proc = subprocess.Popen(list(argv), cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)

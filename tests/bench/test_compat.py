@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pickle
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +167,31 @@ def test_runner_on_a_fake_backdoorbench(tmp_path):
     (bb / "attack/badnet.py").write_text("raise SystemExit(3)")
     assert compat.run_attack(run, spec["badnet"], force=False).status == OK            # reused
     assert compat.run_attack(run, spec["badnet"], force=True).status.startswith("exit 3")
+
+
+def test_a_command_past_its_time_limit_is_killed_with_what_it_started(tmp_path):
+    """The runner's commands run in their own process group: at the limit the script and the child it started are
+    both killed, and the cell says so."""
+    bb = tmp_path / "BackdoorBench"
+    (bb / "attack").mkdir(parents=True)
+    pid_file = tmp_path / "child.pid"
+    (bb / "attack/badnet.py").write_text(textwrap.dedent(f"""\
+        import subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        open({str(pid_file)!r}, "w").write(str(child.pid))
+        time.sleep(120)
+    """))
+    cell = compat.run_attack(compat.Runner(bb, timeout=3), {s.name: s for s in compat.ATTACKS}["badnet"], force=False)
+    assert cell.status == "killed (exit 124: time limit or memory)"
+    child = int(pid_file.read_text())
+    status = Path(f"/proc/{child}/status")
+    for _ in range(50):   # the group gets SIGTERM, then SIGKILL: give it a moment (a zombie counts as gone)
+        if not status.exists() or "\nState:\tZ" in status.read_text():
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the attack's child {child} outlived the time limit")
+    assert (bb / "compat_logs/badnet__attack.log").read_text().rstrip().endswith("[exit 124]")
 
 
 def test_every_attack_runs_one_epoch_on_the_subset_and_lira_two_stages():
