@@ -47,10 +47,11 @@ import pandas as pd
 from bench_scripts.common import add_protocol_args, link_data, load_defended, load_model, log_timing, start
 from bench_scripts.defenses.builtins import RUN_FILE, BuiltinRun
 from bench_scripts.evaluation.measures import TestSets
-from bench_scripts.evaluation.per_model import Probing, RetuneModel, attack_with_qra, cached_measure, model_metrics
+from bench_scripts.evaluation.per_model import (
+    Probing, QraNotRun, RetuneModel, attack_with_qra, cached_measure, model_metrics,
+)
 from bench_scripts.protocols import GRID_VARIANTS, Protocol
 from fst_plugin.core import defense_effectiveness_rating
-from fst_plugin.errors import FSTError
 from fst_plugin.probes.config import CLEAN_REFERENCE, NO_DEFENSE
 from fst_plugin.probes.qra import read_metrics
 from fst_plugin.record import load_attack_record
@@ -170,7 +171,7 @@ class Qra:
             try:
                 metrics = attack_with_qra(record_dir, variant, reference,
                                           Probing(self.dataset_path, self.device, self.ratio, self.results))
-            except FSTError as error:  # e.g. fewer poisoned images than the script's 500: the columns stay empty
+            except QraNotRun as error:  # e.g. fewer poisoned images than the script's 500: the columns stay empty
                 log.warning("qra %s %s not run: %s (run `fst-plugin qra` with other settings; evaluate reads "
                             "its result)", variant, record_dir.name, error)
                 return empty

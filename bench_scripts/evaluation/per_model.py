@@ -14,6 +14,7 @@ from bench_scripts.common import load_defended, load_model, log_timing
 from bench_scripts.evaluation.measures import TestSets, measure
 from bench_scripts.jobs.job import Job, Resources
 from fst_plugin.probes.config import CLEAN_REFERENCE, NO_DEFENSE, QraConfig, RetuneConfig
+from fst_plugin.errors import ConfigError, RecordError
 from fst_plugin.probes.qra import run_qra
 from fst_plugin.probes.retune import run_retune
 from fst_plugin.record import load_attack_record
@@ -85,11 +86,21 @@ class RetuneModel:
                                 (self.record_dir / "attack_result.pt",), resources, needs)
 
 
+class QraNotRun(Exception):
+    """QRA cannot attack this model with the bench's settings (its record is not all-to-one, or holds fewer poisoned
+    images than QRA's set needs): the model's QRA columns stay empty, and neither the evaluator nor the grid fails."""
+
+
 def attack_with_qra(record_dir: Path, variant: str, reference: Path, how: Probing) -> dict[str, Any]:
-    """QRA on one retuned model against the clean ``reference``; its metrics (``run_info.json`` written last)."""
+    """QRA on one retuned model against the clean ``reference``; its metrics (``run_info.json`` written last).
+    ``QraNotRun`` when the record cannot give QRA its data; every other failure propagates."""
     started = time.time()
-    result = run_qra(QraConfig(record=record_dir, defense=variant, reference_record=reference,
-                               dataset_path=how.data_root, device=how.device, ratio=how.ratio))
+    config = QraConfig(record=record_dir, defense=variant, reference_record=reference, dataset_path=how.data_root,
+                       device=how.device, ratio=how.ratio)
+    try:
+        result = run_qra(config)
+    except (ConfigError, RecordError) as error:   # raised by its checks, before it trains anything
+        raise QraNotRun(str(error)) from error
     log_timing(how.results, f"qra {variant} {record_dir.name}", time.time() - started,
                qra_wall_s=round(result.wall_time_s, 1))
     return result.metrics
@@ -115,7 +126,10 @@ class QraModel:
             asr = model_metrics(self.record_dir, self.variant, sets, self.probing.device)["test_asr"]
             if asr > self.max_asr:
                 return f"not purified: ASR {asr:.3f} > {self.max_asr:g}"
-        attack_with_qra(self.record_dir, self.variant, self.reference, self.probing)
+        try:
+            attack_with_qra(self.record_dir, self.variant, self.reference, self.probing)
+        except QraNotRun as reason:
+            return f"not run: {reason}"
         return ""
 
     def job(self, resources: Resources, needs: tuple[str, ...] = ()) -> Job:
