@@ -26,7 +26,7 @@ from bench_scripts.report.figures import figures
 from bench_scripts.report.probes import fresh_head_table, layers_table, retune_figures, retune_section
 from bench_scripts.report.side_by_side import side_by_side_figure, side_by_side_section
 from bench_scripts.report.tables import ablation_tables, detail_table, main_table, missing_inputs, timings_table
-from bench_scripts.report.targets import targets, targets_for
+from bench_scripts.report.targets import alpha_auto_section, targets, targets_for
 
 log = logging.getLogger("bench.make_table")
 
@@ -73,6 +73,7 @@ def write_table(protocol: Protocol, root: Path, results: Path, results_flag: Opt
         *([builtins] if (builtins := side_by_side_section(df)) else []),
         *(["## Not shown\n\n" + missing] if missing else []),
         f"## Targets ({spec.issue})\n\n" + targets(df, root, spec),
+        *(["## FST with alpha auto (issue 27, point 4)\n\n" + alpha] if (alpha := alpha_auto_section(df)) else []),
         "## Every grid run: RA, DER, feature shift, defense wall time\n\n"
         "feat→target: share of poisoned test images whose penultimate feature is nearest (cosine) to the target "
         "class's centroid of clean test features (a head-free feature-level ASR); feat→true: share nearest to their "

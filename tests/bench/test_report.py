@@ -43,3 +43,28 @@ def test_the_leaders_table_labels_noise_key_blended_as_such():
                  {**base, "variant": "fst", "test_acc": 0.72, "test_asr": 0.02}]
     groups = [row["group"] for row in leaders(pd.DataFrame(rows))]
     assert groups == ["every low-rate record", "blended (noise key)", "blended (hello_kitty key)"]
+
+
+def test_the_alpha_auto_section_checks_point_4_per_record_against_ft_init():
+    """Within 1.5 points of FT-init's C-Acc with ASR ≤ 2% is MET; 2 points below, or 3% ASR, is MISSED; a record
+    without an FT-init run is shown but not counted; no fst-auto row, no section."""
+    from bench_scripts.report.targets import alpha_auto_section
+
+    rows = []
+    for record, auto_acc, auto_asr in (("badnets_0.005_s0", 0.805, 0.015), ("badnets_0.01_s0", 0.80, 0.01),
+                                       ("blended_0.005_s0", 0.81, 0.03)):
+        base = {"record": record, "attack": record.split("_")[0], "trigger_key": np.nan,
+                "rate": float(record.split("_")[1]), "defense_wall_s": 100.0, "retune_asr": 0.5}
+        rows += [{**base, "variant": "ft-init", "test_acc": 0.82, "test_asr": 0.04, "alpha": 0.0},
+                 {**base, "variant": "fst", "test_acc": 0.72, "test_asr": 0.005, "alpha": 0.2},
+                 {**base, "variant": "fst-auto", "test_acc": auto_acc, "test_asr": auto_asr, "alpha": 0.05}]
+    rows.append({"record": "sig_0.01_s0", "attack": "sig", "trigger_key": np.nan, "rate": 0.01, "variant": "fst-auto",
+                 "test_acc": 0.8, "test_asr": 0.5, "alpha": 0.05, "defense_wall_s": 90.0})
+    df = pd.DataFrame(rows)
+    text = alpha_auto_section(df)
+    verdicts = {line.split(" | ")[0].strip("| "): line.rsplit(" | ", 1)[1].strip(" |")
+                for line in text.splitlines() if line.startswith("| ") and "_s0" in line}
+    assert verdicts == {"badnets_0.005_s0": "MET", "badnets_0.01_s0": "MISSED", "blended_0.005_s0": "MISSED",
+                        "sig_0.01_s0": "–"}
+    assert "on 1 of 3 records with both runs" in text and "| 1.50 |" in text
+    assert alpha_auto_section(df[df["variant"] != "fst-auto"]) is None
