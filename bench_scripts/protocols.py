@@ -77,7 +77,10 @@ BB_METHODS = tuple(BUILTIN)     # BackdoorBench's built-ins the grid runs from i
 # variant -> the mode it runs (settings: pam_run)
 PAM_VARIANTS = {"pam": "pam", "fst-pam": "fst"}
 # FST with its alpha chosen on held-out clean tuning data (alpha: auto, docs/modes.md); variant -> (mode, settings)
-ALPHA_VARIANTS = {"fst-auto": ("fst", {"alpha": "auto"})}
+# FST's alpha chosen per model: by the held-out search (auto), or as strength 2 (alpha = 2 / the backdoored head's
+# squared norm; 2 from the 2026-11-25 alpha sweep on the cpu grid: alpha 0.05 there is about strength 2, with
+# squared head norms of 40-45; docs/modes.md)
+ALPHA_VARIANTS = {"fst-auto": ("fst", {"alpha": "auto"}), "fst-s2": ("fst", {"alpha": "strength=2"})}
 GRID_VARIANTS = ("none", *METHODS, *PAM_VARIANTS, *ALPHA_VARIANTS, *BB_METHODS)  # the backdoored model ("none") and
 # every defense
 # QRA (evaluate --qra) asks whether a purified model can be reactivated: the grids run it on models whose ASR after

@@ -2,7 +2,7 @@
 
 Nothing in this sub-package knows about BackdoorBench, records or files.
 """
-from fst_plugin.core.alpha import AlphaChoice, AlphaSearch, choose_alpha, split_held_out
+from fst_plugin.core.alpha import AlphaChoice, AlphaSearch, choose_alpha, fixed_alpha, split_held_out
 from fst_plugin.core.head import ClassifierHead, feature_shift_penalty, find_head, project_head_norm, reinit_head
 from fst_plugin.core.metrics import BackdoorMetrics, defense_effectiveness_rating, evaluate_backdoor
 from fst_plugin.core.modes import MODES, TuningMode, get_mode
@@ -24,6 +24,7 @@ __all__ = [
     "TuningRun",
     "TuningState",
     "choose_alpha",
+    "fixed_alpha",
     "defense_effectiveness_rating",
     "evaluate_backdoor",
     "feature_shift_penalty",

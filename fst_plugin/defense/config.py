@@ -19,7 +19,7 @@ from typing import Any, Mapping, Optional, Union
 
 import yaml
 
-from fst_plugin.core.alpha import AlphaSearch
+from fst_plugin.core.alpha import STRENGTH_PREFIX, AlphaSearch, parse_strength
 from fst_plugin.core.trigger_inversion import InversionConfig
 from fst_plugin.core.tuning import PROJECTION_BOUNDS, TuningConfig
 from fst_plugin.core.unlearning import UnlearningConfig
@@ -52,10 +52,19 @@ def parse_pam(value: Any) -> Optional[bool]:
 
 
 def parse_alpha(value: Any) -> Union[float, str]:
-    """A number (the paper's way: 0.2 on CIFAR-10) or ``auto`` (chosen on held-out clean tuning data by
-    :func:`choose_alpha`)."""
+    """A number (the paper's way: 0.2 on CIFAR-10), ``auto`` (chosen on held-out clean tuning data by
+    :func:`choose_alpha`) or ``strength=S`` (α = S / Σ‖W₀‖² of the backdoored head: :func:`fixed_alpha`)."""
     if isinstance(value, str) and value.strip().lower() == "auto":
         return "auto"
+    try:
+        strength = parse_strength(value)
+    except ValueError:
+        strength = math.nan
+    if strength is not None:
+        if math.isfinite(strength):
+            return f"{STRENGTH_PREFIX}{strength:g}"
+        raise ConfigError(f"config key 'alpha' is {value!r}", "write the strength as a number > 0, e.g. "
+                          "alpha: strength=2 (alpha = 2 / the backdoored head's squared norm)")
     if isinstance(value, (int, float, str)) and not isinstance(value, bool):
         try:
             number = float(value)
@@ -64,7 +73,8 @@ def parse_alpha(value: Any) -> Union[float, str]:
         if math.isfinite(number):
             return number
     raise ConfigError(f"config key 'alpha' is {value!r}", "set alpha to a number >= 0 (the paper's 0.2 on "
-                      "CIFAR-10) or to auto (chosen on held-out clean tuning data)")
+                      "CIFAR-10), to auto (chosen on held-out clean tuning data) or to strength=S (S / the "
+                      "backdoored head's squared norm)")
 
 
 def alpha_search(settings: Any) -> AlphaSearch:
@@ -132,10 +142,11 @@ class DefenseConfig:
                           check=("in (0, 1]", lambda v: 0 < v <= 1))
     index: Optional[str] = option(None, "file of clean training indices (overrides --ratio)")
     # ours
-    alpha: Union[float, str] = option(TuningConfig.alpha, "weight of the feature-shift penalty alpha*<W, W0>, or auto: "
-                                      "chosen on a held-out part of the clean tuning set (docs/modes.md)",
+    alpha: Union[float, str] = option(TuningConfig.alpha, "weight of the feature-shift penalty alpha*<W, W0>; auto: "
+                                      "chosen on a held-out part of the clean tuning set; strength=S: S/||W0||^2, "
+                                      "the same on every head (docs/modes.md)",
                                       parse=parse_alpha,
-                                      check=(">= 0 or auto", lambda v: v == "auto" or v >= 0))
+                                      check=(">= 0, auto or strength=S", lambda v: isinstance(v, str) or v >= 0))
     alpha_budget: float = option(AlphaSearch.budget, "alpha auto: held-out accuracy (a fraction) the chosen alpha may "
                                  "cost against the same tuning without the penalty", check=("in [0, 1)",
                                                                                            lambda v: 0 <= v < 1))

@@ -21,7 +21,9 @@ import torch
 from torch import nn
 
 from fst_plugin.core import ClassifierHead, TuningConfig, TuningState, evaluate_backdoor, find_head, get_mode, tune
-from fst_plugin.core.alpha import AlphaChoice, choose_alpha, split_held_out
+from fst_plugin.core.alpha import (
+    AlphaChoice, choose_alpha, fixed_alpha, head_norm_sq, parse_strength, split_held_out,
+)
 from fst_plugin.data import dataset_info
 from fst_plugin.defense.backend import make_backend
 from fst_plugin.core.unlearning import ReversedSamples
@@ -179,10 +181,10 @@ def uses_pam(config: DefenseConfig, method: str) -> bool:
 
 def tuning_config(config: DefenseConfig, method: str, device: str, world: World,
                   alpha: Optional[float] = None) -> TuningConfig:
-    """The core's settings of a run; ``alpha``: the weight alpha auto chose (else the config's number; with auto
-    and no choice, 0: a mode without the penalty ignores it)."""
+    """The core's settings of a run; ``alpha``: the weight the run tunes with (else the config's number; with auto
+    or a strength and no weight given, 0: a mode without the penalty ignores it)."""
     if alpha is None:
-        alpha = 0.0 if config.alpha == "auto" else config.alpha
+        alpha = config.alpha if isinstance(config.alpha, float) else 0.0
     return TuningConfig(epochs=config.epochs, lr=config.lr, momentum=config.sgd_momentum, weight_decay=config.wd,
                         alpha=alpha, projection=config.projection, projection_bound=config.projection_bound,
                         lr_schedule=lr_schedule_of(config.lr_scheduler),
@@ -298,7 +300,11 @@ def _tune_and_write(plan: DefensePlan, on_epoch_end: Optional[EpochHook]) -> Def
         choice = select_alpha(plan)
         if plan.resume is None:
             save_checkpoint(None)  # an interruption in the first epoch keeps the choice
-    alpha = tuning_config(config, plan.method, device, plan.world, None if choice is None else choice.alpha).alpha
+    # alpha auto's choice, else the config's number or strength (scaled by the backdoored head, not yet re-initialised)
+    alpha = choice.alpha if choice is not None else fixed_alpha(config.alpha, plan.head)
+    if parse_strength(config.alpha) is not None:
+        log.info("alpha %s: %.4g (the backdoored head's squared norm %.4g)", config.alpha, alpha,
+                 head_norm_sq(plan.head))
     tuning_started = time.time()
     unlearning = reversed_samples(plan)
     history = tune(model, plan.head, get_mode(plan.method), plan.train_loader,

@@ -20,7 +20,7 @@ from string import Template
 from typing import Any, Optional
 
 from fst_plugin import __version__
-from fst_plugin.core import TuningConfig, TuningMode, choose_alpha, find_head, split_held_out, tune
+from fst_plugin.core import TuningConfig, TuningMode, choose_alpha, find_head, fixed_alpha, split_held_out, tune
 from fst_plugin.core.modes import MODES
 from fst_plugin.core.unlearning import ReversedSamples
 from fst_plugin.defense.config import (DefenseConfig, alpha_search, lr_schedule_of, parse_alpha, parse_pam,
@@ -36,7 +36,7 @@ DEFAULT_METHODS = ("fst", "fe-tuning", "ft-init")
 # re-initialisation, penalty and projection, PAM's step and reversed samples, alpha auto's choice, the errors, the
 # runtime and distributed helpers).
 CORE = (find_head, TuningMode, TuningConfig, tune, parse_projection, parse_pam, parse_alpha, lr_schedule_of,
-        unlearning_config, ReversedSamples, alpha_search, split_held_out, choose_alpha)
+        unlearning_config, ReversedSamples, alpha_search, split_held_out, choose_alpha, fixed_alpha)
 # DefenseConfig settings the exported script does not read: the plugin's own machinery (a variant's folder, the
 # evaluation subset, the tensor input pipeline, resuming, record trust and location).
 PLUGIN_ONLY_KEYS = ("save_name", "eval_subset", "input_pipeline", "trust_record", "resume", "record")

@@ -88,3 +88,25 @@ def test_a_mode_without_the_penalty_has_no_alpha_to_choose() -> None:
 def test_a_search_with_impossible_settings_is_refused(bad: dict) -> None:
     with pytest.raises(ValueError):
         AlphaSearch(**bad)
+
+
+def test_a_strength_is_scaled_by_the_backdoored_heads_squared_norm_and_a_number_is_taken_as_given() -> None:
+    from fst_plugin.core.alpha import fixed_alpha, parse_strength
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    head = find_head(model, 4)
+    norm_sq = head_norm_sq(head)
+    assert fixed_alpha("strength=2", head) == pytest.approx(2 / norm_sq)
+    with torch.no_grad():
+        model.fc.weight.mul_(2.0)
+    assert fixed_alpha("strength=2", head) == pytest.approx(2 / (4 * norm_sq))   # same worth on a 2x larger head
+    assert fixed_alpha(0.2, head) == 0.2 and fixed_alpha("auto", head) == 0.0
+    assert parse_strength("Strength=0.5") == 0.5 and parse_strength("auto") is None and parse_strength(0.2) is None
+    for bad in ("strength=0", "strength=-1", "strength=x", "strength=inf"):
+        with pytest.raises(ValueError):
+            parse_strength(bad)
+    with torch.no_grad():
+        model.fc.weight.zero_()
+    with pytest.raises(ConfigError):
+        fixed_alpha("strength=2", head)

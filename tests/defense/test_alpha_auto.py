@@ -126,12 +126,40 @@ def test_alpha_auto_round_trips_through_yaml_and_the_command_line(tmp_path: Path
     assert as_text(SPECS["alpha"], 0.2) == "0.2"
 
 
-@pytest.mark.parametrize("value, words", [("autoo", "'autoo'"), (-1, "-1"), (True, "True"), ("nan", "'nan'")])
+def test_a_run_with_a_strength_tunes_with_it_over_the_backdoored_heads_squared_norm(fresh_bb: TinyBB) -> None:
+    """alpha: strength=S runs FST with alpha = S / ||W0||^2 of the record's head, without a search, and ends as a
+    run given that number."""
+    from fst_plugin.core.alpha import head_norm_sq
+
+    plan = _plan(fresh_bb, save_name="s2", alpha="strength=2")
+    assert plan.alpha_data is None   # nothing to choose
+    expected = 2 / head_norm_sq(plan.head)
+    scaled = run(plan)
+    info = json.loads(DefenseLayout.of(fresh_bb.record, "s2").run_info.read_text())
+    assert info["config"]["alpha"] == "strength=2" and info["alpha"] == pytest.approx(expected) == scaled.alpha
+    assert scaled.alpha_choice is None
+    given = run(_plan(fresh_bb, save_name="given", alpha=scaled.alpha))
+    for (name, a), b in zip(scaled.model.state_dict().items(), given.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_strength_round_trips_through_yaml_and_the_command_line(tmp_path: Path) -> None:
+    path = tmp_path / "fst.yaml"
+    path.write_text("alpha: strength=2\n")
+    assert load_config({"yaml_path": str(path)}).alpha == "strength=2"
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert build_config({}, overrides_from(parser.parse_args(["--alpha", "strength=0.50"]))).alpha == "strength=0.5"
+
+
+@pytest.mark.parametrize("value, words", [("autoo", "'autoo'"), (-1, "-1"), (True, "True"), ("nan", "'nan'"),
+                                          ("strength=0", "'strength=0'"), ("strength=two", "'strength=two'")])
 def test_a_bad_alpha_is_refused_in_one_line(value: object, words: str) -> None:
     with pytest.raises(ConfigError) as caught:
         build_config({"alpha": value})
     message = str(caught.value)
-    assert "'alpha'" in message and words in message and "auto" in message and "\n" not in message
+    fix = "strength=2" if str(value).startswith("strength") else "auto"   # the fix names the form meant
+    assert "'alpha'" in message and words in message and fix in message and "\n" not in message
 
 
 def test_the_command_line_refuses_a_misspelt_auto_with_exit_2_and_one_line(bb: TinyBB, tmp_path: Path) -> None:

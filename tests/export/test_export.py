@@ -280,8 +280,9 @@ SMALL_PAM = ["--unlearn_rounds", "2", "--inversion_pretrain_steps", "1", "--inve
              "--inversion_generator_steps", "1", "--generator_filters", "4"]
 
 
-@pytest.mark.parametrize("method, extra", [("fst", []), ("fst", ["--alpha", "auto"]), ("fe-tuning", []),
-                                           ("pam", SMALL_PAM)], ids=["fst", "fst-alpha-auto", "fe-tuning", "pam"])
+@pytest.mark.parametrize("method, extra", [("fst", []), ("fst", ["--alpha", "auto"]),
+                                           ("fst", ["--alpha", "strength=2"]), ("fe-tuning", []), ("pam", SMALL_PAM)],
+                         ids=["fst", "fst-alpha-auto", "fst-alpha-strength", "fe-tuning", "pam"])
 def test_the_exported_defense_runs_without_this_package_and_ends_with_the_plugins_weights(
         method: str, extra: list[str], bb_tree: Path, bb: TinyBB, tmp_path: Path) -> None:
     shutil.copytree(bb.data, bb_tree / "data")
