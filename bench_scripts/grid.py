@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> Report:
                         help="save each record's training state every EPOCHS epochs; a re-run (or a retry on another "
                              "node) resumes from it (0: never)")
     parser.add_argument("--methods", nargs="*", default=list(METHODS),
-                        help=f"ours: {' '.join(METHODS)}, PAM's {' '.join(PAM_VARIANTS)} and FST with alpha auto "
-                             f"({' '.join(ALPHA_VARIANTS)})")
+                        help=f"ours: {' '.join(METHODS)}, PAM's {' '.join(PAM_VARIANTS)} and FST with its alpha "
+                             f"chosen per model ({' '.join(ALPHA_VARIANTS)})")
     parser.add_argument("--backdoorbench", type=Path, help="a BackdoorBench checkout: also run its built-ins")
     parser.add_argument("--bb-defenses", nargs="*", default=list(BB_METHODS))
     parser.add_argument("--bb-args", default="", help="extra arguments for BackdoorBench's defense scripts")

@@ -158,8 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     add_protocol_args(parser)
     parser.add_argument("--records", nargs="*", help="record names (default: every record of the protocol)")
     parser.add_argument("--methods", nargs="*", default=list(METHODS),
-                        help=f"ours: {' '.join(METHODS)}, PAM's {' '.join(PAM_VARIANTS)} and FST with alpha auto "
-                             f"({' '.join(ALPHA_VARIANTS)})")
+                        help=f"ours: {' '.join(METHODS)}, PAM's {' '.join(PAM_VARIANTS)} and FST with its alpha "
+                             f"chosen per model ({' '.join(ALPHA_VARIANTS)})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backdoorbench", type=Path, help="a BackdoorBench checkout: also run its built-ins")
     parser.add_argument("--bb-defenses", nargs="*", default=list(BB_METHODS))

@@ -9,6 +9,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
+from bench_scripts.protocols import ALPHA_VARIANTS
 from bench_scripts.report.figures import epoch_curves
 from bench_scripts.report.tables import LOW_RATE, pct
 
@@ -99,34 +100,34 @@ ALPHA_AUTO_MAX_ASR = 0.02
 
 
 def alpha_auto_section(df: pd.DataFrame) -> Optional[str]:
-    """FST with ``alpha: auto`` against FT-init (the same re-initialisation without the penalty) and FST at the
-    paper's α, per record that has an fst-auto row, checked against issue 27's point 4; None where none ran."""
-    auto = df[df["variant"] == "fst-auto"]
-    if not len(auto):
+    """FST with its α chosen per model (``ALPHA_VARIANTS``: alpha auto, a fixed strength) against FT-init (the same
+    re-initialisation without the penalty) and FST at the paper's α, one row per record and choice, checked against
+    issue 27's point 4; None where no such run exists."""
+    chosen = df[df["variant"].isin(list(ALPHA_VARIANTS))]
+    if not len(chosen):
         return None
-    lines = ["| record | FT-init C-Acc / ASR | FST, paper's α: C-Acc / ASR | FST, alpha auto: α, C-Acc / ASR "
-             "| below FT-init, points | ASR after retuning: FT-init / paper's α / auto | QRA auto | auto wall s "
+    lines = ["| record | FT-init C-Acc / ASR | FST, paper's α: C-Acc / ASR | FST, α chosen: variant, α, C-Acc / ASR "
+             "| below FT-init, points | ASR after retuning: FT-init / paper's α / chosen | QRA chosen | wall s "
              "| point 4 |", "|" + "---|" * 9]
-    met = []
-    for run in auto.sort_values(["attack", "trigger_key", "rate"], na_position="first").itertuples():
+    met: dict[str, list[bool]] = {}
+    for run in chosen.sort_values(["attack", "trigger_key", "rate", "variant"], na_position="first").itertuples():
         def of(variant: str) -> Optional[pd.Series]:
             hit = df[(df["record"] == run.record) & (df["variant"] == variant)]
             return hit.iloc[0] if len(hit) else None
 
-        init, paper, chosen = of("ft-init"), of("fst"), of("fst-auto")
+        init, paper, this = of("ft-init"), of("fst"), of(run.variant)
         # results.csv keeps 4 decimals: round so that a gap of exactly 1.5 points counts as within
         gap = round(init.test_acc - run.test_acc, 6) if init is not None else np.nan
         ok = bool(gap <= ALPHA_AUTO_MAX_GAP and run.test_asr <= ALPHA_AUTO_MAX_ASR) if init is not None else None
-        met.append(ok)
+        if ok is not None:
+            met.setdefault(run.variant, []).append(ok)
         pair = lambda r: f"{pct(r.test_acc)} / {pct(r.test_asr)}" if r is not None else "–"  # noqa: E731
-        retuned = " / ".join(pct(r.get("retune_asr", np.nan)) if r is not None else "–"
-                             for r in (init, paper, chosen))
-        lines.append(f"| {run.record} | {pair(init)} | {pair(paper)} | {run.alpha:.4g}, {pair(run)} | "
+        retuned = " / ".join(pct(r.get("retune_asr", np.nan)) if r is not None else "–" for r in (init, paper, this))
+        lines.append(f"| {run.record} | {pair(init)} | {pair(paper)} | {run.variant}, {run.alpha:.4g}, {pair(run)} | "
                      f"{'–' if pd.isna(gap) else f'{100 * gap:.2f}'} | {retuned} | "
                      f"{pct(getattr(run, 'qra_asr', np.nan))} | {run.defense_wall_s:.0f} | "
                      f"{'–' if ok is None else ('MET' if ok else 'MISSED')} |")
-    checked = [m for m in met if m is not None]
     lines.append("")
-    lines.append(f"Point 4: C-Acc within {100 * ALPHA_AUTO_MAX_GAP:g} points of FT-init's and ASR ≤ "
-                 f"{100 * ALPHA_AUTO_MAX_ASR:g}% on {sum(checked)} of {len(checked)} records with both runs.")
+    lines += [f"Point 4 for {variant}: C-Acc within {100 * ALPHA_AUTO_MAX_GAP:g} points of FT-init's and ASR ≤ "
+              f"{100 * ALPHA_AUTO_MAX_ASR:g}% on {sum(oks)} of {len(oks)} records with both runs." for variant, oks in met.items()]
     return "\n".join(lines)

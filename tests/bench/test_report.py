@@ -66,5 +66,8 @@ def test_the_alpha_auto_section_checks_point_4_per_record_against_ft_init():
                 for line in text.splitlines() if line.startswith("| ") and "_s0" in line}
     assert verdicts == {"badnets_0.005_s0": "MET", "badnets_0.01_s0": "MISSED", "blended_0.005_s0": "MISSED",
                         "sig_0.01_s0": "–"}
-    assert "on 1 of 3 records with both runs" in text and "| 1.50 |" in text
+    assert "Point 4 for fst-auto:" in text and "on 1 of 3 records with both runs" in text and "| 1.50 |" in text
+    strength = df[df["variant"] == "fst-auto"].assign(variant="fst-s2", test_asr=0.01)   # a second choice: its own line
+    text = alpha_auto_section(pd.concat([df, strength]))
+    assert "Point 4 for fst-s2: C-Acc within 1.5 points of FT-init's and ASR ≤ 2% on 2 of 3 records" in text
     assert alpha_auto_section(df[df["variant"] != "fst-auto"]) is None
