@@ -143,8 +143,8 @@ class DefenseConfig:
     index: Optional[str] = option(None, "file of clean training indices (overrides --ratio)")
     # ours
     alpha: Union[float, str] = option(TuningConfig.alpha, "weight of the feature-shift penalty alpha*<W, W0>; auto: "
-                                      "chosen on a held-out part of the clean tuning set; strength=S: S/||W0||^2, "
-                                      "the same on every head (docs/modes.md)",
+                                      "chosen on a held-out part of the clean tuning set; strength=S: S over the "
+                                      "backdoored head's squared norm, the same on every head (docs/modes.md)",
                                       parse=parse_alpha,
                                       check=(">= 0, auto or strength=S", lambda v: isinstance(v, str) or v >= 0))
     alpha_budget: float = option(AlphaSearch.budget, "alpha auto: held-out accuracy (a fraction) the chosen alpha may "
