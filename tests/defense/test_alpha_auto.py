@@ -114,14 +114,16 @@ def test_a_run_stopped_after_choosing_alpha_resumes_with_that_choice_from_epoch_
     assert run(plan).alpha == first["alpha_choice"]["alpha"]
 
 
-def test_alpha_auto_round_trips_through_yaml_and_the_command_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("in_yaml, flag, parsed", [("auto", "AUTO", "auto"), ("strength=2", "strength=2.0", "strength=2")])
+def test_alpha_auto_and_a_strength_round_trip_through_yaml_and_the_command_line(
+        in_yaml: str, flag: str, parsed: str, tmp_path: Path) -> None:
     path = tmp_path / "fst.yaml"
-    path.write_text("alpha: auto\nalpha_budget: 0.02\n")
-    assert load_config({"yaml_path": str(path)}).alpha == "auto"
+    path.write_text(f"alpha: {in_yaml}\nalpha_budget: 0.02\n")
+    assert load_config({"yaml_path": str(path)}).alpha == parsed
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    from_flags = build_config({"alpha": 0.2}, overrides_from(parser.parse_args(["--alpha", "AUTO"])))
-    assert from_flags.alpha == "auto" and as_text(SPECS["alpha"], from_flags.alpha) == "auto"
+    from_flags = build_config({"alpha": 0.2}, overrides_from(parser.parse_args(["--alpha", flag])))
+    assert from_flags.alpha == parsed and as_text(SPECS["alpha"], from_flags.alpha) == parsed
     assert build_config({}, overrides_from(parser.parse_args(["--alpha", "0.05"]))).alpha == 0.05
     assert as_text(SPECS["alpha"], 0.2) == "0.2"
 
@@ -141,15 +143,6 @@ def test_a_run_with_a_strength_tunes_with_it_over_the_backdoored_heads_squared_n
     given = run(_plan(fresh_bb, save_name="given", alpha=scaled.alpha))
     for (name, a), b in zip(scaled.model.state_dict().items(), given.model.state_dict().values()):
         assert torch.equal(a, b), name
-
-
-def test_a_strength_round_trips_through_yaml_and_the_command_line(tmp_path: Path) -> None:
-    path = tmp_path / "fst.yaml"
-    path.write_text("alpha: strength=2\n")
-    assert load_config({"yaml_path": str(path)}).alpha == "strength=2"
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    assert build_config({}, overrides_from(parser.parse_args(["--alpha", "strength=0.50"]))).alpha == "strength=0.5"
 
 
 @pytest.mark.parametrize("value, words", [("autoo", "'autoo'"), (-1, "-1"), (True, "True"), ("nan", "'nan'"),
