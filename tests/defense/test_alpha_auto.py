@@ -114,7 +114,8 @@ def test_a_run_stopped_after_choosing_alpha_resumes_with_that_choice_from_epoch_
     assert run(plan).alpha == first["alpha_choice"]["alpha"]
 
 
-@pytest.mark.parametrize("in_yaml, flag, parsed", [("auto", "AUTO", "auto"), ("strength=2", "strength=2.0", "strength=2")])
+@pytest.mark.parametrize("in_yaml, flag, parsed",
+                         [("auto", "AUTO", "auto"), ("strength=2", "strength=2.0", "strength=2")])
 def test_alpha_auto_and_a_strength_round_trip_through_yaml_and_the_command_line(
         in_yaml: str, flag: str, parsed: str, tmp_path: Path) -> None:
     path = tmp_path / "fst.yaml"
