@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from bench_scripts.campaign.profiles import CLEAN_REFERENCE, HELLO_KITTY, RECORDS, Estimate, Profile, RecordSpec
-from bench_scripts.protocols import BB_METHODS, PAM_VARIANTS, QRA_MAX_ASR
+from bench_scripts.protocols import ALPHA_VARIANTS, BB_METHODS, PAM_VARIANTS, QRA_MAX_ASR
 
 STOP_AFTER = "{stop_after_s}"
 SMOKE_RECORD, SMOKE_REFERENCE = "badnets_0.1_s0", "badnets_0_s0"
@@ -186,8 +186,10 @@ def build_plan(p: Profile, paths: Paths, budget_s: float, backdoorbench: Optiona
                    tuple(Step(bench("evaluation", *protocol, *data, "--records", n, "--retune", "--qra",
                                    "--qra-max-asr", f"{QRA_MAX_ASR:g}", "--out", str(paths.work / "retune" / f"{n}.csv")),
                              needs=n) for n in names), parallel=p.jobs)
-    pam = _stage(estimates, "pam", 22, f"PAM and FST + PAM ({', '.join(PAM_VARIANTS)}) on every record, before the retune",
-                tuple(Step(bench("defenses", *common, "--records", n, "--methods", *PAM_VARIANTS), needs=n)
+    pam = _stage(estimates, "pam", 22, f"PAM and FST + PAM ({', '.join(PAM_VARIANTS)}), and FST with its alpha chosen per "
+                 f"model ({', '.join(ALPHA_VARIANTS)}, issue 27), on every record, before the retune",
+                tuple(Step(bench("defenses", *common, "--records", n, "--methods", *PAM_VARIANTS, *ALPHA_VARIANTS),
+                           needs=n)
                       for n in names),
                 parallel=p.jobs, skip=None if "pam" in registered else "pam not registered (fst-plugin list)")
     evaluate = _stage(estimates, "evaluate", 20, "the one evaluator on every model -> results.csv",
