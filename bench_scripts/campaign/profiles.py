@@ -11,10 +11,10 @@ from bench_scripts.protocols import BB_METHODS, get_protocol
 
 HELLO_KITTY = "resource/blended/hello_kitty.jpeg"   # in a BackdoorBench checkout; read there, never copied
 
-
 # FST runs the alpha variants cost per record: alpha auto's reference and up to 3 candidates plus its final run, and
 # strength 2's one run (protocols.ALPHA_VARIANTS)
 ALPHA_RUNS = 6
+
 
 @dataclass(frozen=True)
 class RecordSpec:

@@ -165,6 +165,7 @@ def fixed_alpha(alpha: Union[float, str], head: ClassifierHead) -> float:
         if not norm_sq > 0:
             raise ConfigError(f"alpha {alpha} scales by the head's squared norm, which is {norm_sq}",
                               "give alpha as a number for a model whose head is all zeros")
+        log.info("alpha %s: %.4g (the backdoored head's squared norm %.4g)", alpha, strength / norm_sq, norm_sq)
         return strength / norm_sq
     return 0.0 if alpha == "auto" else float(alpha)
 

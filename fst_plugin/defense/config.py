@@ -59,12 +59,10 @@ def parse_alpha(value: Any) -> Union[float, str]:
     try:
         strength = parse_strength(value)
     except ValueError:
-        strength = math.nan
-    if strength is not None:
-        if math.isfinite(strength):
-            return f"{STRENGTH_PREFIX}{strength:g}"
         raise ConfigError(f"config key 'alpha' is {value!r}", "write the strength as a number > 0, e.g. "
-                          "alpha: strength=2 (alpha = 2 / the backdoored head's squared norm)")
+                          "alpha: strength=2 (alpha = 2 / the backdoored head's squared norm)") from None
+    if strength is not None:
+        return f"{STRENGTH_PREFIX}{strength:g}"
     if isinstance(value, (int, float, str)) and not isinstance(value, bool):
         try:
             number = float(value)

@@ -21,9 +21,7 @@ import torch
 from torch import nn
 
 from fst_plugin.core import ClassifierHead, TuningConfig, TuningState, evaluate_backdoor, find_head, get_mode, tune
-from fst_plugin.core.alpha import (
-    AlphaChoice, choose_alpha, fixed_alpha, head_norm_sq, parse_strength, split_held_out,
-)
+from fst_plugin.core.alpha import AlphaChoice, choose_alpha, fixed_alpha, split_held_out
 from fst_plugin.data import dataset_info
 from fst_plugin.defense.backend import make_backend
 from fst_plugin.core.unlearning import ReversedSamples
@@ -302,9 +300,6 @@ def _tune_and_write(plan: DefensePlan, on_epoch_end: Optional[EpochHook]) -> Def
             save_checkpoint(None)  # an interruption in the first epoch keeps the choice
     # alpha auto's choice, else the config's number or strength (scaled by the backdoored head, not yet re-initialised)
     alpha = choice.alpha if choice is not None else fixed_alpha(config.alpha, plan.head)
-    if parse_strength(config.alpha) is not None:
-        log.info("alpha %s: %.4g (the backdoored head's squared norm %.4g)", config.alpha, alpha,
-                 head_norm_sq(plan.head))
     tuning_started = time.time()
     unlearning = reversed_samples(plan)
     history = tune(model, plan.head, get_mode(plan.method), plan.train_loader,
