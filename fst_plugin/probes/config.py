@@ -16,6 +16,13 @@ from fst_plugin.options import option, parse_fraction
 
 NO_DEFENSE = "none"                   # the attacked model itself (attack_result.pt)
 CLEAN_REFERENCE = "clean-reference"   # a model trained on clean data only (--reference_record / --reference_model)
+# which clean images a probe tunes with (--clean_subset): the defense's own tuning subset (its log/index.txt; drawn
+# when it wrote none), or always the seeded draw at --ratio, as the authors' ft_poison.py does: then every model of a
+# record is probed with the same clean images, whatever each defense tuned on (defenses tuned on different ratios)
+CLEAN_SUBSETS = ("defense", "drawn")
+CLEAN_SUBSET_HELP = ("defense: the defense's own tuning subset (its log/index.txt, drawn when it has none); drawn: "
+                     "BackdoorBench's seeded draw at --ratio whatever the defense tuned on (the same images for every "
+                     "model of a record, as the authors' script)")
 REFERENCE_MODEL_HELP = ("a clean model file instead: a state_dict of the record's model_name (e.g. BackdoorBench's "
                         "clean_model.pth), bare or under 'model' / 'state_dict'")
 
@@ -55,7 +62,8 @@ class RetuneConfig:
     random_seed: int = option(0, "seed of the poisoned-image pick, the drawn subset and the shuffling")
     device: str = option("auto", "auto, cpu, cuda, cuda:N")
     ratio: float = option(0.02, "clean fraction drawn when the model has no log/index.txt (none, clean-reference, "
-                                "BackdoorBench defenses that write none)")
+                                "BackdoorBench defenses that write none) or with --clean_subset drawn")
+    clean_subset: str = option("defense", CLEAN_SUBSET_HELP, choices=CLEAN_SUBSETS)
     dataset_path: Path = option(Path("./data"), "folder holding <dataset>/ (default ./data)")
     num_workers: int = option(0, "dataloader workers")
     trust_record: bool = option(False, "UNSAFE: fully unpickle records from a source you trust",
@@ -69,6 +77,8 @@ class RetuneConfig:
                   ("lr", self.lr, "> 0 and finite", math.isfinite(self.lr) and self.lr > 0),
                   ("batch_size", self.batch_size, "> 0", self.batch_size > 0),
                   ("ratio", self.ratio, "in (0, 1]", 0 < self.ratio <= 1),
+                  ("clean_subset", self.clean_subset, f"one of {', '.join(CLEAN_SUBSETS)}",
+                   self.clean_subset in CLEAN_SUBSETS),
                   ("num_workers", self.num_workers, ">= 0", self.num_workers >= 0))
         _require(checks)
         from fst_plugin.record.layout import (
@@ -107,7 +117,9 @@ class QraConfig:
     batch_size: int = option(128, "batch size")
     random_seed: int = option(0, "seed of the image picks, the generator's weights and the shuffling")
     device: str = option("auto", "auto, cpu, cuda, cuda:N")
-    ratio: float = option(0.02, "clean fraction drawn when the model has no log/index.txt (as retune draws it)")
+    ratio: float = option(0.02, "clean fraction drawn when the model has no log/index.txt or with --clean_subset "
+                                "drawn (as retune draws it)")
+    clean_subset: str = option("defense", CLEAN_SUBSET_HELP, choices=CLEAN_SUBSETS)
     dataset_path: Path = option(Path("./data"), "folder holding <dataset>/ (default ./data)")
     trust_record: bool = option(False, "UNSAFE: fully unpickle records from a source you trust",
                                 flags=("--trust-record",))
@@ -123,7 +135,9 @@ class QraConfig:
                   ("epochs", self.epochs, "> 0", self.epochs > 0),
                   ("lr", self.lr, "> 0 and finite", finite(self.lr) and self.lr > 0),
                   ("batch_size", self.batch_size, "> 0", self.batch_size > 0),
-                  ("ratio", self.ratio, "in (0, 1]", 0 < self.ratio <= 1))
+                  ("ratio", self.ratio, "in (0, 1]", 0 < self.ratio <= 1),
+                  ("clean_subset", self.clean_subset, f"one of {', '.join(CLEAN_SUBSETS)}",
+                   self.clean_subset in CLEAN_SUBSETS))
         _require(checks)
         if self.clean_num + self.poison_num == 0:
             raise ConfigError("--clean_num and --poison_num are both 0: QRA has nothing to train on",

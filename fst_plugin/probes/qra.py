@@ -30,7 +30,8 @@ Where we differ, on purpose:
 
 * the clean images are the first ``clean_num`` of the defense's own tuning subset (its ``log/index.txt``, or the
   seeded ``choose_index`` draw when a model has none, exactly as :func:`fst_plugin.probes.sources.clean_subset` picks
-  the retune's subset); the script takes the first 500 of a fresh ``choose_index_v2(split_ratio)`` draw;
+  the retune's subset, ``--clean_subset drawn`` included); the script takes the first 500 of a fresh
+  ``choose_index_v2(split_ratio)`` draw;
 * the poisoned pool is ordered by original index before a ``random.Random(seed)`` shuffle (the script shuffles
   a ``glob`` listing, whose order depends on the file system, with the global RNG), so every model of a record
   is attacked with the same images; images are excluded by their recorded original label, not by the name of
@@ -178,7 +179,8 @@ def prepare_qra(config: QraConfig) -> QraPlan:
     for model in models.values():
         model.eval().requires_grad_(False)  # the generator is the only thing trained
     train_split, test_split = sources.clean_splits(record, config.dataset_path)
-    subset = sources.clean_subset(record, config.defense, config.ratio, config.random_seed, len(train_split))
+    subset = sources.clean_subset(record, config.defense, config.ratio, config.random_seed, len(train_split),
+                                  config.clean_subset)
     training = build_qra_set(record, train_split, subset, config.clean_num, poisoned, target)
     log.info("qra %s: target %d, %d clean (%s) + %d poisoned training images (train indices %s...)", config.defense,
              target, len(training.clean_indices), subset.source, len(poisoned),

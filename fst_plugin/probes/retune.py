@@ -26,9 +26,10 @@ Where we differ, on purpose: the clean subset is the defense's own tuning subset
 attacker re-uses exactly what the defender tuned on (when a model has none, e.g. ``none``, the reference or a
 BackdoorBench defense that writes no index, the subset is drawn as BackdoorBench's ``choose_index`` does:
 ``random.sample`` of ``int(n * ratio)`` indices after seeding, which equals what our defenses draw with the
-same seed and ratio); the poisoned pool holds only the images that carry the attack
-(:func:`fst_plugin.record.poison_pool.poisoned_pool`: WaNet's and InputAware's flagged cross samples, which
-keep their true label, are left out) and is ordered by original index before the seeded shuffle (the script
+same seed and ratio; ``--clean_subset drawn`` takes that draw for every model, the script's way, so that models
+whose defenses tuned on different subsets are retuned on the same images); the poisoned pool holds only the
+images that carry the attack (:func:`fst_plugin.record.poison_pool.poisoned_pool`: WaNet's and InputAware's
+flagged cross samples, which keep their true label, are left out) and is ordered by original index before the seeded shuffle (the script
 shuffles a ``glob`` listing, whose order depends on the file system) and uses its own ``random.Random(seed)``
 so every model of a record is attacked with the same poisoned images; the default seed is 0 (the script's is
 42); RA is measured too; and the retuned model is saved in BackdoorBench's ``defense_result`` format.
@@ -144,7 +145,8 @@ def prepare_retune(config: RetuneConfig) -> RetunePlan:
     reference = sources.CleanReference(config.reference_record, config.reference_model)
     probed = sources.model_to_probe(record, config.defense, reference, config.trust_record)
     train_split, test_split = sources.clean_splits(record, config.dataset_path)
-    subset = sources.clean_subset(record, config.defense, config.ratio, config.random_seed, len(train_split))
+    subset = sources.clean_subset(record, config.defense, config.ratio, config.random_seed, len(train_split),
+                                  config.clean_subset)
     tuning = build_retune_set(record, train_split, subset, config.poison_num, config.random_seed, pool)
     log.info("retune %s: %d poisoned (train indices %s, %s pool of %d, %d flagged images left out) + %d clean "
              "images (%s)", config.defense, len(tuning.poisoned), [p.original_index for p in tuning.poisoned],

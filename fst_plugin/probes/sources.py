@@ -150,18 +150,21 @@ def clean_splits(record: AttackRecord, dataset_path: Path) -> tuple[Dataset, Dat
     return load_clean_split(record.clean_data, root, train=True), load_clean_split(record.clean_data, root, train=False)
 
 
-def clean_subset(record: AttackRecord, defense: str, ratio: float, seed: int, n_train: int) -> CleanSubset:
-    """The defense's own clean tuning indices, or BackdoorBench's ``choose_index`` draw when it left none."""
-    if defense not in (NO_DEFENSE, CLEAN_REFERENCE):
+def clean_subset(record: AttackRecord, defense: str, ratio: float, seed: int, n_train: int,
+                 source: str = "defense") -> CleanSubset:
+    """The defense's own clean tuning indices, or BackdoorBench's ``choose_index`` draw when it left none or when
+    ``source`` is ``drawn`` (``--clean_subset``, :data:`fst_plugin.probes.config.CLEAN_SUBSETS`)."""
+    if source == "defense" and defense not in (NO_DEFENSE, CLEAN_REFERENCE):
         index = DefenseLayout.of(record.record_dir, defense).index
         if index.is_file():
             inside_record(index, record.record_dir, "index file")
             return CleanSubset(choose_clean_indices(n_train, ratio, str(index)), str(index))
     seed_everything(seed)
     indices = choose_clean_indices(n_train, ratio, None)
-    source = f"drawn: random.sample of int({n_train} * {ratio}) after seeding {seed}"
-    log.info("%s has no log/index.txt; clean subset %s", defense, source)
-    return CleanSubset(indices, source)
+    drawn = f"drawn: random.sample of int({n_train} * {ratio}) after seeding {seed}"
+    log.info("%s: clean subset %s%s", defense, drawn, " (--clean_subset drawn)" if source == "drawn" else
+             " (no log/index.txt)")
+    return CleanSubset(indices, drawn)
 
 
 # ----- which poisoned images ------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from fst_plugin.models import build_model
 from fst_plugin.probes.config import QraConfig
 from fst_plugin.probes.perturbation import load_perturbation, pixel_transform
 from fst_plugin.probes.qra import MODELS, prepare_qra, run_qra
-from fst_plugin.probes.retune import run_retune
+from fst_plugin.probes.retune import prepare_retune, run_retune
 from fst_plugin.record import load_attack_record, load_untrusted
 from fst_plugin.record.layout import DefenseLayout
 from tests.builders import snapshot, state_dict_hash
@@ -138,6 +138,7 @@ def test_with_eps_zero_the_perturbed_numbers_equal_the_unperturbed_ones_exactly(
     (["--defense", "fst", "--alpha_qra", "nan"], "--alpha_qra is nan"),
     (["--defense", "fst", "--clean_num", "0", "--poison_num", "0"], "nothing to train on"),
     (["--defense", "fst", "--epochs", "0"], "--epochs is 0"),
+    (["--defense", "fst", "--clean_subset", "mine"], "--clean_subset"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(ws, capsys, extra, message):
     ft = ws.attacked / "defense" / "ft"  # a finished defense that was never retuned
@@ -160,6 +161,13 @@ def test_qra_reads_the_same_clean_subset_as_the_retune_and_only_non_target_poiso
     assert plan.training.true_labels[10:].tolist() == [p.original_label for p in plan.training.poisoned]
     assert float(plan.training.pixels.min()) >= 0 and float(plan.training.pixels.max()) <= 1
     assert plan.save_dir == DefenseLayout.of(retuned.attacked, "fst").qra_dir  # prepare_qra itself writes nothing: see bad input
+
+
+def test_qra_with_clean_subset_drawn_takes_the_retunes_draw_not_the_defenses_index(retuned):
+    plan = prepare_qra(small(retuned, clean_subset="drawn"))
+    draw = prepare_retune(tiny(retuned, defense="none")).tuning.subset
+    np.testing.assert_array_equal(plan.training.clean_indices, draw[:10])
+    assert not np.array_equal(plan.training.clean_indices, retuned.fst_index[:10])
 
 
 def test_the_benchmark_leaves_the_qra_columns_empty_with_a_warning_when_the_pool_is_too_small(ws, caplog):

@@ -57,6 +57,18 @@ def test_a_model_without_index_file_gets_backdoorbenchs_seeded_draw_of_ratio_tim
     np.testing.assert_array_equal(plan.tuning.subset, again.tuning.subset)
 
 
+def test_clean_subset_drawn_retunes_a_defense_on_the_seeded_draw_not_on_its_own_index(ws):
+    """``--clean_subset drawn`` (the authors' script): the defense's log/index.txt is passed over, so a defense and
+    the attacked model get the same clean images; the default keeps the defense's own."""
+    own = prepare_retune(tiny(ws))
+    drawn = prepare_retune(tiny(ws, clean_subset="drawn"))
+    attacked = prepare_retune(tiny(ws, defense="none"))
+    np.testing.assert_array_equal(drawn.tuning.subset, attacked.tuning.subset)
+    assert drawn.tuning.index_source.startswith("drawn") and own.tuning.index_source.endswith("log/index.txt")
+    assert not np.array_equal(own.tuning.subset, drawn.tuning.subset)  # the fixture's index is not the draw
+    np.testing.assert_array_equal(own.tuning.subset, ws.fst_index)
+
+
 def test_a_retune_with_a_fixed_seed_is_deterministic_and_writes_backdoorbench_formats(ws):
     first = run_retune(tiny(ws))
     out = ws.attacked / "defense" / "fst" / "retune"
@@ -86,6 +98,7 @@ def test_a_retune_with_a_fixed_seed_is_deterministic_and_writes_backdoorbench_fo
     (["--defense", "fst", "--lr", "nan"], "--lr is nan"),
     (["--defense", "fst", "--batch_size", "0"], "--batch_size is 0"),
     (["--defense", "none", "--ratio", "1.5"], "--ratio is 1.5"),
+    (["--defense", "fst", "--clean_subset", "mine"], "--clean_subset"),
     (["--defense", "../../x"], "not a defense folder name"),
     (["--defense", "clean-reference"], "goes with --defense clean-reference, and only with it"),
     (["--defense", "fst", "--reference_model", "clean_model.pth"], "goes with --defense clean-reference"),
