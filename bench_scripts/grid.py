@@ -41,7 +41,8 @@ def _probe_jobs(args: argparse.Namespace, run: BenchRun, records: list[MakeRecor
     """The retuning attack on every model of every record (then QRA with --qra), each after its model's job."""
     protocol = run.protocol
     made = {job.name for job in jobs}
-    probing = Probing(run.root / "data", eval_device(protocol), protocol.defense_ratio, run.results)
+    probing = Probing(run.root / "data", eval_device(protocol), protocol.defense_ratio, run.results,
+                      protocol.probe_subset)
     out: list[Job] = []
     for record in records:
         for variant in [NO_DEFENSE, *variants, CLEAN_REFERENCE]:

@@ -142,6 +142,9 @@ class Protocol:
     # num_gpus; bench_scripts/jobs)
     job_cpus: int = 1
     job_gpus: float = 0.0
+    # the retune's and QRA's clean images (their --clean_subset): "defense", each defense's own tuning subset; "drawn",
+    # one seeded draw at defense_ratio for every model (the authors' script), for defenses tuned on other subsets
+    probe_subset: str = "defense"
     notes: str = ""
 
     def to_dict(self) -> dict:

@@ -128,10 +128,11 @@ class Retune:
     """The retuning-attack columns: measure each model's retuned result, running missing retunes if asked."""
 
     def __init__(self, run_missing: bool, dataset_path: Path, device: str, reference: str | None,
-                 results: Path, ratio: float, variants: set[str] | None = None) -> None:
+                 results: Path, ratio: float, variants: set[str] | None = None, clean_subset: str = "defense") -> None:
         self.run_missing, self.dataset_path, self.device, self.reference = run_missing, dataset_path, device, reference
         self.ratio = ratio  # the defenses' clean fraction: models without an index file draw the same subset
         self.results, self.variants = results, variants  # variants: which ones --retune runs (None: all)
+        self.clean_subset = clean_subset  # the protocol's probe_subset
 
     def columns(self, record_dir: Path, variant: str, sets: TestSets,
                 reference: Path | None = None) -> dict[str, float]:
@@ -141,8 +142,8 @@ class Retune:
             return empty
         path = DefenseLayout.of(record_dir, variant).retune_result
         if not path.is_file() and self.run_missing and (self.variants is None or variant in self.variants):
-            RetuneModel(record_dir, variant, Probing(self.dataset_path, self.device, self.ratio, self.results),
-                        reference)()
+            RetuneModel(record_dir, variant, Probing(self.dataset_path, self.device, self.ratio, self.results,
+                                                     self.clean_subset), reference)()
         if not path.is_file():
             return empty
         metrics = cached_measure(path, lambda: load_defended(path), sets, self.device)
@@ -153,10 +154,11 @@ class Qra:
     """The QRA columns: read each model's finished QRA run, running missing ones (after its retune) if asked."""
 
     def __init__(self, run_missing: bool, dataset_path: Path, device: str, results: Path, ratio: float,
-                 variants: set[str] | None = None, max_asr: float | None = None) -> None:
+                 variants: set[str] | None = None, max_asr: float | None = None, clean_subset: str = "defense") -> None:
         self.run_missing, self.dataset_path, self.device, self.results = run_missing, dataset_path, device, results
         self.ratio, self.variants = ratio, variants  # ratio: as Retune's; variants: which ones --qra runs (None: all)
         self.max_asr = max_asr  # --qra runs only on models purified to this ASR (None: on every model)
+        self.clean_subset = clean_subset  # as Retune's
 
     def columns(self, record_dir: Path, variant: str, reference: Path | None, asr: float) -> dict[str, float]:
         """``asr``: the model's ASR after its defense; QRA reactivates a purified model, so a model left above
@@ -170,7 +172,8 @@ class Qra:
         if metrics is None and self.run_missing and wanted and layout.retune_result.is_file():
             try:
                 metrics = attack_with_qra(record_dir, variant, reference,
-                                          Probing(self.dataset_path, self.device, self.ratio, self.results))
+                                          Probing(self.dataset_path, self.device, self.ratio, self.results,
+                                                  self.clean_subset))
             except QraNotRun as error:  # e.g. fewer poisoned images than the script's 500: the columns stay empty
                 log.warning("qra %s %s not run: %s (run `fst-plugin qra` with other settings; evaluate reads "
                             "its result)", variant, record_dir.name, error)
@@ -308,9 +311,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     data_root = link_data(root, args.data) if args.retune or args.qra else root / "data"
     retune = Retune(args.retune, data_root, device, args.reference,
                     out.parent, protocol.defense_ratio,
-                    None if "all" in args.retune_variants else set(args.retune_variants))
+                    None if "all" in args.retune_variants else set(args.retune_variants), protocol.probe_subset)
     qra = Qra(args.qra, data_root, device, out.parent, protocol.defense_ratio,
-              None if "all" in args.qra_variants else set(args.qra_variants), args.qra_max_asr)
+              None if "all" in args.qra_variants else set(args.qra_variants), args.qra_max_asr, protocol.probe_subset)
     return write_results(protocol, root, args.data, out, args.records or finished_records(root), retune, qra)
 
 

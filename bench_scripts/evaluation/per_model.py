@@ -44,12 +44,14 @@ def cached_measure(path: Path, loader, sets: TestSets, device: str, cache: Path 
 @dataclass(frozen=True)
 class Probing:
     """How every probe of a run is run: the data root (``<cache>/<protocol>/data``), the device, the clean fraction
-    drawn for a model without an index file (the defenses'), and where the timings go."""
+    drawn for a model without an index file (the defenses'), where the timings go, and which clean subset the
+    probes take (the protocol's ``probe_subset``: their ``--clean_subset``)."""
 
     data_root: Path
     device: str
     ratio: float
     results: Path
+    clean_subset: str = "defense"
 
     def job(self, work: "RetuneModel | QraModel", kind: str, output: Path, inputs: tuple[Path, ...],
             resources: Resources, needs: tuple[str, ...]) -> Job:
@@ -76,7 +78,8 @@ class RetuneModel:
             return "a clean record: nothing to retune with"
         started, how = time.time(), self.probing
         result = run_retune(RetuneConfig(record=self.record_dir, defense=self.variant, reference_record=self.reference,
-                                         dataset_path=how.data_root, device=how.device, ratio=how.ratio))
+                                         dataset_path=how.data_root, device=how.device, ratio=how.ratio,
+                                         clean_subset=how.clean_subset))
         log_timing(how.results, f"retune {self.variant} {self.record_dir.name}", time.time() - started,
                    retune_wall_s=round(result.wall_time_s, 1))
         return ""
@@ -96,7 +99,7 @@ def attack_with_qra(record_dir: Path, variant: str, reference: Path, how: Probin
     ``QraNotRun`` when the record cannot give QRA its data; every other failure propagates."""
     started = time.time()
     config = QraConfig(record=record_dir, defense=variant, reference_record=reference, dataset_path=how.data_root,
-                       device=how.device, ratio=how.ratio)
+                       device=how.device, ratio=how.ratio, clean_subset=how.clean_subset)
     try:
         result = run_qra(config)
     except (ConfigError, RecordError) as error:   # raised by its checks, before it trains anything

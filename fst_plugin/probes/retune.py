@@ -25,14 +25,14 @@ What we take from the authors' script (``fine_tune/ft_poison.py`` of AISafety-HK
 Where we differ, on purpose: the clean subset is the defense's own tuning subset (its ``log/index.txt``) so the
 attacker re-uses exactly what the defender tuned on (when a model has none, e.g. ``none``, the reference or a
 BackdoorBench defense that writes no index, the subset is drawn as BackdoorBench's ``choose_index`` does:
-``random.sample`` of ``int(n * ratio)`` indices after seeding, which equals what our defenses draw with the
-same seed and ratio; ``--clean_subset drawn`` takes that draw for every model, the script's way, so that models
-whose defenses tuned on different subsets are retuned on the same images); the poisoned pool holds only the
-images that carry the attack (:func:`fst_plugin.record.poison_pool.poisoned_pool`: WaNet's and InputAware's
-flagged cross samples, which keep their true label, are left out) and is ordered by original index before the seeded shuffle (the script
-shuffles a ``glob`` listing, whose order depends on the file system) and uses its own ``random.Random(seed)``
-so every model of a record is attacked with the same poisoned images; the default seed is 0 (the script's is
-42); RA is measured too; and the retuned model is saved in BackdoorBench's ``defense_result`` format.
+``random.sample`` of ``int(n * ratio)`` indices after seeding, which equals what our defenses draw with the same
+seed and ratio; ``--clean_subset drawn`` takes that draw for every model, the script's way, so that models whose
+defenses tuned on different subsets are retuned on the same images); the poisoned pool holds only the images that
+carry the attack (:func:`fst_plugin.record.poison_pool.poisoned_pool`: WaNet's and InputAware's flagged cross
+samples, which keep their true label, are left out) and is ordered by original index before the seeded shuffle (the
+script shuffles a ``glob`` listing, whose order depends on the file system) and uses its own ``random.Random(seed)``
+so every model of a record is attacked with the same poisoned images; the default seed is 0 (the script's is 42); RA
+is measured too; and the retuned model is saved in BackdoorBench's ``defense_result`` format.
 
 Output, written only after everything was validated and the retune finished, each file atomically:
 ``record/<name>/defense/<method>/retune/{retune_df.csv, run_info.json, retune_result.pt}`` (the result last).

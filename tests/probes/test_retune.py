@@ -69,6 +69,18 @@ def test_clean_subset_drawn_retunes_a_defense_on_the_seeded_draw_not_on_its_own_
     np.testing.assert_array_equal(own.tuning.subset, ws.fst_index)
 
 
+def test_the_benchmarks_probe_subset_reaches_the_retune(ws):
+    """``--set probe_subset=drawn`` on a bench script: the protocol's field travels through Probing to the retune."""
+    from bench_scripts.evaluation.per_model import Probing, RetuneModel
+    from bench_scripts.protocols import get_protocol
+
+    protocol = get_protocol("tiny", probe_subset="drawn")
+    assert RetuneModel(ws.attacked, "fst", Probing(ws.root / "data", "cpu", 0.25, ws.root / "results",
+                                                    protocol.probe_subset))() == ""
+    info = json.loads((ws.attacked / "defense" / "fst" / "retune" / "run_info.json").read_text())
+    assert info["clean_index_source"].startswith("drawn") and info["config"]["clean_subset"] == "drawn"
+
+
 def test_a_retune_with_a_fixed_seed_is_deterministic_and_writes_backdoorbench_formats(ws):
     first = run_retune(tiny(ws))
     out = ws.attacked / "defense" / "fst" / "retune"
