@@ -21,6 +21,7 @@ from typing import Optional
 
 from bench_scripts.jobs.job import Resources
 from fst_plugin.defense.config import DefenseConfig
+from fst_plugin.probes.config import OWN_SUBSET
 
 # the package's five tuning modes
 METHODS = ("lp", "vanilla-ft", "fe-tuning", "ft-init", "fst")
@@ -144,7 +145,7 @@ class Protocol:
     job_gpus: float = 0.0
     # the retune's and QRA's clean images (their --clean_subset): "defense", each defense's own tuning subset; "drawn",
     # one seeded draw at defense_ratio for every model (the authors' script), for defenses tuned on other subsets
-    probe_subset: str = "defense"
+    probe_subset: str = OWN_SUBSET
     notes: str = ""
 
     def to_dict(self) -> dict:

@@ -52,7 +52,7 @@ from bench_scripts.evaluation.per_model import (
 )
 from bench_scripts.protocols import GRID_VARIANTS, Protocol
 from fst_plugin.core import defense_effectiveness_rating
-from fst_plugin.probes.config import CLEAN_REFERENCE, NO_DEFENSE
+from fst_plugin.probes.config import CLEAN_REFERENCE, NO_DEFENSE, OWN_SUBSET
 from fst_plugin.probes.qra import read_metrics
 from fst_plugin.record import load_attack_record
 from fst_plugin.record.layout import DefenseLayout, defense_results, defenses_dir
@@ -128,7 +128,7 @@ class Retune:
     """The retuning-attack columns: measure each model's retuned result, running missing retunes if asked."""
 
     def __init__(self, run_missing: bool, dataset_path: Path, device: str, reference: str | None,
-                 results: Path, ratio: float, variants: set[str] | None = None, clean_subset: str = "defense") -> None:
+                 results: Path, ratio: float, variants: set[str] | None = None, clean_subset: str = OWN_SUBSET) -> None:
         self.run_missing, self.dataset_path, self.device, self.reference = run_missing, dataset_path, device, reference
         self.ratio = ratio  # the defenses' clean fraction: models without an index file draw the same subset
         self.results, self.variants = results, variants  # variants: which ones --retune runs (None: all)
@@ -154,7 +154,8 @@ class Qra:
     """The QRA columns: read each model's finished QRA run, running missing ones (after its retune) if asked."""
 
     def __init__(self, run_missing: bool, dataset_path: Path, device: str, results: Path, ratio: float,
-                 variants: set[str] | None = None, max_asr: float | None = None, clean_subset: str = "defense") -> None:
+                 variants: set[str] | None = None, max_asr: float | None = None,
+                 clean_subset: str = OWN_SUBSET) -> None:
         self.run_missing, self.dataset_path, self.device, self.results = run_missing, dataset_path, device, results
         self.ratio, self.variants = ratio, variants  # ratio: as Retune's; variants: which ones --qra runs (None: all)
         self.max_asr = max_asr  # --qra runs only on models purified to this ASR (None: on every model)

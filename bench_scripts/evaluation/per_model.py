@@ -14,7 +14,7 @@ from bench_scripts.common import load_defended, load_model, log_timing
 from bench_scripts.evaluation.measures import TestSets, measure
 from bench_scripts.jobs.job import Job, Resources
 from fst_plugin.errors import ConfigError, RecordError
-from fst_plugin.probes.config import CLEAN_REFERENCE, NO_DEFENSE, QraConfig, RetuneConfig
+from fst_plugin.probes.config import CLEAN_REFERENCE, NO_DEFENSE, OWN_SUBSET, QraConfig, RetuneConfig
 from fst_plugin.probes.qra import run_qra
 from fst_plugin.probes.retune import run_retune
 from fst_plugin.record import load_attack_record
@@ -51,7 +51,7 @@ class Probing:
     device: str
     ratio: float
     results: Path
-    clean_subset: str = "defense"
+    clean_subset: str = OWN_SUBSET
 
     def job(self, work: "RetuneModel | QraModel", kind: str, output: Path, inputs: tuple[Path, ...],
             resources: Resources, needs: tuple[str, ...]) -> Job:

@@ -20,6 +20,7 @@ CLEAN_REFERENCE = "clean-reference"   # a model trained on clean data only (--re
 # when it wrote none), or always the seeded draw at --ratio, as the authors' ft_poison.py does: then every model of a
 # record is probed with the same clean images, whatever each defense tuned on (defenses tuned on different ratios)
 CLEAN_SUBSETS = ("defense", "drawn")
+OWN_SUBSET = CLEAN_SUBSETS[0]
 CLEAN_SUBSET_HELP = ("defense: the defense's own tuning subset (its log/index.txt, drawn when it has none); drawn: "
                      "BackdoorBench's seeded draw at --ratio whatever the defense tuned on (the same images for every "
                      "model of a record, as the authors' script)")
@@ -63,7 +64,7 @@ class RetuneConfig:
     device: str = option("auto", "auto, cpu, cuda, cuda:N")
     ratio: float = option(0.02, "clean fraction drawn when the model has no log/index.txt (none, clean-reference, "
                                 "BackdoorBench defenses that write none) or with --clean_subset drawn")
-    clean_subset: str = option("defense", CLEAN_SUBSET_HELP, choices=CLEAN_SUBSETS)
+    clean_subset: str = option(OWN_SUBSET, CLEAN_SUBSET_HELP, choices=CLEAN_SUBSETS)
     dataset_path: Path = option(Path("./data"), "folder holding <dataset>/ (default ./data)")
     num_workers: int = option(0, "dataloader workers")
     trust_record: bool = option(False, "UNSAFE: fully unpickle records from a source you trust",
@@ -119,7 +120,7 @@ class QraConfig:
     device: str = option("auto", "auto, cpu, cuda, cuda:N")
     ratio: float = option(0.02, "clean fraction drawn when the model has no log/index.txt or with --clean_subset "
                                 "drawn (as retune draws it)")
-    clean_subset: str = option("defense", CLEAN_SUBSET_HELP, choices=CLEAN_SUBSETS)
+    clean_subset: str = option(OWN_SUBSET, CLEAN_SUBSET_HELP, choices=CLEAN_SUBSETS)
     dataset_path: Path = option(Path("./data"), "folder holding <dataset>/ (default ./data)")
     trust_record: bool = option(False, "UNSAFE: fully unpickle records from a source you trust",
                                 flags=("--trust-record",))

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from fst_plugin.data import dataset_info, load_clean_split
 from fst_plugin.errors import ConfigError, DataError, ModelError, RecordError
-from fst_plugin.probes.config import CLEAN_REFERENCE, NO_DEFENSE
+from fst_plugin.probes.config import CLEAN_REFERENCE, NO_DEFENSE, OWN_SUBSET
 from fst_plugin.record import AttackRecord, PoisonedImage, load_attack_record
 from fst_plugin.record import choose_clean_indices
 from fst_plugin.record.layout import DefenseLayout
@@ -151,10 +151,10 @@ def clean_splits(record: AttackRecord, dataset_path: Path) -> tuple[Dataset, Dat
 
 
 def clean_subset(record: AttackRecord, defense: str, ratio: float, seed: int, n_train: int,
-                 source: str = "defense") -> CleanSubset:
+                 source: str = OWN_SUBSET) -> CleanSubset:
     """The defense's own clean tuning indices, or BackdoorBench's ``choose_index`` draw when it left none or when
     ``source`` is ``drawn`` (``--clean_subset``, :data:`fst_plugin.probes.config.CLEAN_SUBSETS`)."""
-    if source == "defense" and defense not in (NO_DEFENSE, CLEAN_REFERENCE):
+    if source == OWN_SUBSET and defense not in (NO_DEFENSE, CLEAN_REFERENCE):
         index = DefenseLayout.of(record.record_dir, defense).index
         if index.is_file():
             inside_record(index, record.record_dir, "index file")
@@ -162,8 +162,8 @@ def clean_subset(record: AttackRecord, defense: str, ratio: float, seed: int, n_
     seed_everything(seed)
     indices = choose_clean_indices(n_train, ratio, None)
     drawn = f"drawn: random.sample of int({n_train} * {ratio}) after seeding {seed}"
-    log.info("%s: clean subset %s%s", defense, drawn, " (--clean_subset drawn)" if source == "drawn" else
-             " (no log/index.txt)")
+    log.info("%s: clean subset %s%s", defense, drawn, " (no log/index.txt)" if source == OWN_SUBSET else
+             f" (--clean_subset {source})")
     return CleanSubset(indices, drawn)
 
 
