@@ -23,8 +23,8 @@ from pathlib import Path
 
 from bench_scripts.common import BenchRun, add_protocol_args, link_data, start
 from bench_scripts.defenses.run import builtin_jobs, defense_jobs
-from bench_scripts.evaluation.evaluate import WriteResults, eval_device
-from bench_scripts.evaluation.per_model import Probing, QraModel, RetuneModel
+from bench_scripts.evaluation.evaluate import WriteResults, probing_of
+from bench_scripts.evaluation.per_model import QraModel, RetuneModel
 from bench_scripts.jobs.cli import add_executor_arguments, run_jobs
 from bench_scripts.jobs.graph import Graph, Report
 from bench_scripts.jobs.job import Job, Resources
@@ -41,8 +41,7 @@ def _probe_jobs(args: argparse.Namespace, run: BenchRun, records: list[MakeRecor
     """The retuning attack on every model of every record (then QRA with --qra), each after its model's job."""
     protocol = run.protocol
     made = {job.name for job in jobs}
-    probing = Probing(run.root / "data", eval_device(protocol), protocol.defense_ratio, run.results,
-                      protocol.probe_subset)
+    probing = probing_of(protocol, run.root / "data", run.results)
     out: list[Job] = []
     for record in records:
         for variant in [NO_DEFENSE, *variants, CLEAN_REFERENCE]:

@@ -52,7 +52,7 @@ from bench_scripts.evaluation.per_model import (
 )
 from bench_scripts.protocols import GRID_VARIANTS, Protocol
 from fst_plugin.core import defense_effectiveness_rating
-from fst_plugin.probes.config import CLEAN_REFERENCE, NO_DEFENSE, OWN_SUBSET
+from fst_plugin.probes.config import CLEAN_REFERENCE, NO_DEFENSE
 from fst_plugin.probes.qra import read_metrics
 from fst_plugin.record import load_attack_record
 from fst_plugin.record.layout import DefenseLayout, defense_results, defenses_dir
@@ -127,12 +127,10 @@ def find_reference(record_dir: Path, seed: Any, name: str | None = None) -> Path
 class Retune:
     """The retuning-attack columns: measure each model's retuned result, running missing retunes if asked."""
 
-    def __init__(self, run_missing: bool, dataset_path: Path, device: str, reference: str | None,
-                 results: Path, ratio: float, variants: set[str] | None = None, clean_subset: str = OWN_SUBSET) -> None:
-        self.run_missing, self.dataset_path, self.device, self.reference = run_missing, dataset_path, device, reference
-        self.ratio = ratio  # the defenses' clean fraction: models without an index file draw the same subset
-        self.results, self.variants = results, variants  # variants: which ones --retune runs (None: all)
-        self.clean_subset = clean_subset  # the protocol's probe_subset
+    def __init__(self, run_missing: bool, probing: Probing, reference: str | None,
+                 variants: set[str] | None = None) -> None:
+        self.run_missing, self.probing, self.reference = run_missing, probing, reference  # probing: how a retune runs
+        self.variants = variants  # which ones --retune runs (None: all)
 
     def columns(self, record_dir: Path, variant: str, sets: TestSets,
                 reference: Path | None = None) -> dict[str, float]:
@@ -142,24 +140,21 @@ class Retune:
             return empty
         path = DefenseLayout.of(record_dir, variant).retune_result
         if not path.is_file() and self.run_missing and (self.variants is None or variant in self.variants):
-            RetuneModel(record_dir, variant, Probing(self.dataset_path, self.device, self.ratio, self.results,
-                                                     self.clean_subset), reference)()
+            RetuneModel(record_dir, variant, self.probing, reference)()
         if not path.is_file():
             return empty
-        metrics = cached_measure(path, lambda: load_defended(path), sets, self.device)
+        metrics = cached_measure(path, lambda: load_defended(path), sets, self.probing.device)
         return dict(zip(RETUNE_COLUMNS, (metrics["test_acc"], metrics["test_asr"], metrics["test_ra"])))
 
 
 class Qra:
     """The QRA columns: read each model's finished QRA run, running missing ones (after its retune) if asked."""
 
-    def __init__(self, run_missing: bool, dataset_path: Path, device: str, results: Path, ratio: float,
-                 variants: set[str] | None = None, max_asr: float | None = None,
-                 clean_subset: str = OWN_SUBSET) -> None:
-        self.run_missing, self.dataset_path, self.device, self.results = run_missing, dataset_path, device, results
-        self.ratio, self.variants = ratio, variants  # ratio: as Retune's; variants: which ones --qra runs (None: all)
+    def __init__(self, run_missing: bool, probing: Probing, variants: set[str] | None = None,
+                 max_asr: float | None = None) -> None:
+        self.run_missing, self.probing = run_missing, probing  # probing: as Retune's
+        self.variants = variants  # which ones --qra runs (None: all)
         self.max_asr = max_asr  # --qra runs only on models purified to this ASR (None: on every model)
-        self.clean_subset = clean_subset  # as Retune's
 
     def columns(self, record_dir: Path, variant: str, reference: Path | None, asr: float) -> dict[str, float]:
         """``asr``: the model's ASR after its defense; QRA reactivates a purified model, so a model left above
@@ -172,9 +167,7 @@ class Qra:
         metrics = read_metrics(layout.qra_dir)
         if metrics is None and self.run_missing and wanted and layout.retune_result.is_file():
             try:
-                metrics = attack_with_qra(record_dir, variant, reference,
-                                          Probing(self.dataset_path, self.device, self.ratio, self.results,
-                                                  self.clean_subset))
+                metrics = attack_with_qra(record_dir, variant, reference, self.probing)
             except QraNotRun as error:  # e.g. fewer poisoned images than the script's 500: the columns stay empty
                 log.warning("qra %s %s not run: %s (run `fst-plugin qra` with other settings; evaluate reads "
                             "its result)", variant, record_dir.name, error)
@@ -222,8 +215,8 @@ def retune_rows(record_dir: Path, rows: list[dict[str, Any]], sets: TestSets, be
         return []
     ref = load_attack_record(reference, check_files=False)
     metrics = cached_measure(reference / "attack_result.pt",
-                             lambda: load_model(ref.model_name, ref.num_classes, ref.state_dict), sets, retune.device,
-                             cache=ref_layout.folder / "bench_eval.json")
+                             lambda: load_model(ref.model_name, ref.num_classes, ref.state_dict), sets,
+                             retune.probing.device, cache=ref_layout.folder / "bench_eval.json")
     der = defense_effectiveness_rating(before["test_acc"], before["test_asr"], metrics["test_acc"], metrics["test_asr"])
     row = {**{k: rows[0][k] for k in ("record", "attack", "trigger_key", "rate", "seed", "model")},
            "variant": CLEAN_REFERENCE, "method": CLEAN_REFERENCE, "source": f"reference {reference.name}", **metrics,
@@ -236,6 +229,11 @@ def retune_rows(record_dir: Path, rows: list[dict[str, Any]], sets: TestSets, be
 def eval_device(protocol: Protocol) -> str:
     """The device the evaluator measures on: the protocol's, or the CPU where a cuda protocol finds no GPU."""
     return resolve_device(protocol.device if protocol.device != "cuda" else "auto")
+
+
+def probing_of(protocol: Protocol, data_root: Path, results: Path) -> Probing:
+    """How the probes of a run on ``protocol`` run: its evaluation device, its defenses' ratio, its probe_subset."""
+    return Probing(data_root, eval_device(protocol), protocol.defense_ratio, results, protocol.probe_subset)
 
 
 def finished_records(root: Path) -> list[str]:
@@ -276,12 +274,10 @@ class WriteResults:
     names: tuple[str, ...]
 
     def __call__(self) -> str:
-        device = eval_device(self.protocol)
-        ratio = self.protocol.defense_ratio
+        probing = probing_of(self.protocol, self.root / "data", self.out.parent)
         names = [n for n in self.names if (self.root / "record" / n / "attack_result.pt").is_file()]
-        write_results(self.protocol, self.root, self.data_dir, self.out, names,
-                      Retune(False, self.root / "data", device, None, self.out.parent, ratio),
-                      Qra(False, self.root / "data", device, self.out.parent, ratio))
+        write_results(self.protocol, self.root, self.data_dir, self.out, names, Retune(False, probing, None),
+                      Qra(False, probing))
         missing = len(self.names) - len(names)
         return f"{len(names)} records" + (f" ({missing} missing: their record failed)" if missing else "")
 
@@ -307,14 +303,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                              "and the clean reference; 'all' adds the ablation variants)")
     run = start(parser, argv)
     args, protocol, root = run.args, run.protocol, run.root
-    device = eval_device(protocol)
     out = args.out or run.results / "results.csv"
     data_root = link_data(root, args.data) if args.retune or args.qra else root / "data"
-    retune = Retune(args.retune, data_root, device, args.reference,
-                    out.parent, protocol.defense_ratio,
-                    None if "all" in args.retune_variants else set(args.retune_variants), protocol.probe_subset)
-    qra = Qra(args.qra, data_root, device, out.parent, protocol.defense_ratio,
-              None if "all" in args.qra_variants else set(args.qra_variants), args.qra_max_asr, protocol.probe_subset)
+    probing = probing_of(protocol, data_root, out.parent)
+    retune = Retune(args.retune, probing, args.reference,
+                    None if "all" in args.retune_variants else set(args.retune_variants))
+    qra = Qra(args.qra, probing, None if "all" in args.qra_variants else set(args.qra_variants), args.qra_max_asr)
     return write_results(protocol, root, args.data, out, args.records or finished_records(root), retune, qra)
 
 

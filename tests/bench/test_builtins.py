@@ -18,6 +18,7 @@ import torch
 
 from bench_scripts.defenses import builtins
 from bench_scripts.evaluation import evaluate
+from bench_scripts.evaluation.per_model import Probing
 from bench_scripts.protocols import BUILTIN, get_protocol
 from bench_scripts.report.side_by_side import FIGURE, leaders, side_by_side_figure, side_by_side_section
 from bench_scripts.jobs.graph import Graph, run_graph
@@ -172,7 +173,7 @@ def test_a_failing_defense_gets_its_one_line_reason_and_a_model_or_cuda_bound_on
 
 
 def test_evaluate_measures_and_retunes_the_builtins_output_and_keeps_a_row_with_the_reason_of_each_other(ran, tree):
-    retune = evaluate.Retune(True, tree / "data", "cpu", None, tree / "results", ratio=0.5,
+    retune = evaluate.Retune(True, Probing(tree / "data", "cpu", 0.5, tree / "results"), None,
                              variants={"ft", "ft-sam", "sau", "nad", "i-bau"})
     rows = pd.DataFrame(evaluate.evaluate_record(tree / "cache" / "record" / RECORD, tree / "data" / "cifar10",
                                                  "cpu", retune))

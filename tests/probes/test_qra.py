@@ -175,9 +175,10 @@ def test_the_benchmark_leaves_the_qra_columns_empty_with_a_warning_when_the_pool
     a 0.5% CIFAR-10 record 250) must not stop the whole evaluation: one warning naming the fix, empty columns,
     nothing written."""
     from bench_scripts.evaluation.evaluate import QRA_COLUMNS, Qra
+    from bench_scripts.evaluation.per_model import Probing
 
     shutil.rmtree(DefenseLayout.of(ws.attacked, "fst").qra_dir)  # the fixture's run
-    qra = Qra(run_missing=True, dataset_path=ws.root / "data", device="cpu", results=ws.root / "results", ratio=0.25)
+    qra = Qra(run_missing=True, probing=Probing(ws.root / "data", "cpu", 0.25, ws.root / "results"))
     with caplog.at_level("WARNING", logger="bench.evaluate"):
         columns = qra.columns(ws.attacked, "fst", ws.reference, asr=0.0)
     assert set(columns) == set(QRA_COLUMNS) and all(np.isnan(v) for v in columns.values())
@@ -189,10 +190,10 @@ def test_the_benchmark_attacks_only_models_purified_below_qra_max_asr(ws, caplog
     """``evaluate --qra --qra-max-asr 0.1``: a model the defense left at 50% ASR has nothing to reactivate; QRA is
     not started on it (no warning, nothing written), while at 5% it is (and fails here on the small pool)."""
     from bench_scripts.evaluation.evaluate import Qra
+    from bench_scripts.evaluation.per_model import Probing
 
     shutil.rmtree(DefenseLayout.of(ws.attacked, "fst").qra_dir, ignore_errors=True)
-    qra = Qra(run_missing=True, dataset_path=ws.root / "data", device="cpu", results=ws.root / "results",
-              ratio=0.25, max_asr=0.1)
+    qra = Qra(run_missing=True, probing=Probing(ws.root / "data", "cpu", 0.25, ws.root / "results"), max_asr=0.1)
     with caplog.at_level("WARNING", logger="bench.evaluate"):
         columns = qra.columns(ws.attacked, "fst", ws.reference, asr=0.5)
     assert all(np.isnan(v) for v in columns.values()) and "qra" not in caplog.text
