@@ -6,6 +6,8 @@ Cache layout (outside git): ``<cache>/<protocol>/record/<attack>[-<key>]_<rate>_
 (``attack_result.pt`` + PNGs, ``defense/<name>/defense_result.pt`` after the defenses), and
 ``<cache>/<protocol>/data/cifar10`` is a link to the user's data folder, so the records' relative
 ``./data/cifar10`` and ``./record/...`` paths resolve from ``<cache>/<protocol>`` as from a BackdoorBench root.
+``<protocol>`` is the protocol's ``cache_folder``: its name, with the record-defining fields that ``--set`` or
+``--epochs`` changed (``cpu+model=resnet18``), so another model's records never mix with the protocol's own.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from fst_plugin.record import AttackRecord
 from fst_plugin.record.result_model import load_result_model, model_from_state
 
 from bench_scripts.jobs.process import COMMAND_ENV, command_line, share_of_cores, use_threads
-from bench_scripts.protocols import Protocol, get_protocol
+from bench_scripts.protocols import Protocol, get_protocol, parse_overrides
 
 log = logging.getLogger("bench")
 DATASET = "cifar10"
@@ -71,15 +73,7 @@ def add_protocol_args(parser: argparse.ArgumentParser, data: bool = True, result
 
 def protocol_from_args(args: argparse.Namespace, **more: Any) -> Protocol:
     """The protocol named by ``--protocol``, with ``--set`` overrides, then ``more`` (non-None values)."""
-    import yaml
-
-    overrides = {}
-    for item in args.overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set takes KEY=VALUE items, got {item!r}")
-        parsed = yaml.safe_load(value)
-        overrides[key] = tuple(parsed) if isinstance(parsed, list) else parsed
+    overrides = parse_overrides(args.overrides)
     overrides.update({k: v for k, v in more.items() if v is not None})
     return get_protocol(args.protocol, **overrides)
 
@@ -90,7 +84,7 @@ class BenchRun:
 
     args: argparse.Namespace
     protocol: Protocol
-    root: Path      # <cache>/<protocol>: record/ and data/ as below a BackdoorBench root
+    root: Path      # <cache>/<protocol.cache_folder>: record/ and data/ as below a BackdoorBench root
     results: Path   # --results, else bench_results/<protocol>
 
     def record_dir(self, name: str) -> Path:
@@ -104,7 +98,7 @@ def start(parser: argparse.ArgumentParser, argv: Optional[list[str]], protocol_f
     setup()
     protocol = protocol_from_args(args, **{flag: getattr(args, flag) for flag in protocol_flags})
     results = getattr(args, "results", None) or REPO / "bench_results" / protocol.name
-    return BenchRun(args, protocol, Path(args.cache) / protocol.name, results)
+    return BenchRun(args, protocol, Path(args.cache) / protocol.cache_folder, results)
 
 
 def record_name(attack: str, rate: float, seed: int, key: Optional[str] = None) -> str:

@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Iterable, Optional
 
 from bench_scripts.jobs.job import Resources
 from fst_plugin.defense.config import DefenseConfig
 from fst_plugin.probes.config import OWN_SUBSET
+
+# the fields that decide what a record's attack training makes: a record trained under other values is another record
+RECORD_FIELDS = ("model", "epochs", "batch_size", "lr", "momentum", "nesterov", "schedule", "weight_decay",
+                 "label_smoothing", "amp", "train_per_class", "test_per_class")
 
 # the package's five tuning modes
 METHODS = ("lp", "vanilla-ft", "fe-tuning", "ft-init", "fst")
@@ -152,6 +156,16 @@ class Protocol:
         return dataclasses.asdict(self)
 
     @property
+    def cache_folder(self) -> str:
+        """The protocol's folder under ``--cache``: its name, then each record-defining field (``RECORD_FIELDS``)
+        set away from the named protocol's value (``cpu+model=resnet18+epochs=30``), so records trained another way
+        are never served from, or written over, the protocol's own."""
+        base = PROTOCOLS.get(self.name)
+        changed = [] if base is None else [f"{field}={getattr(self, field)}" for field in RECORD_FIELDS
+                                           if getattr(self, field) != getattr(base, field)]
+        return "+".join((self.name, *changed))
+
+    @property
     def resources(self) -> Resources:
         """A job's share of a node (no GPU where the protocol is run on the CPU: ``--set device=cpu``)."""
         return Resources(self.job_cpus, 0.0 if self.device == "cpu" else self.job_gpus)
@@ -198,6 +212,25 @@ def get_protocol(name: str, **overrides) -> Protocol:
     if name not in PROTOCOLS:
         raise SystemExit(f"unknown protocol {name!r}; use one of {', '.join(PROTOCOLS)}")
     return dataclasses.replace(PROTOCOLS[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """``--set`` items (``KEY=VALUE``, values parsed as YAML; a list becomes a tuple) as protocol field overrides."""
+    import yaml
+
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set takes KEY=VALUE items, got {item!r}")
+        parsed = yaml.safe_load(value)
+        overrides[key] = tuple(parsed) if isinstance(parsed, list) else parsed
+    return overrides
+
+
+def cache_folder_of(name: str, sets: Iterable[str]) -> str:
+    """The cache folder of protocol ``name`` under the ``--set`` items ``sets`` (``Protocol.cache_folder``)."""
+    return get_protocol(name, **parse_overrides(sets)).cache_folder
 
 
 def pam_run(variant: str, protocol: Protocol) -> tuple[str, dict]:

@@ -71,7 +71,7 @@ def _bf16_weights(plan: Plan) -> list[tuple[str, dict[str, torch.Tensor]]]:
 
     out = []
     for spec in (*RECORDS, CLEAN_REFERENCE):
-        path = plan.paths.record(plan.profile.protocol, spec.name()) / "attack_result.pt"
+        path = plan.paths.record(plan.profile.records_folder, spec.name()) / "attack_result.pt"
         if path.is_file():
             state_dict = load_untrusted(path, "attack record")["model"]
             out.append((spec.name(), {k: v.to(torch.bfloat16) if v.is_floating_point() else v

@@ -73,8 +73,9 @@ class Paths:
     def logs(self) -> Path:
         return self.work / "logs"
 
-    def record(self, protocol: str, name: str) -> Path:
-        return self.cache / protocol / "record" / name
+    def record(self, folder: str, name: str) -> Path:
+        """Record ``name`` under the cache folder ``folder`` (``Profile.records_folder``)."""
+        return self.cache / folder / "record" / name
 
 
 @dataclass(frozen=True)
@@ -130,11 +131,11 @@ def _stage(estimates: dict[str, Estimate], name: str, issue: int, what: str, ste
 def build_plan(p: Profile, paths: Paths, budget_s: float, backdoorbench: Optional[Path] = None,
                commit: Optional[str] = None) -> Plan:
     data = ("--data", str(paths.data))
-    protocol = ("--protocol", p.protocol, *(("--set", *p.record_set) if p.record_set else ()),
+    protocol = ("--protocol", p.protocol, "--set", *p.protocol_set,
                 "--cache", str(paths.cache))
     common = (*protocol, "--results", str(paths.results), *data)
     smoke_cache, speed_cache = paths.work / "smoke", paths.work / "speed"
-    smoke_root = smoke_cache / p.protocol
+    smoke_root = smoke_cache / p.smoke_folder
     smoke_common = ("--protocol", p.protocol, "--cache", str(smoke_cache), "--results",
                     str(paths.work / "smoke_results"))
     smoke_args = ("--record", str(smoke_root / "record" / SMOKE_RECORD), "--reference",
@@ -153,14 +154,14 @@ def build_plan(p: Profile, paths: Paths, budget_s: float, backdoorbench: Optiona
                       Step((sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
                            "-m", "bench_scripts.campaign.smoke", *smoke_args, "--distributed"))),
                   must_pass=True)
-    speed_record = speed_cache / p.protocol / "record" / SPEED_RECORD
+    speed_record = speed_cache / p.speed_folder / "record" / SPEED_RECORD
     speed = _stage(estimates, "speed", 20, "bench_scripts.speed: the compute limit, FST on the tensor and the per-image path, "
                    "one attack epoch", (
                       Step(bench("records", "--protocol", p.protocol, "--cache", str(speed_cache), "--results",
                                 str(paths.work / "speed_results"), *data, "--attacks", "badnets:0.01",
                                 "--set", *p.speed_set)),
                       Step(bench("speed", "--record", str(speed_record), "--dataset_path",
-                                str(speed_cache / p.protocol / "data"), "--device", p.device, *p.speed_args,
+                                str(speed_cache / p.speed_folder / "data"), "--device", p.device, *p.speed_args,
                                 "--out", str(paths.results), "--csv-name", "speed.csv"))))
     records = _records_stage(p, estimates, paths, common, backdoorbench, RECORDS, "records", 20,
                              f"{', '.join(s.label for s in RECORDS)}: {p.epochs} epochs of the {p.protocol} protocol's "
@@ -171,7 +172,7 @@ def build_plan(p: Profile, paths: Paths, budget_s: float, backdoorbench: Optiona
                          Step(bench("defenses.ablations", *common, "--record", n, "--only", "lr"), needs=n))),
                      parallel=p.jobs)
     # BackdoorBench's built-ins (protocols.BUILTINS) through run_defenses' runner, each under the profile's cap
-    builtin_common = ("--protocol", p.protocol, "--set", *p.record_set, f"bb_cap_s={p.builtin_cap_s}", "--cache",
+    builtin_common = ("--protocol", p.protocol, "--set", *p.protocol_set, f"bb_cap_s={p.builtin_cap_s}", "--cache",
                       str(paths.cache), "--results", str(paths.results), *data)
     builtins = _stage(estimates, "builtins", 21, f"BackdoorBench's {', '.join(BB_METHODS)} (run_defenses --backdoorbench), "
                      f"their cifar10.yaml, each capped at {p.builtin_cap_s} s",

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from bench_scripts.campaign import figures as fig
-from bench_scripts.protocols import BB_METHODS, get_protocol
+from bench_scripts.protocols import BB_METHODS, cache_folder_of, get_protocol
 
 HELLO_KITTY = "resource/blended/hello_kitty.jpeg"   # in a BackdoorBench checkout; read there, never copied
 
@@ -66,6 +66,24 @@ class Profile:
     builtin_cap_s: int                 # time cap of one BackdoorBench built-in run
     budget_s: int                      # default --budget-s
     estimates: Callable[["Profile", bool], dict[str, Estimate]]   # (profile, whether the built-ins run)
+
+    @property
+    def protocol_set(self) -> tuple[str, ...]:
+        """The --set items every step on the records passes: ``record_set`` and the records' epochs."""
+        return (*self.record_set, f"epochs={self.epochs}")
+
+    @property
+    def records_folder(self) -> str:
+        """The records' folder under the cache (``Protocol.cache_folder``)."""
+        return cache_folder_of(self.protocol, self.protocol_set)
+
+    @property
+    def smoke_folder(self) -> str:
+        return cache_folder_of(self.protocol, self.smoke_set)
+
+    @property
+    def speed_folder(self) -> str:
+        return cache_folder_of(self.protocol, self.speed_set)
 
 
 def _interpolate_side_by_side(jobs: int) -> float:

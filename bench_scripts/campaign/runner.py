@@ -93,8 +93,8 @@ class Runner:
     def record_done(self, name: str) -> bool:
         """Whether the record ``name`` (``ANY_RECORD``: any record of the protocol) is finished."""
         if name == ANY_RECORD:
-            return any(self.plan.paths.record(self.plan.profile.protocol, "*").parent.glob("*/attack_result.pt"))
-        return (self.plan.paths.record(self.plan.profile.protocol, name) / "attack_result.pt").is_file()
+            return any(self.plan.paths.record(self.plan.profile.records_folder, "*").parent.glob("*/attack_result.pt"))
+        return (self.plan.paths.record(self.plan.profile.records_folder, name) / "attack_result.pt").is_file()
 
     def decide(self, stage: Stage) -> Optional[Outcome]:
         """Why ``stage`` does not run now (an outcome), or None when it runs."""
@@ -111,7 +111,7 @@ class Runner:
 
     def compile_ok(self) -> bool:
         """Whether torch.compile may be used: no smoke found it broken."""
-        check = self.plan.paths.work / "smoke" / self.plan.profile.protocol / "compile_check.json"
+        check = self.plan.paths.work / "smoke" / self.plan.profile.smoke_folder / "compile_check.json"
         return not check.is_file() or json.loads(check.read_text())["ok"]
 
     def jobs(self, stage: Stage, steps: list[Step], deadline: float) -> list[Job]:
@@ -153,7 +153,7 @@ class Runner:
             return []
         out = []
         for name in (step.makes for step in stage.steps if step.makes and not self.record_done(step.makes)):
-            sidecar = self.plan.paths.cache / self.plan.profile.protocol / "attack_checkpoint" / f"{name}.pt.json"
+            sidecar = self.plan.paths.cache / self.plan.profile.records_folder / "attack_checkpoint" / f"{name}.pt.json"
             progress = json.loads(sidecar.read_text()) if sidecar.is_file() else None
             out.append(f"{name} {progress['epochs_done']}/{progress['epochs']} epochs" if progress else
                        f"{name} not started")

@@ -109,13 +109,15 @@ def test_the_tiny_campaign_is_killed_resumes_and_brings_back_what_make_table_rea
             "--stage", "smoke", "speed", "records", "defenses", "evaluate", "table"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     first = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    checkpoints = work / "cache" / "tiny" / "attack_checkpoint"
+    records_root = work / "cache" / PROFILES["tiny"].records_folder
+    assert records_root.name == "tiny+epochs=3+train_per_class=50"   # the profile's records are not the protocol's
+    checkpoints = records_root / "attack_checkpoint"
     _wait_for(lambda: any(checkpoints.glob("*.pt.json")) or first.poll() is not None, 600)
     first.send_signal(signal.SIGTERM)  # killed while the records train
     assert first.wait(60) == 128 + signal.SIGTERM, first.stdout.read()
     paused = {p.name: json.loads(p.read_text()) for p in checkpoints.glob("*.pt.json")}
     assert any(0 < v["epochs_done"] < v["epochs"] for v in paused.values()), paused
-    assert len(list((work / "cache" / "tiny" / "record").glob("*/attack_result.pt"))) < 4
+    assert len(list((records_root / "record").glob("*/attack_result.pt"))) < 4
     assert json.loads((work / "state.json").read_text())["stages"]["smoke"]["status"] == "done"
 
     second = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)

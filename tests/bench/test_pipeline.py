@@ -19,7 +19,7 @@ from bench_scripts.evaluation import diagnostics, evaluate
 from bench_scripts.records import make as make_records
 from bench_scripts.report import make_table
 from bench_scripts.common import make_trigger
-from bench_scripts.protocols import METHODS
+from bench_scripts.protocols import METHODS, get_protocol
 from bench_scripts.report.tables import row_label
 from fst_plugin.data import materialise
 from tests.bench.conftest import write_tiny_data
@@ -120,6 +120,27 @@ def test_an_image_keyed_blended_record_is_its_own_record(bench, tmp_path):
     assert not np.array_equal(*first)
     assert row_label("blended", 0.01, "flower") == "blended (flower key) 1%"
     assert row_label("blended", 0.01, float("nan")) == "blended 1%"  # a CSV's empty cell
+
+
+def test_a_record_trained_another_way_is_its_own_record(bench, tmp_path):
+    """``--epochs N`` or ``--set model=…`` trains other records than the protocol's: they live in their own cache
+    folder (``tiny+epochs=2``), are never served from the protocol's, and the defenses and the evaluator given the
+    same settings find them there. Settings that only change the defenses keep the protocol's folder."""
+    cache = tmp_path / "cache"
+    common = ["--protocol", "tiny", "--cache", str(cache), "--results", str(tmp_path / "results"),
+              "--data", str(bench / "mydata")]
+    plain, = make_records.main(common + ["--attacks", "badnets:0.1"])
+    longer, = make_records.main(common + ["--attacks", "badnets:0.1", "--epochs", "2"])
+    assert plain == cache / "tiny" / "record" / "badnets_0.1_s0"
+    assert longer == cache / "tiny+epochs=2" / "record" / "badnets_0.1_s0"
+    assert [len(json.loads(load_attack_record(d).extra["bench_json"])["epochs"]) for d in (plain, longer)] == [1, 2]
+    run_defenses.main(common + ["--methods", "ft-init", "--set", "epochs=2", "defense_epochs=1"])
+    assert (longer / "defense" / "ft-init" / "defense_result.pt").is_file() and not (plain / "defense").exists()
+    df = evaluate.main(["--protocol", "tiny", "--cache", str(cache), "--data", str(bench / "mydata"),
+                        "--out", str(tmp_path / "results.csv"), "--set", "epochs=2"])
+    assert list(df.variant) == ["none", "ft-init"] and set(df.record) == {"badnets_0.1_s0"}
+    assert get_protocol("cpu", defense_ratio=0.05, job_cpus=1, epochs=10).cache_folder == "cpu"
+    assert get_protocol("cpu", model="resnet18", lr=0.05).cache_folder == "cpu+model=resnet18+lr=0.05"
 
 
 def test_gpu_protocol_runs_on_a_tiny_subset_on_the_cpu(bench, tmp_path):
