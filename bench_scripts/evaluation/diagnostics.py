@@ -11,12 +11,19 @@ centroid (evaluate.py's ``feat_target_share``, here with centroids from ``points
 of the backdoored model and of each defended one, how linearly detectable the trigger is (a probe telling an
 image from the same image with the trigger) and whether triggered images already sit in the target class's
 cluster (nearest clean-class centroid). Writes results/layers_<record>.json.
+
+``--inversion-split`` asks why PAM's trigger inversion finds the record's target or not: it fits the inversion's
+benign-feature mask on the backdoored model as the first round does and scores the record's trigger, PAM's saved
+generator and Gaussian noise by the inversion's own objective. Writes results/inversion_split_<record>.json.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import logging
+import random
 import time
 from pathlib import Path
 from typing import Callable
@@ -45,12 +52,17 @@ from bench_scripts.evaluation.measures import (
     nearest_class,
     unit_rows,
 )
-from bench_scripts.protocols import METHODS
+from bench_scripts.protocols import METHODS, Protocol
 from fst_plugin.attacks import to_tensor_batch
 from fst_plugin.core import find_head
+from fst_plugin.core.trigger_inversion import FeatureView, Inversion, decouple, head_of_copy
+from fst_plugin.core.unlearning import generator_from_state
 from fst_plugin.data.arrays import load_split_arrays
+from fst_plugin.defense.config import DefenseConfig, unlearning_config
 from fst_plugin.io_utils import atomic_write_text
+from fst_plugin.record.clean_subset import choose_clean_indices
 from fst_plugin.record.layout import DefenseLayout
+from fst_plugin.record.safe_load import load_untrusted
 
 log = logging.getLogger("bench.diagnostics")
 
@@ -225,6 +237,72 @@ def layer_probe(record_dir: Path, data_dir: Path, methods: tuple[str, ...], n_im
     return out
 
 
+def inversion_split(record_dir: Path, data_dir: Path, protocol: Protocol, n_images: int = 500, seed: int = 0) -> dict:
+    """Why PAM's inversion finds the record's target or not, from its own objective. The benign-feature mask m is
+    fitted afresh on the backdoored model as the first round fits it (``decouple``, the protocol's PAM settings, on a
+    seeded draw of the protocol's clean tuning share). The generator maximises how far an image's masked-out features
+    (1 − m)·f move while its pixels stay within ``norm_bound``; so each direction is scored, as it is and scaled to
+    that bound, on ``n_images`` non-target test images: ``backdoor_mse`` and ``benign_mse`` (the feature moves the
+    objective pushes and holds), ``backdoor_share`` (the share of the feature shift's energy in (1 − m); compare
+    ``mask_backdoor_area``) and where the model sends the images (``top_class``, ``top_share``). The directions: the
+    record's trigger, PAM's saved generator (``defense/pam/trigger_generator.pt``, its last round) and Gaussian
+    noise."""
+    sets = TestSets(record_dir, data_dir)
+    rec, info = sets.record, sets.info
+    trigger = make_trigger(info["attack"], int(info.get("seed", 0)), info.get("blend_pattern"))
+    config = unlearning_config(dataclasses.replace(DefenseConfig(), **protocol.pam_settings)).inversion
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(np.flatnonzero(sets.clean_y != TARGET), size=min(n_images, int((sets.clean_y != TARGET).sum())),
+                        replace=False)
+    clean = model_input(to_tensor_batch(sets.clean_x[chosen]))
+    directions = {"trigger": model_input(to_tensor_batch(trigger(sets.clean_x[chosen]))) - clean,
+                  "gaussian noise": torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed))}
+    saved = DefenseLayout.of(record_dir, "pam").trigger_generator
+    if saved.is_file():
+        with torch.no_grad():
+            directions["PAM's generator"] = generator_from_state(load_untrusted(saved, "PAM's trigger generator"))(clean) - clean
+
+    train_x, train_y = load_split_arrays(DATASET, data_dir, train=True)
+    random.seed(seed)
+    tuning = choose_clean_indices(len(train_y), protocol.defense_ratio, None)
+    tuning_x, tuning_y = model_input(to_tensor_batch(train_x[tuning])), torch.as_tensor(train_y[tuning]).long()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tuning_x, tuning_y),
+                                         batch_size=protocol.defense_batch_size, shuffle=True,
+                                         generator=torch.Generator().manual_seed(seed))
+    model = load_model(rec.model_name, rec.num_classes, rec.state_dict).eval().requires_grad_(False)
+    copied = copy.deepcopy(model)
+    view = FeatureView(copied, head_of_copy(model, copied, find_head(model, rec.num_classes)), tuning_x[:64])
+    inversion = Inversion.new(clean.shape[1], config, "cpu")
+    inversion.phase = "mask"
+    copied.train()
+    mask = decouple(view, inversion, loader, config, "cpu", torch.Generator().manual_seed(seed))
+    copied.eval()
+
+    @torch.no_grad()
+    def score(shift: torch.Tensor) -> dict:
+        made = clean + shift
+        before, after = view.features(clean), view.features(made)
+        moved = after - before
+        counts = torch.bincount(copied(made).argmax(1), minlength=rec.num_classes)
+        return {"pixel_mse": float(shift.pow(2).mean()),
+                "backdoor_mse": float(((1 - mask) * moved).pow(2).mean()),
+                "benign_mse": float((mask * moved).pow(2).mean()),
+                "backdoor_share": float(((1 - mask) * moved).pow(2).sum() / moved.pow(2).sum().clamp_min(1e-12)),
+                "top_class": int(counts.argmax()), "top_share": float(counts.max() / len(made))}
+
+    bound = 0.999 * config.norm_bound   # just inside: the generator's loss switches to the pixel term above it
+    scores = {}
+    for name, shift in directions.items():
+        scores[name] = score(shift)
+        scores[f"{name} at the bound"] = score(shift * (bound / shift.pow(2).mean().clamp_min(1e-12)) ** 0.5)
+    out = {"record": record_dir.name, "attack": info["attack"], "target": TARGET, "split": view.split,
+           "mask_saturation": float((2 * mask - 1).abs().mean()), "mask_backdoor_area": float((1 - mask).mean()),
+           "norm_bound": config.norm_bound, "n_images": int(len(chosen)), "directions": scores}
+    log.info("%s: mask backdoor area %.3f; %s", record_dir.name, out["mask_backdoor_area"],
+             {k: (round(v["backdoor_mse"], 4), round(v["backdoor_share"], 3), v["top_class"]) for k, v in scores.items()})
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_protocol_args(parser)
@@ -236,6 +314,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", nargs="*", metavar="METHOD",
                         help="also run the per-stage trigger probe on the backdoored model and these defenses' models "
                              "(results/layers_<record>.json; default: the five modes)")
+    parser.add_argument("--inversion-split", action="store_true",
+                        help="also score the record's trigger, PAM's saved generator and noise by PAM's inversion "
+                             "objective on a freshly fitted mask (results/inversion_split_<record>.json)")
     parser.add_argument("--no-tsne", action="store_true", help="skip the t-SNE figure")
     parser.add_argument("--seed", type=int, default=0)
     run = start(parser, argv)
@@ -249,6 +330,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.layers is not None:
         layers = layer_probe(record_dir, args.data, tuple(args.layers) or METHODS, seed=args.seed)
         atomic_write_text(results / f"layers_{args.record}.json", json.dumps(layers, indent=1))
+    if args.inversion_split:
+        split = inversion_split(record_dir, args.data, protocol, seed=args.seed)
+        atomic_write_text(results / f"inversion_split_{args.record}.json", json.dumps(split, indent=1))
     if not args.no_tsne:
         out = tsne_figure(record_dir, args.data, args.points or protocol.tsne_points,
                           results / "figures" / f"tsne_{args.record}.png")

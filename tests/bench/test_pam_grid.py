@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from bench_scripts.defenses import run as run_defenses
-from bench_scripts.evaluation import evaluate
+from bench_scripts.evaluation import diagnostics, evaluate
 from bench_scripts.protocols import PAM_OPTIMISER, get_protocol, pam_run
 from fst_plugin.record.layout import DefenseLayout
 from tests.bench.conftest import TINY_RECORD, TinyGrid
@@ -46,3 +46,15 @@ def test_run_defenses_and_evaluate_cover_both_pam_variants(tiny_grid: TinyGrid, 
         assert 0 <= row.pam_share_to_detected <= 1 and 0 <= row.pam_mask_saturation <= 1
         assert DefenseLayout.of(record, variant).retune_result.is_file()
     assert df[df.variant == "none"].retune_asr.isna().all()  # only the variants asked for were retuned
+
+    # why the inversion finds the target or not: the trigger, PAM's saved generator and noise on its own objective
+    diagnostics.main(tiny_grid.args("--record", TINY_RECORD, "--no-tsne", "--inversion-split"))
+    split = json.loads((tiny_grid.results / f"inversion_split_{TINY_RECORD}.json").read_text())
+    directions = split["directions"]
+    assert set(directions) == {f"{d}{at}" for d in ("trigger", "gaussian noise", "PAM's generator")
+                               for at in ("", " at the bound")}
+    assert 0 < split["mask_backdoor_area"] < 1 and "global" in split["split"]   # the map before the pooling
+    for name, row in directions.items():
+        assert 0 <= row["backdoor_share"] <= 1 and 0 < row["top_share"] <= 1 and row["pixel_mse"] > 0
+        if name.endswith("at the bound"):
+            assert abs(row["pixel_mse"] - 0.999 * split["norm_bound"]) < 1e-3 * split["norm_bound"]
