@@ -243,24 +243,25 @@ def inversion_split(record_dir: Path, data_dir: Path, protocol: Protocol, n_imag
     seeded draw of the protocol's clean tuning share). The generator maximises how far an image's masked-out features
     (1 − m)·f move while its pixels stay within ``norm_bound``; so each direction is scored, as it is and scaled to
     that bound, on ``n_images`` non-target test images: ``backdoor_mse`` and ``benign_mse`` (the feature moves the
-    objective pushes and holds), ``backdoor_share`` (the share of the feature shift's energy in (1 − m); compare
-    ``mask_backdoor_area``) and where the model sends the images (``top_class``, ``top_share``). The directions: the
+    objective pushes and holds; the features come from the model's copy that fitted the mask, as in the inversion),
+    ``backdoor_share`` (the share of the feature shift's energy in (1 − m); compare ``mask_backdoor_area``) and where
+    the backdoored model sends the images (``top_class``, ``top_share``). The directions: the
     record's trigger, PAM's saved generator (``defense/pam/trigger_generator.pt``, its last round) and Gaussian
     noise."""
     sets = TestSets(record_dir, data_dir)
     rec, info = sets.record, sets.info
     trigger = make_trigger(info["attack"], int(info.get("seed", 0)), info.get("blend_pattern"))
     config = unlearning_config(dataclasses.replace(DefenseConfig(), **protocol.pam_settings)).inversion
-    rng = np.random.default_rng(seed)
-    chosen = rng.choice(np.flatnonzero(sets.clean_y != TARGET), size=min(n_images, int((sets.clean_y != TARGET).sum())),
-                        replace=False)
+    pool = np.flatnonzero(sets.clean_y != TARGET)
+    chosen = np.random.default_rng(seed).choice(pool, size=min(n_images, len(pool)), replace=False)
     clean = model_input(to_tensor_batch(sets.clean_x[chosen]))
     directions = {"trigger": model_input(to_tensor_batch(trigger(sets.clean_x[chosen]))) - clean,
                   "gaussian noise": torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed))}
     saved = DefenseLayout.of(record_dir, "pam").trigger_generator
     if saved.is_file():
+        generator = generator_from_state(load_untrusted(saved, "PAM's trigger generator"))
         with torch.no_grad():
-            directions["PAM's generator"] = generator_from_state(load_untrusted(saved, "PAM's trigger generator"))(clean) - clean
+            directions["PAM's generator"] = generator(clean) - clean
 
     train_x, train_y = load_split_arrays(DATASET, data_dir, train=True)
     random.seed(seed)
@@ -283,7 +284,7 @@ def inversion_split(record_dir: Path, data_dir: Path, protocol: Protocol, n_imag
         made = clean + shift
         before, after = view.features(clean), view.features(made)
         moved = after - before
-        counts = torch.bincount(copied(made).argmax(1), minlength=rec.num_classes)
+        counts = torch.bincount(model(made).argmax(1), minlength=rec.num_classes)   # as detect_target counts
         return {"pixel_mse": float(shift.pow(2).mean()),
                 "backdoor_mse": float(((1 - mask) * moved).pow(2).mean()),
                 "benign_mse": float((mask * moved).pow(2).mean()),
