@@ -79,10 +79,12 @@ class Profile:
 
     @property
     def smoke_folder(self) -> str:
+        """The smoke stage's tiny records' folder under its own cache."""
         return cache_folder_of(self.protocol, self.smoke_set)
 
     @property
     def speed_folder(self) -> str:
+        """The speed stage's record's folder under its own cache."""
         return cache_folder_of(self.protocol, self.speed_set)
 
 
