@@ -67,6 +67,21 @@ from fst_plugin.record.safe_load import load_untrusted
 log = logging.getLogger("bench.diagnostics")
 
 
+def draw(pool: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` of ``pool``'s entries (all of them where it holds fewer), drawn without replacement."""
+    return rng.choice(pool, size=min(n, len(pool)), replace=False)
+
+
+def draw_non_target(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of ``n`` images whose label is not the target: the images a trigger is scored on."""
+    return draw(np.flatnonzero(labels != TARGET), n, rng)
+
+
+def draw_per_class(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of ``n`` images of every class, class by class: what class centroids are taken from."""
+    return np.concatenate([draw(np.flatnonzero(labels == c), n, rng) for c in np.unique(labels)])
+
+
 def record_models(record_dir: Path, sets: TestSets, methods: tuple[str, ...],
                   attacked_label: str) -> list[tuple[str, Callable[[], nn.Module]]]:
     """The backdoored model (named ``attacked_label``) and each of ``methods``' finished defense results, as
@@ -87,9 +102,8 @@ def tsne_figure(record_dir: Path, data_dir: Path, points: int, out: Path, method
     sets = TestSets(record_dir, data_dir)
     rng = np.random.default_rng(seed)
     # `points` clean images of every class: the target class's are plotted, all give the class centroids
-    clean_idx = np.concatenate([rng.choice(pool, size=min(points, len(pool)), replace=False)
-                                for pool in (np.flatnonzero(sets.clean_y == c) for c in np.unique(sets.clean_y))])
-    bd_idx = rng.choice(len(sets.bd_label), size=min(points, len(sets.bd_label)), replace=False)
+    clean_idx = draw_per_class(sets.clean_y, points, rng)
+    bd_idx = draw(np.arange(len(sets.bd_label)), points, rng)
     models = record_models(record_dir, sets, methods, "no defense")
     cols = 3
     rows = int(np.ceil(len(models) / cols))
@@ -199,11 +213,9 @@ def layer_probe(record_dir: Path, data_dir: Path, methods: tuple[str, ...], n_im
     info = bench_info(sets.record)
     trigger = make_trigger(info["attack"], int(info.get("seed", 0)), info.get("blend_pattern"))
     rng = np.random.default_rng(seed)
-    pool = np.flatnonzero(sets.clean_y != TARGET)
-    chosen = rng.choice(pool, size=min(n_images, len(pool)), replace=False)
+    chosen = draw_non_target(sets.clean_y, n_images, rng)
     clean, triggered = sets.clean_x[chosen], trigger(sets.clean_x[chosen])
-    ref = np.concatenate([rng.choice(members, size=min(per_class, len(members)), replace=False)
-                          for members in (np.flatnonzero(sets.clean_y == c) for c in np.unique(sets.clean_y))])
+    ref = draw_per_class(sets.clean_y, per_class, rng)
     half = len(chosen) // 2
     rec = sets.record
     models = record_models(record_dir, sets, methods, "none")
@@ -252,8 +264,7 @@ def inversion_split(record_dir: Path, data_dir: Path, protocol: Protocol, n_imag
     rec, info = sets.record, sets.info
     trigger = make_trigger(info["attack"], int(info.get("seed", 0)), info.get("blend_pattern"))
     config = unlearning_config(dataclasses.replace(DefenseConfig(), **protocol.pam_settings)).inversion
-    pool = np.flatnonzero(sets.clean_y != TARGET)
-    chosen = np.random.default_rng(seed).choice(pool, size=min(n_images, len(pool)), replace=False)
+    chosen = draw_non_target(sets.clean_y, n_images, np.random.default_rng(seed))
     clean = model_input(to_tensor_batch(sets.clean_x[chosen]))
     directions = {"trigger": model_input(to_tensor_batch(trigger(sets.clean_x[chosen]))) - clean,
                   "gaussian noise": torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed))}
