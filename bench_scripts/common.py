@@ -38,6 +38,7 @@ from fst_plugin.record.result_model import load_result_model, model_from_state
 
 from bench_scripts.jobs.process import COMMAND_ENV, command_line, share_of_cores, use_threads
 from bench_scripts.protocols import Protocol, get_protocol, parse_overrides
+from fst_plugin.record.layout import record_dir
 
 log = logging.getLogger("bench")
 DATASET = "cifar10"
@@ -88,7 +89,7 @@ class BenchRun:
     results: Path   # --results, else bench_results/<protocol>
 
     def record_dir(self, name: str) -> Path:
-        return self.root / "record" / name
+        return record_dir(self.root, name)
 
 
 def start(parser: argparse.ArgumentParser, argv: Optional[list[str]], protocol_flags: tuple[str, ...] = ()) -> BenchRun:

@@ -34,6 +34,7 @@ from fst_plugin.data import load_clean_split
 from fst_plugin.demo_config import DemoConfig
 from fst_plugin.errors import DataError
 from fst_plugin.runtime import resolve_device
+from fst_plugin.record.layout import record_dir
 
 log = logging.getLogger(__name__)
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -143,7 +144,7 @@ def prepare_workspace(config: DemoConfig, record_name: str = "demo_badnet") -> W
     # to padded, flipped images and wash out the backdoor by accident, LP included: seed 2 did); stamped
     # before it, as BackdoorBench does, the 3x3 patch moves and mirrors and does not implant in 6 epochs.
     result = backdoor_and_record(
-        config.out / "record" / record_name, model_name=config.model, dataset="cifar10",
+        record_dir(config.out, record_name), model_name=config.model, dataset="cifar10",
         train=Split(x_train, y_train), test=Split(x_test, y_test), attack=attack,
         train_config=TrainConfig(epochs=config.attack_epochs, batch_size=32, augment=True,
                                  trigger_after_augment=True, device=device, seed=config.seed))

@@ -17,6 +17,7 @@ from typing import Any, Iterable, Optional
 
 from bench_scripts.campaign.profiles import CLEAN_REFERENCE, HELLO_KITTY, RECORDS, Estimate, Profile, RecordSpec
 from bench_scripts.protocols import ALPHA_VARIANTS, BB_METHODS, PAM_VARIANTS, QRA_MAX_ASR
+from fst_plugin.record.layout import record_dir
 
 STOP_AFTER = "{stop_after_s}"
 SMOKE_RECORD, SMOKE_REFERENCE = "badnets_0.1_s0", "badnets_0_s0"
@@ -75,7 +76,7 @@ class Paths:
 
     def record(self, folder: str, name: str) -> Path:
         """Record ``name`` under the cache folder ``folder`` (``Profile.records_folder``)."""
-        return self.cache / folder / "record" / name
+        return record_dir(self.cache / folder, name)
 
 
 @dataclass(frozen=True)
@@ -138,8 +139,8 @@ def build_plan(p: Profile, paths: Paths, budget_s: float, backdoorbench: Optiona
     smoke_root = smoke_cache / p.smoke_folder
     smoke_common = ("--protocol", p.protocol, "--cache", str(smoke_cache), "--results",
                     str(paths.work / "smoke_results"))
-    smoke_args = ("--record", str(smoke_root / "record" / SMOKE_RECORD), "--reference",
-                  str(smoke_root / "record" / SMOKE_REFERENCE), "--dataset_path", str(smoke_root / "data"),
+    smoke_args = ("--record", str(record_dir(smoke_root, SMOKE_RECORD)), "--reference",
+                  str(record_dir(smoke_root, SMOKE_REFERENCE)), "--dataset_path", str(smoke_root / "data"),
                   "--device", p.device)
     names = [s.name() for s in RECORDS if not s.hello_kitty or backdoorbench is not None]
     registered = registered_defenses()
@@ -154,7 +155,7 @@ def build_plan(p: Profile, paths: Paths, budget_s: float, backdoorbench: Optiona
                       Step((sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
                            "-m", "bench_scripts.campaign.smoke", *smoke_args, "--distributed"))),
                   must_pass=True)
-    speed_record = speed_cache / p.speed_folder / "record" / SPEED_RECORD
+    speed_record = record_dir(speed_cache / p.speed_folder, SPEED_RECORD)
     speed = _stage(estimates, "speed", 20, "bench_scripts.speed: the compute limit, FST on the tensor and the per-image path, "
                    "one attack epoch", (
                       Step(bench("records", "--protocol", p.protocol, "--cache", str(speed_cache), "--results",

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import shlex
 import shutil
@@ -34,6 +33,7 @@ from bench_scripts.compat.matrix import (
     EXPORTED, MODES, OK, Cell, Row, check_pool, failure_reason, render_readme, write_cifar10_subset, write_csv,
 )
 from bench_scripts.jobs.process import run_command
+from fst_plugin.record.layout import record_dir
 
 log = logging.getLogger("compat")
 
@@ -135,7 +135,7 @@ def trojannn_yaml(root: Path) -> None:
 
 
 def run_attack(run: Runner, spec: AttackSpec, force: bool) -> Cell:
-    record = run.root / "record" / (PREFIX + spec.name)
+    record = record_dir(run.root, PREFIX + spec.name)
     done = record / ("clean_model.pth" if spec.name == "prototype" else "attack_result.pt")
     if not run.report_only and record.exists() and (force or not done.exists()):
         shutil.rmtree(record)                       # BackdoorBench's os.mkdir refuses an existing folder
@@ -146,14 +146,14 @@ def clean_reference(root: Path, template: str, force: bool) -> Cell:
     """QRA's clean reference record. BackdoorBench writes none (``badnet.py --pratio 0`` exits with "No poison
     sample generated !", ``prototype.py`` saves ``clean_model.pth`` only), so it is ``template``'s
     ``attack_result.pt`` with its model replaced by prototype.py's clean model."""
-    clean_model = root / "record" / f"{PREFIX}prototype" / "clean_model.pth"
+    clean_model = record_dir(root, f"{PREFIX}prototype") / "clean_model.pth"
     how = f"record/{template}/attack_result.pt with model = record/{PREFIX}prototype/clean_model.pth"
-    target = root / "record" / f"{PREFIX}{CLEAN}" / "attack_result.pt"
+    target = record_dir(root, f"{PREFIX}{CLEAN}") / "attack_result.pt"
     if not clean_model.exists():
         return Cell("no clean model: prototype.py did not run", how)
     if target.exists() and not force:
         return Cell(OK, how)
-    result = torch.load(root / "record" / template / "attack_result.pt", map_location="cpu", weights_only=False)
+    result = torch.load(record_dir(root, template) / "attack_result.pt", map_location="cpu", weights_only=False)
     result["model"] = torch.load(clean_model, map_location="cpu", weights_only=True)
     target.parent.mkdir(exist_ok=True)
     torch.save(result, target)
@@ -171,13 +171,13 @@ def record_labels(record: Path) -> tuple[dict[int, tuple[int, int]], int]:
 
 def defend(run: Runner, row: Row, method: str, reuse: bool) -> None:
     """One mode through its installed launcher."""
-    result = run.root / "record" / row.record / "defense" / method / "defense_result.pt"
+    result = record_dir(run.root, row.record) / "defense" / method / "defense_result.pt"
     row.cells[method] = run(f"{row.attack}__{method}", defense_argv(row, method), produces=result, reuse=reuse)
 
 
 def retune_and_qra(run: Runner, row: Row, reuse: bool) -> None:
     """retune (and after it qra) on FST's result; the pool columns from retune's run_info.json."""
-    rec = run.root / "record" / row.record
+    rec = record_dir(run.root, row.record)
     probe = ["--record", f"record/{row.record}", "--defense", "fst", *PROBE]
     retuned = rec / "defense/fst/retune"
     row.cells["retune"] = run(f"{row.attack}__retune", ["retune", *probe], True, retuned / "retune_result.pt", reuse)

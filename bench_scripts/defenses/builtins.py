@@ -29,7 +29,7 @@ from bench_scripts.jobs.process import run_command
 from bench_scripts.protocols import BuiltIn, Protocol
 from fst_plugin.models.factory import OWN_CPU_MODELS
 from fst_plugin.record import load_attack_record
-from fst_plugin.record.layout import DefenseLayout
+from fst_plugin.record.layout import DefenseLayout, records_dir
 
 log = logging.getLogger("bench.builtins")
 HOOK = Path(__file__).resolve().parent / "bb_hook"
@@ -66,7 +66,7 @@ def cap_seconds(builtin: BuiltIn, protocol: Protocol) -> float:
 def link_into(bb_root: Path, record_dir: Path, data_dir: Path) -> None:
     """``<BB>/record/<name>`` → the record and ``<BB>/data/cifar10`` → the data (each left alone when it already
     points there; another target is refused rather than replaced)."""
-    for link, target in ((bb_root / "record" / record_dir.name, record_dir), (bb_root / "data" / DATASET, data_dir)):
+    for link, target in ((records_dir(bb_root) / record_dir.name, record_dir), (bb_root / "data" / DATASET, data_dir)):
         link.parent.mkdir(exist_ok=True)
         if not link.exists() and not link.is_symlink():
             try:

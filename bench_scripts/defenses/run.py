@@ -45,13 +45,13 @@ from bench_scripts.protocols import (
     Protocol,
     pam_run,
 )
-from fst_plugin.record.layout import DefenseLayout
+from fst_plugin.record.layout import DefenseLayout, records_dir
 
 log = logging.getLogger("bench.run_defenses")
 
 
 def list_records(root: Path, names: list[str] | None) -> list[Path]:
-    folder = root / "record"
+    folder = records_dir(root)
     records = [folder / n for n in names] if names else sorted(p for p in folder.glob("*") if p.is_dir())
     missing = [r for r in records if not (r / "attack_result.pt").is_file()]
     if missing:

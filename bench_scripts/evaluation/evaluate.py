@@ -55,7 +55,7 @@ from fst_plugin.core import defense_effectiveness_rating
 from fst_plugin.probes.config import CLEAN_REFERENCE, NO_DEFENSE
 from fst_plugin.probes.qra import read_metrics
 from fst_plugin.record import load_attack_record
-from fst_plugin.record.layout import DefenseLayout, defense_results, defenses_dir
+from fst_plugin.record.layout import DefenseLayout, defense_results, defenses_dir, record_dir, records_dir
 from fst_plugin.runtime import resolve_device
 
 log = logging.getLogger("bench.evaluate")
@@ -238,7 +238,7 @@ def probing_of(protocol: Protocol, data_root: Path, results: Path) -> Probing:
 
 def finished_records(root: Path) -> list[str]:
     """Every record of the protocol's cache with its ``attack_result.pt``."""
-    return sorted(p.name for p in (root / "record").glob("*") if (p / "attack_result.pt").is_file())
+    return sorted(p.name for p in records_dir(root).glob("*") if (p / "attack_result.pt").is_file())
 
 
 def write_results(protocol: Protocol, root: Path, data_dir: Path, out: Path, names: list[str],
@@ -246,7 +246,7 @@ def write_results(protocol: Protocol, root: Path, data_dir: Path, out: Path, nam
     """Every model of the records ``names`` measured the same way -> ``out`` (results.csv); the table."""
     started = time.time()
     device = eval_device(protocol)
-    rows = [row for name in names for row in evaluate_record(root / "record" / name, data_dir, device, retune, qra)]
+    rows = [row for name in names for row in evaluate_record(record_dir(root, name), data_dir, device, retune, qra)]
     df = pd.DataFrame(rows)
     for col in ("alpha", "n_clean", "projection", "projection_bound", "epochs", "bb_status", "bb_reason"):
         if col not in df:
@@ -275,7 +275,7 @@ class WriteResults:
 
     def __call__(self) -> str:
         probing = probing_of(self.protocol, self.root / "data", self.out.parent)
-        names = [n for n in self.names if (self.root / "record" / n / "attack_result.pt").is_file()]
+        names = [n for n in self.names if (record_dir(self.root, n) / "attack_result.pt").is_file()]
         write_results(self.protocol, self.root, self.data_dir, self.out, names, Retune(False, probing, None),
                       Qra(False, probing))
         missing = len(self.names) - len(names)

@@ -54,6 +54,7 @@ from fst_plugin.attacks import (
     poison_indices,
 )
 from fst_plugin.data.arrays import load_split_arrays
+from fst_plugin.record import layout
 from fst_plugin.runtime import resolve_device
 
 log = logging.getLogger("bench.make_records")
@@ -88,7 +89,7 @@ def make_record(protocol, data_dir: Path, root: Path, attack: str, rate: float, 
                 resumable: Resumable = Resumable()) -> Path:
     """Train one backdoored model and write ``root/record/<record_name(...)>``; return its folder."""
     key = trigger_key(attack, blend_pattern)
-    record_dir = root / "record" / record_name(attack, rate, seed, key)
+    record_dir = layout.record_dir(root, record_name(attack, rate, seed, key))
     if (record_dir / "attack_result.pt").is_file() and not force:
         log.info("cached: %s", record_dir)
         return record_dir
@@ -172,7 +173,7 @@ class MakeRecord:
 
     @property
     def record_dir(self) -> Path:
-        return self.root / "record" / self.name
+        return layout.record_dir(self.root, self.name)
 
     def __call__(self) -> str:
         torch.manual_seed(self.seed)

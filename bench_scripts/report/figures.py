@@ -8,7 +8,7 @@ from typing import Optional
 
 import pandas as pd
 
-from fst_plugin.record.layout import DefenseLayout
+from fst_plugin.record.layout import DefenseLayout, record_dir
 
 from bench_scripts.defenses.ablations import LONGER_VARIANT
 from bench_scripts.protocols import METHODS, REINIT_METHODS
@@ -83,7 +83,7 @@ def figures(df: pd.DataFrame, root: Path, out: Path) -> list[str]:
     made = []
     out.mkdir(parents=True, exist_ok=True)
     for record in sorted(df["record"].unique()):
-        curves = {m: epoch_curves(root / "record" / record, m) for m in METHODS}
+        curves = {m: epoch_curves(record_dir(root, record), m) for m in METHODS}
         curves = {m: c for m, c in curves.items() if c is not None}
         if curves:
             made.append(asr_acc_figure({LABELS[m]: c for m, c in curves.items()}, "epoch", "tuning epoch",

@@ -13,6 +13,7 @@ import pandas as pd
 from bench_scripts.common import KEYED_ATTACKS
 from bench_scripts.defenses.ablations import LONGER_VARIANT, SIZE_VARIANT
 from bench_scripts.protocols import BB_METHODS, METHODS, PAM_VARIANTS, REINIT_METHODS
+from fst_plugin.record.layout import record_dir
 
 LABELS = {"none": "No defense", "lp": "LP", "vanilla-ft": "Vanilla FT", "fe-tuning": "FE-tuning",
           "ft-init": "FT-init", "fst": "FST", "pam": "PAM", "fst-pam": "FST + PAM",
@@ -165,7 +166,7 @@ def missing_inputs(df: pd.DataFrame, root: Path, results: Path) -> str:
     epoch-3 target, t-SNE) and BackdoorBench built-ins that were not run."""
     lines = []
     records = sorted(df["record"].unique())
-    absent = [r for r in records if not (root / "record" / r).is_dir()]
+    absent = [r for r in records if not record_dir(root, r).is_dir()]
     if absent:
         lines.append(f"- Record folders absent (`<cache>/{root.name}/record/`: {', '.join(absent)}): no per-epoch "
                      "efficiency figures and no epoch-3 check for them (they read the defenses' per-epoch CSVs).")

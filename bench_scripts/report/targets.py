@@ -12,6 +12,7 @@ import pandas as pd
 from bench_scripts.protocols import ALPHA_VARIANTS
 from bench_scripts.report.figures import epoch_curves
 from bench_scripts.report.tables import LOW_RATE, pct
+from fst_plugin.record.layout import record_dir
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def targets(df: pd.DataFrame, root: Path, spec: Targets = CPU_TARGETS) -> str:
     bound = f" at a C-Acc drop ≤ {100 * spec.n50_max_drop:g} points" if spec.n50_max_drop is not None else ""
     lines.append(f"- FST with 50 clean images brings BadNets-1% ASR ≤ 5%{bound}: " + verdict)
     rec = next(iter(sorted(df[df["record"].str.startswith("badnets_0.01_")]["record"].unique())), None)
-    curve = epoch_curves(root / "record" / rec, "fst") if rec else None
+    curve = epoch_curves(record_dir(root, rec), "fst") if rec else None
     at3 = curve[curve["epoch"] == 3]["test_asr"] if curve is not None else None
     if at3 is not None and len(at3):
         first = curve[(curve["epoch"] > 0) & (curve["test_asr"] <= 0.02)]["epoch"]

@@ -25,7 +25,7 @@ from fst_plugin.data.tensor_transforms import normalize_for
 from fst_plugin.defense.config import build_config
 from fst_plugin.defense.runner import DefensePlan, prepare, run
 from fst_plugin.record import load_attack_record
-from fst_plugin.record.layout import DEFENSE_FOLDER, DefenseLayout
+from fst_plugin.record.layout import DEFENSE_FOLDER, DefenseLayout, record_dir, records_dir
 
 log = logging.getLogger("speed")
 
@@ -198,10 +198,10 @@ def bb_epoch_times(lines: list[str]) -> tuple[Optional[float], list[float]]:
 def measure_bb_ft(setup: Setup, bb_root: Path, bb_python: str, repeat: int) -> Row:
     """(d): BackdoorBench's own defense/ft.py on a mirror of the record inside the checkout."""
     name = f"{setup.record.name}__speed"
-    mirror = bb_root / "record" / name
+    mirror = record_dir(bb_root, name)
     if mirror.exists():
         shutil.rmtree(mirror)
-    mirror_record(setup.source, bb_root / "record", name, copy=False)
+    mirror_record(setup.source, records_dir(bb_root), name, copy=False)
     keys = ("epochs", "ratio", "random_seed", "device", "num_workers", "batch_size", "lr", "dataset")
     argv = [bb_python, "defense/ft.py", "--result_file", name, "--yaml_path", "./config/defense/ft/cifar10.yaml",
             "--pin_memory", "False"]

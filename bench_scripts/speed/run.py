@@ -46,6 +46,7 @@ from fst_plugin.core.modes import MODES
 from fst_plugin.defense.config import INPUT_PIPELINES
 from fst_plugin.record import load_attack_record
 from fst_plugin.runtime import resolve_device
+from fst_plugin.record.layout import records_dir
 
 log = logging.getLogger("speed")
 
@@ -96,7 +97,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     name = device_name(device)
     csv_path = (args.out / (args.csv_name or f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name).strip('_')}.csv")).resolve()
     with tempfile.TemporaryDirectory(prefix="fst_speed_") as tmp:
-        mirror = mirror_record(record, Path(tmp) / "record")
+        mirror = mirror_record(record, records_dir(Path(tmp)))
         setup = Setup(record=mirror, source=record, method=args.method, settings=settings, device=device)
         model_name = load_attack_record(mirror).model_name
         setup.info = {"device": name, "record": str(record), "model": model_name, "method": args.method}

@@ -1,6 +1,6 @@
-"""Where a defense's outputs live in a BackdoorBench record: the one module that spells these paths.
+"""Where records and a defense's outputs live below a BackdoorBench root: the one module that spells these paths.
 
-``record/<record>/defense/<name>/`` holds, in BackdoorBench's names, ``defense_result.pt``, ``<method>_df.csv``,
+A root holds its records as ``record/<record>/`` (``record_dir``). ``record/<record>/defense/<name>/`` holds, in BackdoorBench's names, ``defense_result.pt``, ``<method>_df.csv``,
 ``<method>_df_summary.csv``, the two plots, ``run_info.json``, ``checkpoint/last.pt`` (while a run is
 unfinished), ``log/<timestamp>.log`` and ``log/index.txt``; ``retune/`` is kept for re-tuning runs and ``retune/qra/`` for the
 query-based reactivation attack that needs the retuned model (fst_plugin.probes.qra). ``<name>`` is
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+RECORDS_FOLDER = "record"
 DEFENSE_FOLDER = "defense"
 RESULT_NAME = "defense_result.pt"
 RUN_INFO_NAME = "run_info.json"
@@ -22,6 +23,16 @@ LOG_FOLDER, INDEX_NAME = "log", "index.txt"
 RETUNE_FOLDER, RETUNE_RESULT_NAME = "retune", "retune_result.pt"
 QRA_FOLDER, QRA_RESULT_NAME = "qra", "qra_result.pt"  # inside RETUNE_FOLDER: QRA reads the retuned model
 PLOT_NAMES = ("loss_metric_plots", "acc_like_metric_plots")
+
+
+def records_dir(root: Path) -> Path:
+    """``<root>/record/``: the records below a BackdoorBench root (its own checkout, or any folder shaped like it)."""
+    return Path(root) / RECORDS_FOLDER
+
+
+def record_dir(root: Path, name: str) -> Path:
+    """``<root>/record/<name>/``: record ``name``'s folder, which BackdoorBench's ``--result_file name`` reads."""
+    return records_dir(root) / name
 
 
 def is_defense_name(name: str) -> bool:
