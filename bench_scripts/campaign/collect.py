@@ -24,6 +24,7 @@ import torch
 from bench_scripts.campaign.plan import Plan, format_plan
 from bench_scripts.campaign.profiles import CLEAN_REFERENCE, RECORDS
 from bench_scripts.campaign.runner import State
+from fst_plugin.record.layout import attack_result
 
 MAX_FILES = 8
 MAX_BYTES = 16 * 1024 * 1024 - 4096   # "at most 16 MB", with room to spare
@@ -71,7 +72,7 @@ def _bf16_weights(plan: Plan) -> list[tuple[str, dict[str, torch.Tensor]]]:
 
     out = []
     for spec in (*RECORDS, CLEAN_REFERENCE):
-        path = plan.paths.record(plan.profile.records_folder, spec.name()) / "attack_result.pt"
+        path = attack_result(plan.paths.record(plan.profile.records_folder, spec.name()))
         if path.is_file():
             state_dict = load_untrusted(path, "attack record")["model"]
             out.append((spec.name(), {k: v.to(torch.bfloat16) if v.is_floating_point() else v

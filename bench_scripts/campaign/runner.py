@@ -24,6 +24,7 @@ from bench_scripts.jobs.graph import Graph, run_graph
 from bench_scripts.jobs.job import FAILED, NOT_RUN, TIMED_OUT, Job
 from bench_scripts.jobs.local import LocalExecutor
 from bench_scripts.jobs.process import CommandFailed, JobTimeout, run_command, stopping_on_signals
+from fst_plugin.record.layout import attack_result
 
 log = logging.getLogger("bench.campaign")
 RECORD_WRITE_S = {"cuda": 30.0, "cpu": 8.0}  # evaluation + writing a record's PNGs after its last epoch
@@ -94,7 +95,7 @@ class Runner:
         """Whether the record ``name`` (``ANY_RECORD``: any record of the protocol) is finished."""
         if name == ANY_RECORD:
             return any(self.plan.paths.record(self.plan.profile.records_folder, "*").parent.glob("*/attack_result.pt"))
-        return (self.plan.paths.record(self.plan.profile.records_folder, name) / "attack_result.pt").is_file()
+        return attack_result(self.plan.paths.record(self.plan.profile.records_folder, name)).is_file()
 
     def decide(self, stage: Stage) -> Optional[Outcome]:
         """Why ``stage`` does not run now (an outcome), or None when it runs."""

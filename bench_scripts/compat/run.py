@@ -33,7 +33,7 @@ from bench_scripts.compat.matrix import (
     EXPORTED, MODES, OK, Cell, Row, check_pool, failure_reason, render_readme, write_cifar10_subset, write_csv,
 )
 from bench_scripts.jobs.process import run_command
-from fst_plugin.record.layout import record_dir
+from fst_plugin.record.layout import attack_result, record_dir
 
 log = logging.getLogger("compat")
 
@@ -136,7 +136,7 @@ def trojannn_yaml(root: Path) -> None:
 
 def run_attack(run: Runner, spec: AttackSpec, force: bool) -> Cell:
     record = record_dir(run.root, PREFIX + spec.name)
-    done = record / ("clean_model.pth" if spec.name == "prototype" else "attack_result.pt")
+    done = record / "clean_model.pth" if spec.name == "prototype" else attack_result(record)
     if not run.report_only and record.exists() and (force or not done.exists()):
         shutil.rmtree(record)                       # BackdoorBench's os.mkdir refuses an existing folder
     return run(f"{spec.name}__attack", spec.command(), produces=done, reuse=not force)
@@ -148,12 +148,12 @@ def clean_reference(root: Path, template: str, force: bool) -> Cell:
     ``attack_result.pt`` with its model replaced by prototype.py's clean model."""
     clean_model = record_dir(root, f"{PREFIX}prototype") / "clean_model.pth"
     how = f"record/{template}/attack_result.pt with model = record/{PREFIX}prototype/clean_model.pth"
-    target = record_dir(root, f"{PREFIX}{CLEAN}") / "attack_result.pt"
+    target = attack_result(record_dir(root, f"{PREFIX}{CLEAN}"))
     if not clean_model.exists():
         return Cell("no clean model: prototype.py did not run", how)
     if target.exists() and not force:
         return Cell(OK, how)
-    result = torch.load(record_dir(root, template) / "attack_result.pt", map_location="cpu", weights_only=False)
+    result = torch.load(attack_result(record_dir(root, template)), map_location="cpu", weights_only=False)
     result["model"] = torch.load(clean_model, map_location="cpu", weights_only=True)
     target.parent.mkdir(exist_ok=True)
     torch.save(result, target)
@@ -162,7 +162,7 @@ def clean_reference(root: Path, template: str, force: bool) -> Cell:
 
 def record_labels(record: Path) -> tuple[dict[int, tuple[int, int]], int]:
     """bd_train's (bd_label, original_label) per index from ``attack_result.pt``, and the attack target."""
-    result = torch.load(record / "attack_result.pt", map_location="cpu", weights_only=False)
+    result = torch.load(attack_result(record), map_location="cpu", weights_only=False)
     data = result["bd_train"]["bd_data_container"]["data_dict"]
     labels = {int(i): (int(v["other_info"][0]), int(v["other_info"][1])) for i, v in data.items()}
     bd_test = result["bd_test"]["bd_data_container"]["data_dict"]

@@ -45,7 +45,7 @@ from bench_scripts.protocols import (
     Protocol,
     pam_run,
 )
-from fst_plugin.record.layout import DefenseLayout, records_dir
+from fst_plugin.record.layout import DefenseLayout, attack_result, records_dir
 
 log = logging.getLogger("bench.run_defenses")
 
@@ -53,7 +53,7 @@ log = logging.getLogger("bench.run_defenses")
 def list_records(root: Path, names: list[str] | None) -> list[Path]:
     folder = records_dir(root)
     records = [folder / n for n in names] if names else sorted(p for p in folder.glob("*") if p.is_dir())
-    missing = [r for r in records if not (r / "attack_result.pt").is_file()]
+    missing = [r for r in records if not attack_result(r).is_file()]
     if missing:
         raise SystemExit(f"no finished attack record at {', '.join(map(str, missing))}; run make_records first")
     return records
@@ -95,7 +95,7 @@ class RunDefense:
         """Finished when its ``defense_result.pt`` exists (written last)."""
         layout = DefenseLayout.of(self.record_dir, self.variant, self.method)
         return Job(f"{self.record_dir.name}/{self.variant}", "defense", self,
-                   inputs=(self.record_dir / "attack_result.pt",), outputs=(layout.result,), needs=needs,
+                   inputs=(attack_result(self.record_dir),), outputs=(layout.result,), needs=needs,
                    resources=self.protocol.resources)
 
 
@@ -128,7 +128,7 @@ class RunBuiltin:
         """Finished when its ``builtin_run.json`` exists (whatever the built-in's outcome)."""
         folder = DefenseLayout.of(self.record_dir, self.builtin.name).folder
         return Job(f"{self.record_dir.name}/{self.builtin.name}", "builtin", self,
-                   inputs=(self.record_dir / "attack_result.pt", self.bb_root / "defense"),
+                   inputs=(attack_result(self.record_dir), self.bb_root / "defense"),
                    outputs=(folder / RUN_FILE,), needs=needs, resources=self.protocol.resources)
 
 

@@ -55,7 +55,8 @@ from fst_plugin.core import defense_effectiveness_rating
 from fst_plugin.probes.config import CLEAN_REFERENCE, NO_DEFENSE
 from fst_plugin.probes.qra import read_metrics
 from fst_plugin.record import load_attack_record
-from fst_plugin.record.layout import DefenseLayout, defense_results, defenses_dir, record_dir, records_dir
+from fst_plugin.record.layout import (DefenseLayout, attack_result, defense_results, defenses_dir, record_dir,
+                                      records_dir)
 from fst_plugin.runtime import resolve_device
 
 log = logging.getLogger("bench.evaluate")
@@ -120,7 +121,7 @@ def find_reference(record_dir: Path, seed: Any, name: str | None = None) -> Path
     """The clean reference of a record: ``name``, else a record of the same seed at rate 0 (``*_0_s<seed>``)."""
     folder = record_dir.parent
     candidates = [folder / name] if name else sorted(folder.glob(f"*_0_s{seed}"))
-    found = [c for c in candidates if (c / "attack_result.pt").is_file() and c.resolve() != record_dir.resolve()]
+    found = [c for c in candidates if attack_result(c).is_file() and c.resolve() != record_dir.resolve()]
     return found[0] if found else None
 
 
@@ -214,7 +215,7 @@ def retune_rows(record_dir: Path, rows: list[dict[str, Any]], sets: TestSets, be
     if reference is None or not has_bd_train or not (retune.run_missing or ref_layout.retune_result.is_file()):
         return []
     ref = load_attack_record(reference, check_files=False)
-    metrics = cached_measure(reference / "attack_result.pt",
+    metrics = cached_measure(attack_result(reference),
                              lambda: load_model(ref.model_name, ref.num_classes, ref.state_dict), sets,
                              retune.probing.device, cache=ref_layout.folder / "bench_eval.json")
     der = defense_effectiveness_rating(before["test_acc"], before["test_asr"], metrics["test_acc"], metrics["test_asr"])
@@ -238,7 +239,7 @@ def probing_of(protocol: Protocol, data_root: Path, results: Path) -> Probing:
 
 def finished_records(root: Path) -> list[str]:
     """Every record of the protocol's cache with its ``attack_result.pt``."""
-    return sorted(p.name for p in records_dir(root).glob("*") if (p / "attack_result.pt").is_file())
+    return sorted(p.name for p in records_dir(root).glob("*") if attack_result(p).is_file())
 
 
 def write_results(protocol: Protocol, root: Path, data_dir: Path, out: Path, names: list[str],
@@ -275,7 +276,7 @@ class WriteResults:
 
     def __call__(self) -> str:
         probing = probing_of(self.protocol, self.root / "data", self.out.parent)
-        names = [n for n in self.names if (record_dir(self.root, n) / "attack_result.pt").is_file()]
+        names = [n for n in self.names if attack_result(record_dir(self.root, n)).is_file()]
         write_results(self.protocol, self.root, self.data_dir, self.out, names, Retune(False, probing, None),
                       Qra(False, probing))
         missing = len(self.names) - len(names)

@@ -18,7 +18,7 @@ from fst_plugin.probes.config import CLEAN_REFERENCE, NO_DEFENSE, OWN_SUBSET, Qr
 from fst_plugin.probes.qra import run_qra
 from fst_plugin.probes.retune import run_retune
 from fst_plugin.record import load_attack_record
-from fst_plugin.record.layout import DefenseLayout
+from fst_plugin.record.layout import DefenseLayout, attack_result
 
 log = logging.getLogger("bench.evaluate")
 EVAL_VERSION = 2
@@ -86,7 +86,7 @@ class RetuneModel:
 
     def job(self, resources: Resources, needs: tuple[str, ...] = ()) -> Job:
         return self.probing.job(self, "retune", DefenseLayout.of(self.record_dir, self.variant).retune_result,
-                                (self.record_dir / "attack_result.pt",), resources, needs)
+                                (attack_result(self.record_dir),), resources, needs)
 
 
 class QraNotRun(Exception):
@@ -137,7 +137,7 @@ class QraModel:
 
     def job(self, resources: Resources, needs: tuple[str, ...] = ()) -> Job:
         return self.probing.job(self, "qra", DefenseLayout.of(self.record_dir, self.variant).qra_result,
-                                (self.record_dir / "attack_result.pt", self.reference / "attack_result.pt"),
+                                (attack_result(self.record_dir), attack_result(self.reference)),
                                 resources, needs)
 
 
@@ -145,7 +145,7 @@ def model_metrics(record_dir: Path, variant: str, sets: TestSets, device: str) -
     """C-Acc, ASR, RA, ... of the record's model ``variant`` (``none``: the attacked model), cached beside it."""
     if variant == NO_DEFENSE:
         rec = sets.record
-        return cached_measure(record_dir / "attack_result.pt",
+        return cached_measure(attack_result(record_dir),
                               lambda: load_model(rec.model_name, rec.num_classes, rec.state_dict), sets, device)
     path = DefenseLayout.of(record_dir, variant).result
     return cached_measure(path, lambda: load_defended(path), sets, device)

@@ -90,7 +90,7 @@ def make_record(protocol, data_dir: Path, root: Path, attack: str, rate: float, 
     """Train one backdoored model and write ``root/record/<record_name(...)>``; return its folder."""
     key = trigger_key(attack, blend_pattern)
     record_dir = layout.record_dir(root, record_name(attack, rate, seed, key))
-    if (record_dir / "attack_result.pt").is_file() and not force:
+    if layout.attack_result(record_dir).is_file() and not force:
         log.info("cached: %s", record_dir)
         return record_dir
     started = time.time()
@@ -185,7 +185,7 @@ class MakeRecord:
         """The record as a job of the grid: finished when its ``attack_result.pt`` exists (written last)."""
         keyed = trigger_key(self.attack, self.blend_pattern) is not None   # only Blended reads the key image
         inputs = (self.data_dir, *((Path(self.blend_pattern),) if keyed else ()))
-        return Job(self.name, "record", self, inputs=inputs, outputs=(self.record_dir / "attack_result.pt",),
+        return Job(self.name, "record", self, inputs=inputs, outputs=(layout.attack_result(self.record_dir),),
                    resources=self.protocol.resources)
 
 

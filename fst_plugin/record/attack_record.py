@@ -19,10 +19,10 @@ from PIL import Image
 
 from fst_plugin.errors import DataError, RecordError
 from fst_plugin.io_utils import atomic_torch_save
+from fst_plugin.record.layout import attack_result
 from fst_plugin.record.safe_load import load_untrusted
 
 REQUIRED_KEYS = ("model_name", "num_classes", "model", "data_path", "img_size", "clean_data", "bd_test")
-RECORD_FILE = "attack_result.pt"
 
 
 @dataclass(frozen=True)
@@ -215,7 +215,7 @@ def load_attack_record(record_dir: str | Path, trust: bool = False, check_files:
     if not record_dir.is_dir():
         raise RecordError(f"attack record folder {record_dir} does not exist",
                           "pass --result_file NAME (inside BackdoorBench: record/NAME) or --record DIR of an attack run")
-    data = load_untrusted(record_dir / RECORD_FILE, "attack record", trust=trust)
+    data = load_untrusted(attack_result(record_dir), "attack record", trust=trust)
     return parse_attack_result(data, record_dir.resolve(), check_files=check_files)
 
 
@@ -278,5 +278,5 @@ def write_attack_record(
         "bd_test": _split_state(record_dir, "bd_test_dataset", test_size, bd_test, True),
         **extra,
     }
-    atomic_torch_save(payload, record_dir / RECORD_FILE)
+    atomic_torch_save(payload, attack_result(record_dir))
     return record_dir

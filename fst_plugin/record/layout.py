@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 RECORDS_FOLDER = "record"
+ATTACK_RESULT_NAME = "attack_result.pt"  # BackdoorBench's attack record: the model, its data and its poisoning
 DEFENSE_FOLDER = "defense"
 RESULT_NAME = "defense_result.pt"
 RUN_INFO_NAME = "run_info.json"
@@ -33,6 +34,11 @@ def records_dir(root: Path) -> Path:
 def record_dir(root: Path, name: str) -> Path:
     """``<root>/record/<name>/``: record ``name``'s folder, which BackdoorBench's ``--result_file name`` reads."""
     return records_dir(root) / name
+
+
+def attack_result(record_dir: Path) -> Path:
+    """``<record>/attack_result.pt``, written last, so a record is finished when it exists."""
+    return Path(record_dir) / ATTACK_RESULT_NAME
 
 
 def is_defense_name(name: str) -> bool:
