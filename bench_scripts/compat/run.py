@@ -33,7 +33,7 @@ from bench_scripts.compat.matrix import (
     EXPORTED, MODES, OK, Cell, Row, check_pool, failure_reason, render_readme, write_cifar10_subset, write_csv,
 )
 from bench_scripts.jobs.process import run_command
-from fst_plugin.record.layout import attack_result, record_dir
+from fst_plugin.record.layout import DefenseLayout, attack_result, record_dir
 
 log = logging.getLogger("compat")
 
@@ -171,7 +171,7 @@ def record_labels(record: Path) -> tuple[dict[int, tuple[int, int]], int]:
 
 def defend(run: Runner, row: Row, method: str, reuse: bool) -> None:
     """One mode through its installed launcher."""
-    result = record_dir(run.root, row.record) / "defense" / method / "defense_result.pt"
+    result = DefenseLayout.of(record_dir(run.root, row.record), method).result
     row.cells[method] = run(f"{row.attack}__{method}", defense_argv(row, method), produces=result, reuse=reuse)
 
 

@@ -20,7 +20,7 @@ from fst_plugin.errors import ConfigError, DataError, ModelError, RecordError
 from fst_plugin.probes.config import CLEAN_REFERENCE, NO_DEFENSE, OWN_SUBSET
 from fst_plugin.record import AttackRecord, PoisonedImage, load_attack_record
 from fst_plugin.record import choose_clean_indices
-from fst_plugin.record.layout import DefenseLayout
+from fst_plugin.record.layout import DefenseLayout, defense_results
 from fst_plugin.record.poison_pool import PoisonPool
 from fst_plugin.record.result_model import ResultModel, load_result_model, model_from_state, read_result
 from fst_plugin.runtime import seed_everything
@@ -101,7 +101,7 @@ def defended_model(record: AttackRecord, defense: str, trust: bool) -> ResultMod
     """A defense's ``defense_result.pt`` in the record (ours or BackdoorBench's built-ins')."""
     path = DefenseLayout.of(record.record_dir, defense).result
     if not path.is_file():
-        found = sorted(p.parent.name for p in (record.record_dir / "defense").glob("*/defense_result.pt"))
+        found = [p.parent.name for p in defense_results(record.record_dir)]
         raise RecordError(f"defense {defense!r} has no output in {record.record_dir} (no {path.name})",
                           f"run the defense first, or pass one of: {', '.join(found + [NO_DEFENSE, CLEAN_REFERENCE])}")
     inside_record(path, record.record_dir, "defense result")

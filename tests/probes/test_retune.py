@@ -103,6 +103,7 @@ def test_a_retune_with_a_fixed_seed_is_deterministic_and_writes_backdoorbench_fo
 
 @pytest.mark.parametrize("extra, message", [
     (["--defense", "ft-sam"], "defense 'ft-sam' has no output"),
+    (["--defense", "ft-sam"], "pass one of: fst, "),   # the hint lists the record's finished defenses
     (["--defense", "fst", "--poison_num", "21"], "larger than the 20 poisoned training images"),
     (["--defense", "fst", "--poison_num", "-1"], "--poison_num is -1"),
     (["--defense", "fst", "--epochs", "0"], "--epochs is 0"),
