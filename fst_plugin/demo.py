@@ -33,8 +33,8 @@ from fst_plugin.core.modes import PAPER_MODES
 from fst_plugin.data import load_clean_split
 from fst_plugin.demo_config import DemoConfig
 from fst_plugin.errors import DataError
-from fst_plugin.runtime import resolve_device
 from fst_plugin.record.layout import record_dir
+from fst_plugin.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

@@ -45,8 +45,8 @@ from bench_scripts.speed.report import Row, device_name, load_average, ratio_tab
 from fst_plugin.core.modes import MODES
 from fst_plugin.defense.config import INPUT_PIPELINES
 from fst_plugin.record import load_attack_record
-from fst_plugin.runtime import resolve_device
 from fst_plugin.record.layout import records_dir
+from fst_plugin.runtime import resolve_device
 
 log = logging.getLogger("speed")
 

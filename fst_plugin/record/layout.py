@@ -1,7 +1,8 @@
 """Where records and a defense's outputs live below a BackdoorBench root: the one module that spells these paths.
 
-A root holds its records as ``record/<record>/`` (``record_dir``). ``record/<record>/defense/<name>/`` holds, in BackdoorBench's names, ``defense_result.pt``, ``<method>_df.csv``,
-``<method>_df_summary.csv``, the two plots, ``run_info.json``, ``checkpoint/last.pt`` (while a run is
+A root holds its records as ``record/<record>/`` (``record_dir``), each finished when its ``attack_result.pt``
+exists. ``record/<record>/defense/<name>/`` holds, in BackdoorBench's names, ``defense_result.pt``,
+``<method>_df.csv``, ``<method>_df_summary.csv``, the two plots, ``run_info.json``, ``checkpoint/last.pt`` (while a run is
 unfinished), ``log/<timestamp>.log`` and ``log/index.txt``; ``retune/`` is kept for re-tuning runs and ``retune/qra/`` for the
 query-based reactivation attack that needs the retuned model (fst_plugin.probes.qra). ``<name>`` is
 the method, or a variant's own name (an ablation) so variants never overwrite each other.
