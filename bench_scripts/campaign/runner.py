@@ -93,9 +93,10 @@ class Runner:
 
     def record_done(self, name: str) -> bool:
         """Whether the record ``name`` (``ANY_RECORD``: any record of the protocol) is finished."""
+        folder = self.plan.profile.records_folder
         if name == ANY_RECORD:
-            return any(self.plan.paths.record(self.plan.profile.records_folder, "*").parent.glob("*/attack_result.pt"))
-        return attack_result(self.plan.paths.record(self.plan.profile.records_folder, name)).is_file()
+            return any(attack_result(p).is_file() for p in self.plan.paths.record(folder, "*").parent.glob("*"))
+        return attack_result(self.plan.paths.record(folder, name)).is_file()
 
     def decide(self, stage: Stage) -> Optional[Outcome]:
         """Why ``stage`` does not run now (an outcome), or None when it runs."""
