@@ -24,7 +24,7 @@ from bench_scripts.jobs.graph import Graph, run_graph
 from bench_scripts.jobs.job import FAILED, NOT_RUN, TIMED_OUT, Job
 from bench_scripts.jobs.local import LocalExecutor
 from bench_scripts.jobs.process import CommandFailed, JobTimeout, run_command, stopping_on_signals
-from fst_plugin.record.layout import attack_result
+from fst_plugin.record.layout import is_finished
 
 log = logging.getLogger("bench.campaign")
 RECORD_WRITE_S = {"cuda": 30.0, "cpu": 8.0}  # evaluation + writing a record's PNGs after its last epoch
@@ -95,8 +95,8 @@ class Runner:
         """Whether the record ``name`` (``ANY_RECORD``: any record of the protocol) is finished."""
         folder = self.plan.profile.records_folder
         if name == ANY_RECORD:
-            return any(attack_result(p).is_file() for p in self.plan.paths.record(folder, "*").parent.glob("*"))
-        return attack_result(self.plan.paths.record(folder, name)).is_file()
+            return any(is_finished(p) for p in self.plan.paths.record(folder, "*").parent.glob("*"))
+        return is_finished(self.plan.paths.record(folder, name))
 
     def decide(self, stage: Stage) -> Optional[Outcome]:
         """Why ``stage`` does not run now (an outcome), or None when it runs."""

@@ -179,19 +179,19 @@ def retune_and_qra(run: Runner, row: Row, reuse: bool) -> None:
     """retune (and after it qra) on FST's result; the pool columns from retune's run_info.json."""
     rec = record_dir(run.root, row.record)
     probe = ["--record", f"record/{row.record}", "--defense", "fst", *PROBE]
-    retuned = rec / "defense/fst/retune"
-    row.cells["retune"] = run(f"{row.attack}__retune", ["retune", *probe], True, retuned / "retune_result.pt", reuse)
+    fst = DefenseLayout.of(rec, "fst")
+    row.cells["retune"] = run(f"{row.attack}__retune", ["retune", *probe], True, fst.retune_result, reuse)
     if not row.cells["retune"].ok:
         row.cells["qra"] = Cell("not run: retune did not run")
         return
-    info = json.loads((retuned / "run_info.json").read_text())
+    info = json.loads(fst.retune_info.read_text())
     pool = info["poison_pool"]
     labels, target = record_labels(rec)
     row.pool = {"pool_rule": pool["rule"], "pool_size": str(pool["size"]), "pool_flagged": str(pool["flagged"]),
                 "pool_excluded": str(pool["excluded"]),
                 "pool_check": check_pool(info["poisoned_train_indices"], labels, target, pool["rule"])}
     row.cells["qra"] = run(f"{row.attack}__qra", ["qra", *probe, "--reference_record", f"record/{PREFIX}{CLEAN}", *QRA],
-                           True, retuned / "qra/qra_result.pt", reuse)
+                           True, fst.qra_result, reuse)
 
 
 def export_checkout(root: Path) -> Path:

@@ -45,7 +45,7 @@ from bench_scripts.protocols import (
     Protocol,
     pam_run,
 )
-from fst_plugin.record.layout import DefenseLayout, attack_result, records_dir
+from fst_plugin.record.layout import DefenseLayout, attack_result, is_finished, records_dir
 
 log = logging.getLogger("bench.run_defenses")
 
@@ -53,7 +53,7 @@ log = logging.getLogger("bench.run_defenses")
 def list_records(root: Path, names: list[str] | None) -> list[Path]:
     folder = records_dir(root)
     records = [folder / n for n in names] if names else sorted(p for p in folder.glob("*") if p.is_dir())
-    missing = [r for r in records if not attack_result(r).is_file()]
+    missing = [r for r in records if not is_finished(r)]
     if missing:
         raise SystemExit(f"no finished attack record at {', '.join(map(str, missing))}; run make_records first")
     return records

@@ -55,8 +55,8 @@ from fst_plugin.core import defense_effectiveness_rating
 from fst_plugin.probes.config import CLEAN_REFERENCE, NO_DEFENSE
 from fst_plugin.probes.qra import read_metrics
 from fst_plugin.record import load_attack_record
-from fst_plugin.record.layout import (DefenseLayout, attack_result, defense_results, defenses_dir, record_dir,
-                                      records_dir)
+from fst_plugin.record.layout import (DefenseLayout, attack_result, defense_results, defenses_dir, finished_records,
+                                      is_finished, record_dir)
 from fst_plugin.runtime import resolve_device
 
 log = logging.getLogger("bench.evaluate")
@@ -121,7 +121,7 @@ def find_reference(record_dir: Path, seed: Any, name: str | None = None) -> Path
     """The clean reference of a record: ``name``, else a record of the same seed at rate 0 (``*_0_s<seed>``)."""
     folder = record_dir.parent
     candidates = [folder / name] if name else sorted(folder.glob(f"*_0_s{seed}"))
-    found = [c for c in candidates if attack_result(c).is_file() and c.resolve() != record_dir.resolve()]
+    found = [c for c in candidates if is_finished(c) and c.resolve() != record_dir.resolve()]
     return found[0] if found else None
 
 
@@ -237,11 +237,6 @@ def probing_of(protocol: Protocol, data_root: Path, results: Path) -> Probing:
     return Probing(data_root, eval_device(protocol), protocol.defense_ratio, results, protocol.probe_subset)
 
 
-def finished_records(root: Path) -> list[str]:
-    """Every record of the protocol's cache with its ``attack_result.pt``."""
-    return sorted(p.name for p in records_dir(root).glob("*") if attack_result(p).is_file())
-
-
 def write_results(protocol: Protocol, root: Path, data_dir: Path, out: Path, names: list[str],
                   retune: Retune | None = None, qra: Qra | None = None) -> pd.DataFrame:
     """Every model of the records ``names`` measured the same way -> ``out`` (results.csv); the table."""
@@ -276,7 +271,7 @@ class WriteResults:
 
     def __call__(self) -> str:
         probing = probing_of(self.protocol, self.root / "data", self.out.parent)
-        names = [n for n in self.names if attack_result(record_dir(self.root, n)).is_file()]
+        names = [n for n in self.names if is_finished(record_dir(self.root, n))]
         write_results(self.protocol, self.root, self.data_dir, self.out, names, Retune(False, probing, None),
                       Qra(False, probing))
         missing = len(self.names) - len(names)
@@ -310,7 +305,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     retune = Retune(args.retune, probing, args.reference,
                     None if "all" in args.retune_variants else set(args.retune_variants))
     qra = Qra(args.qra, probing, None if "all" in args.qra_variants else set(args.qra_variants), args.qra_max_asr)
-    return write_results(protocol, root, args.data, out, args.records or finished_records(root), retune, qra)
+    names = args.records or [p.name for p in finished_records(root)]
+    return write_results(protocol, root, args.data, out, names, retune, qra)
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ def make_record(protocol, data_dir: Path, root: Path, attack: str, rate: float, 
     """Train one backdoored model and write ``root/record/<record_name(...)>``; return its folder."""
     key = trigger_key(attack, blend_pattern)
     record_dir = layout.record_dir(root, record_name(attack, rate, seed, key))
-    if layout.attack_result(record_dir).is_file() and not force:
+    if layout.is_finished(record_dir) and not force:
         log.info("cached: %s", record_dir)
         return record_dir
     started = time.time()

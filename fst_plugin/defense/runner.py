@@ -33,8 +33,8 @@ from fst_plugin.io_utils import atomic_torch_save, atomic_write_text
 from fst_plugin.models.factory import load_weights
 from fst_plugin.record import AttackRecord, choose_clean_indices, load_untrusted
 from fst_plugin.record.defense_output import write_defense_outputs
-from fst_plugin.record.layout import (DefenseLayout, attack_result, checkpoint_file, index_file,
-                                      inversion_checkpoint_file, record_dir)
+from fst_plugin.record.layout import (DefenseLayout, checkpoint_file, index_file, inversion_checkpoint_file,
+                                      is_finished, record_dir)
 from fst_plugin.runtime import resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def record_folder(config: DefenseConfig, result_file: Optional[str] = None) -> P
     if not result_file:
         raise ConfigError("no attack record given", "pass --result_file NAME (record/NAME) or --record DIR")
     candidate = Path(result_file)
-    if attack_result(candidate).is_file():
+    if is_finished(candidate):
         return candidate
     return record_dir(Path(), result_file)
 

@@ -42,6 +42,16 @@ def attack_result(record_dir: Path) -> Path:
     return Path(record_dir) / ATTACK_RESULT_NAME
 
 
+def is_finished(record_dir: Path) -> bool:
+    """Whether the record in ``record_dir`` is finished: its ``attack_result.pt`` exists."""
+    return attack_result(record_dir).is_file()
+
+
+def finished_records(root: Path) -> list[Path]:
+    """Every finished record below a root (``<root>/record/*``), sorted by name."""
+    return sorted(p for p in records_dir(root).glob("*") if is_finished(p))
+
+
 def is_defense_name(name: str) -> bool:
     """Whether ``name`` can only name a folder directly under ``defense/`` (no separator, no '.', '..' or NUL)."""
     return bool(name) and name not in (".", "..") and not any(c in name for c in ("/", "\\", "\x00"))
@@ -117,6 +127,11 @@ class DefenseLayout:
     def retune_result(self) -> Path:
         """The retuned model, written last (its presence means the retune finished)."""
         return self.retune_dir / RETUNE_RESULT_NAME
+
+    @property
+    def retune_info(self) -> Path:
+        """The retuning run's ``run_info.json`` (its settings and the poisoned images it used)."""
+        return self.retune_dir / RUN_INFO_NAME
 
     @property
     def qra_dir(self) -> Path:
