@@ -38,11 +38,34 @@ def _reference_flags(record: Optional[Path], model: Optional[Path]) -> list[str]
     return given
 
 
-def _require(checks: tuple[tuple[str, object, str, bool], ...]) -> None:
+Check = tuple[str, object, str, bool]  # (flag, value, rule, ok)
+
+
+def _require(checks: tuple[Check, ...]) -> None:
     """The first failed (flag, value, rule, ok) check as a one-line error."""
     for name, value, rule, ok in checks:
         if not ok:
             raise ConfigError(f"--{name} is {value}, it must be {rule}", f"pass --{name} with a value {rule}")
+
+
+def _training_checks(config: "RetuneConfig | QraConfig") -> tuple[Check, ...]:
+    """The checks both probes' training settings share: poisoned images, epochs, lr, batch size, the clean subset."""
+    return (("poison_num", config.poison_num, ">= 0", config.poison_num >= 0),
+            ("epochs", config.epochs, "> 0", config.epochs > 0),
+            ("lr", config.lr, "> 0 and finite", math.isfinite(config.lr) and config.lr > 0),
+            ("batch_size", config.batch_size, "> 0", config.batch_size > 0),
+            ("ratio", config.ratio, "in (0, 1]", 0 < config.ratio <= 1),
+            ("clean_subset", config.clean_subset, f"one of {', '.join(CLEAN_SUBSETS)}",
+             config.clean_subset in CLEAN_SUBSETS))
+
+
+def _check_defense_name(name: str, allowed: str) -> None:
+    """``--defense`` must name one folder under ``defense/`` (``allowed`` says what the probe takes)."""
+    from fst_plugin.record.layout import is_defense_name  # here: importing the package loads torch
+
+    if not is_defense_name(name):
+        raise ConfigError(f"--defense {name!r} is not a defense folder name",
+                          f"pass the name of a folder under record/<name>/defense/{allowed}")
 
 
 @dataclass(frozen=True)
@@ -73,23 +96,9 @@ class RetuneConfig:
 
     def validate(self) -> None:
         """Range and consistency checks (the record and files are checked by :func:`prepare_retune`)."""
-        checks = (("poison_num", self.poison_num, ">= 0", self.poison_num >= 0),
-                  ("epochs", self.epochs, "> 0", self.epochs > 0),
-                  ("lr", self.lr, "> 0 and finite", math.isfinite(self.lr) and self.lr > 0),
-                  ("batch_size", self.batch_size, "> 0", self.batch_size > 0),
-                  ("ratio", self.ratio, "in (0, 1]", 0 < self.ratio <= 1),
-                  ("clean_subset", self.clean_subset, f"one of {', '.join(CLEAN_SUBSETS)}",
-                   self.clean_subset in CLEAN_SUBSETS),
-                  ("num_workers", self.num_workers, ">= 0", self.num_workers >= 0))
-        _require(checks)
-        from fst_plugin.record.layout import (
-            is_defense_name,  # here: importing the package loads torch
-        )
-
+        _require((*_training_checks(self), ("num_workers", self.num_workers, ">= 0", self.num_workers >= 0)))
         name = self.defense
-        if not is_defense_name(name):
-            raise ConfigError(f"--defense {name!r} is not a defense folder name",
-                              "pass the name of a folder under record/<name>/defense/, none or clean-reference")
+        _check_defense_name(name, ", none or clean-reference")
         given = _reference_flags(self.reference_record, self.reference_model)
         if (name == CLEAN_REFERENCE) != bool(given):
             raise ConfigError("a clean reference (--reference_record or --reference_model) goes with --defense "
@@ -132,25 +141,13 @@ class QraConfig:
         checks = (("eps", self.eps, "in [0, 1]", finite(self.eps) and 0 <= self.eps <= 1),
                   ("alpha_qra", self.alpha_qra, ">= 0 and finite", finite(self.alpha_qra) and self.alpha_qra >= 0),
                   ("clean_num", self.clean_num, ">= 0", self.clean_num >= 0),
-                  ("poison_num", self.poison_num, ">= 0", self.poison_num >= 0),
-                  ("epochs", self.epochs, "> 0", self.epochs > 0),
-                  ("lr", self.lr, "> 0 and finite", finite(self.lr) and self.lr > 0),
-                  ("batch_size", self.batch_size, "> 0", self.batch_size > 0),
-                  ("ratio", self.ratio, "in (0, 1]", 0 < self.ratio <= 1),
-                  ("clean_subset", self.clean_subset, f"one of {', '.join(CLEAN_SUBSETS)}",
-                   self.clean_subset in CLEAN_SUBSETS))
+                  *_training_checks(self))
         _require(checks)
         if self.clean_num + self.poison_num == 0:
             raise ConfigError("--clean_num and --poison_num are both 0: QRA has nothing to train on",
                               "pass a positive --clean_num or --poison_num (the script's are 500 and 500)")
-        from fst_plugin.record.layout import (
-            is_defense_name,  # here: importing the package loads torch
-        )
-
         name = self.defense
-        if not is_defense_name(name):
-            raise ConfigError(f"--defense {name!r} is not a defense folder name",
-                              "pass the name of a folder under record/<name>/defense/ or none")
+        _check_defense_name(name, " or none")
         if name == CLEAN_REFERENCE:
             raise ConfigError("--defense clean-reference: QRA attacks a purified model against the clean reference",
                               "pass a defense's name or none, and the clean model as --reference_record or "

@@ -139,6 +139,8 @@ def test_with_eps_zero_the_perturbed_numbers_equal_the_unperturbed_ones_exactly(
     (["--defense", "fst", "--clean_num", "0", "--poison_num", "0"], "nothing to train on"),
     (["--defense", "fst", "--epochs", "0"], "--epochs is 0"),
     (["--defense", "fst", "--clean_subset", "mine"], "--clean_subset"),
+    (["--defense", "fst", "--batch_size", "0"], "--batch_size is 0"),
+    (["--defense", "../../x"], "under record/<name>/defense/ or none"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(ws, capsys, extra, message):
     ft = ws.attacked / "defense" / "ft"  # a finished defense that was never retuned
