@@ -74,9 +74,13 @@ class Paths:
     def logs(self) -> Path:
         return self.work / "logs"
 
+    def root(self, folder: str) -> Path:
+        """The cache folder ``folder`` (``Profile.records_folder``): a root shaped like BackdoorBench's checkout."""
+        return self.cache / folder
+
     def record(self, folder: str, name: str) -> Path:
-        """Record ``name`` under the cache folder ``folder`` (``Profile.records_folder``)."""
-        return record_dir(self.cache / folder, name)
+        """Record ``name`` under the cache folder ``folder``."""
+        return record_dir(self.root(folder), name)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,9 @@ from bench_scripts.jobs.graph import Graph, run_graph
 from bench_scripts.jobs.job import FAILED, NOT_RUN, TIMED_OUT, Job
 from bench_scripts.jobs.local import LocalExecutor
 from bench_scripts.jobs.process import CommandFailed, JobTimeout, run_command, stopping_on_signals
-from fst_plugin.record.layout import is_finished
+from bench_scripts.records.make import checkpoint_path
+from fst_plugin.attacks.checkpoint import Checkpointing, read_progress
+from fst_plugin.record.layout import finished_records, is_finished
 
 log = logging.getLogger("bench.campaign")
 RECORD_WRITE_S = {"cuda": 30.0, "cpu": 8.0}  # evaluation + writing a record's PNGs after its last epoch
@@ -95,7 +97,7 @@ class Runner:
         """Whether the record ``name`` (``ANY_RECORD``: any record of the protocol) is finished."""
         folder = self.plan.profile.records_folder
         if name == ANY_RECORD:
-            return any(is_finished(p) for p in self.plan.paths.record(folder, "*").parent.glob("*"))
+            return bool(finished_records(self.plan.paths.root(folder)))
         return is_finished(self.plan.paths.record(folder, name))
 
     def decide(self, stage: Stage) -> Optional[Outcome]:
@@ -155,8 +157,8 @@ class Runner:
             return []
         out = []
         for name in (step.makes for step in stage.steps if step.makes and not self.record_done(step.makes)):
-            sidecar = self.plan.paths.cache / self.plan.profile.records_folder / "attack_checkpoint" / f"{name}.pt.json"
-            progress = json.loads(sidecar.read_text()) if sidecar.is_file() else None
+            checkpoint = checkpoint_path(self.plan.paths.root(self.plan.profile.records_folder), name)
+            progress = read_progress(Checkpointing(checkpoint))
             out.append(f"{name} {progress['epochs_done']}/{progress['epochs']} epochs" if progress else
                        f"{name} not started")
         return out

@@ -58,6 +58,7 @@ from fst_plugin.record import layout
 from fst_plugin.runtime import resolve_device
 
 log = logging.getLogger("bench.make_records")
+CHECKPOINT_FOLDER = "attack_checkpoint"  # beside record/ in the cache root: training states of unfinished records
 
 
 def parse_grid(items: list[str] | None, default: tuple) -> list[tuple[str, float]]:
@@ -81,7 +82,12 @@ class Resumable:
     def checkpointing(self, root: Path, name: str) -> Checkpointing:
         if not self.every:
             return Checkpointing(deadline=self.deadline)
-        return Checkpointing(root / "attack_checkpoint" / f"{name}.pt", self.every, self.deadline)
+        return Checkpointing(checkpoint_path(root, name), self.every, self.deadline)
+
+
+def checkpoint_path(root: Path, name: str) -> Path:
+    """Where record ``name``'s training state is kept below the cache root ``root`` while it trains."""
+    return Path(root) / CHECKPOINT_FOLDER / f"{name}.pt"
 
 
 def make_record(protocol, data_dir: Path, root: Path, attack: str, rate: float, seed: int,

@@ -69,6 +69,20 @@ def test_the_budget_decides_which_stages_start(tmp_path) -> None:
     assert "blended-hello_kitty_0.01_s0" in format_plan(plan)
 
 
+def test_a_partial_records_stage_names_each_unfinished_record_with_its_checkpoint_progress(tmp_path) -> None:
+    """The progress comes from the checkpoint sidecar make_records writes; a finished record is not listed."""
+    plan = build_plan(PROFILES["gpu"], Paths(tmp_path, tmp_path / "work", tmp_path / "out"), budget_s=540,
+                      backdoorbench=_fake_backdoorbench(tmp_path / "bb"))
+    stage, root = plan.stage("records"), tmp_path / "work" / "cache" / PROFILES["gpu"].records_folder
+    paused, finished, *others = [step.makes for step in stage.steps if step.makes]
+    (root / "attack_checkpoint").mkdir(parents=True)
+    (root / "attack_checkpoint" / f"{paused}.pt.json").write_text(json.dumps({"epochs_done": 34, "epochs": 100}))
+    (root / "record" / finished).mkdir(parents=True)
+    (root / "record" / finished / "attack_result.pt").write_bytes(b"x")
+    unfinished = Runner(plan).unfinished_records(stage)
+    assert unfinished == [f"{paused} 34/100 epochs", *(f"{name} not started" for name in others)]
+
+
 def test_the_builtins_stage_runs_every_builtin_of_the_one_list_through_run_defenses_under_the_profile_cap(tmp_path):
     plan = build_plan(PROFILES["gpu"], Paths(tmp_path, tmp_path / "work", tmp_path / "out"), budget_s=540,
                       backdoorbench=_fake_backdoorbench(tmp_path / "bb"))
